@@ -1,0 +1,172 @@
+"""Teacher loading (any Stable-Diffusion-layout diffusers checkpoint), the student and its EMA target."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import NoiseSchedule
+
+# The components an SD-layout pipeline folder must have (model_index.json keys).
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class TeacherLoadError(ValueError):
+    """The path or hub id is not a usable Stable-Diffusion-layout diffusers pipeline."""
+
+
+@dataclass
+class Teacher:
+    """The frozen parts of a latent diffusion pipeline that RG-LCD distils from."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler_config: dict  # the checkpoint's own scheduler config, kept for the exported LCMScheduler
+    schedule: NoiseSchedule
+    source: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Teacher":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+def read_pipeline_index(source: str, revision: str | None) -> dict:
+    from diffusers import DiffusionPipeline
+
+    local = Path(source)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise TeacherLoadError(
+            f"{source} has no model_index.json: it is not a diffusers pipeline folder. Point --teacher at the "
+            "folder written by `pipeline.save_pretrained(...)` (it holds model_index.json, unet/, vae/, ...)."
+        )
+    try:
+        return DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as error:  # hub errors come in many types; all mean the same to the user
+        raise TeacherLoadError(
+            f"could not read the pipeline index of {source!r} ({type(error).__name__}: {error}). "
+            "Give a local diffusers pipeline folder or a hub id that is cached or reachable "
+            "(offline runs need HF_HUB_OFFLINE=1 and a populated cache)."
+        ) from error
+
+
+def load_teacher(source: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Teacher:
+    """Load UNet, VAE, text encoder, tokenizer and noise schedule from a hub id or a local folder.
+
+    All parts are returned frozen (``requires_grad_(False)``, eval mode) in float32 on the CPU.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    source = str(source)
+    index = read_pipeline_index(source, revision)
+    missing = [name for name in REQUIRED_COMPONENTS if not index.get(name) or index[name] == [None, None]]
+    if missing:
+        raise TeacherLoadError(
+            f"{source} is not a Stable-Diffusion-layout pipeline: model_index.json lacks {', '.join(missing)}. "
+            f"rglcd needs {', '.join(REQUIRED_COMPONENTS)}."
+        )
+
+    def load(component: str, loader):
+        try:
+            return loader(source, subfolder=component, revision=revision)
+        except Exception as error:
+            raise TeacherLoadError(
+                f"could not load the {component!r} component of {source} ({type(error).__name__}: {error})"
+            ) from error
+
+    unet = load("unet", lambda s, **kw: UNet2DConditionModel.from_pretrained(s, **kw, variant=variant))
+    vae = load("vae", lambda s, **kw: AutoencoderKL.from_pretrained(s, **kw, variant=variant))
+    text_encoder = load("text_encoder", lambda s, **kw: CLIPTextModel.from_pretrained(s, **kw, variant=variant))
+    tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
+    scheduler_config = load("scheduler", _load_scheduler_config)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return Teacher(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        schedule=NoiseSchedule.from_config(scheduler_config),
+        source=source,
+    )
+
+
+def _load_scheduler_config(source: str, subfolder: str, revision: str | None) -> dict:
+    from diffusers import DDPMScheduler
+
+    # The raw JSON (no DDPM defaults filled in): the exported LCMScheduler starts from the checkpoint's own.
+    config = DDPMScheduler.load_config(source, subfolder=subfolder, revision=revision)
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def build_student(teacher_unet: nn.Module, time_cond_proj_dim: int = 256) -> nn.Module:
+    """The online student f_θ: the teacher's UNet plus a guidance-scale embedding input (``timestep_cond``).
+
+    A teacher that already has ``time_cond_proj_dim`` is copied as is. Otherwise the new projection
+    ``time_embedding.cond_proj`` starts at zero, so at step 0 the student is exactly the teacher's
+    conditional network and w enters only through learning.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if teacher_unet.config.get("time_cond_proj_dim") is not None:
+        student = copy.deepcopy(teacher_unet)
+    else:
+        config = {**teacher_unet.config, "time_cond_proj_dim": time_cond_proj_dim}
+        student = UNet2DConditionModel.from_config(config)
+        result = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+        new_keys = set(result.missing_keys)
+        if result.unexpected_keys or new_keys != {"time_embedding.cond_proj.weight"}:
+            raise RuntimeError(
+                f"teacher weights do not fit the student: missing {sorted(new_keys)}, "
+                f"unexpected {sorted(result.unexpected_keys)}"
+            )
+        nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    student.requires_grad_(True).train()
+    return student
+
+
+def build_target(student: nn.Module) -> nn.Module:
+    """The target f_θ⁻: a frozen copy of the student, moved by :func:`update_ema` only."""
+    target = copy.deepcopy(student)
+    target.requires_grad_(False).eval()
+    return target
+
+
+@torch.no_grad()
+def update_ema(target_params: Iterable[Tensor], online_params: Iterable[Tensor], decay: float) -> None:
+    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM/RG-LCD use μ = 0.95)."""
+    for target, online in zip(target_params, online_params, strict=True):
+        target.mul_(decay).add_(online.detach(), alpha=1 - decay)
+
+
+def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
+    """CLIP text embeddings as Stable Diffusion pipelines make them: [B] -> [B, L, D] (padded to max length)."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (differentiable)."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,46 @@
+"""The reward contract and the registry of rewards by name."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import Tensor, nn
+
+
+class RewardModel(nn.Module):
+    """A frozen, differentiable scorer: ``forward(images [B,3,H,W] in [0,1], prompts) -> [B]``.
+
+    Preprocessing (resize, crop, normalise) happens inside, in torch, so gradients reach the images.
+    """
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def freeze(self) -> "RewardModel":
+        self.requires_grad_(False).eval()
+        return self
+
+
+_REGISTRY: dict[str, Callable[..., RewardModel]] = {}
+
+
+def register_reward(name: str):
+    """Class or factory decorator: ``@register_reward("hpsv2.1")``."""
+
+    def decorate(factory: Callable[..., RewardModel]):
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_rewards() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **kwargs) -> RewardModel:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}")
+    return _REGISTRY[name](**kwargs).freeze()

@@ -1,0 +1,179 @@
+"""One RG-LCD training step (Li et al. 2024, Alg. 3; LCD = Luo et al. 2023, Alg. 1) as a single function.
+
+All randomness (ε, the DDIM-grid indices n, the guidance scales w) comes in through :class:`StepNoise`, so
+a step is reproducible and can be checked against an independent implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .losses import ConsistencyDistance
+from .models import decode_latents
+from .schedules import (
+    NoiseSchedule,
+    boundary_scalings,
+    ddim_grid,
+    ddim_step,
+    guidance_scale_embedding,
+    predicted_eps,
+    predicted_x0,
+)
+
+RewardFn = Callable[[Tensor, Sequence[str]], Tensor]  # images [B,3,H,W] in [0,1], prompts -> [B]
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """The fixed hyper-parameters of latent consistency distillation."""
+
+    schedule: NoiseSchedule
+    num_ddim_timesteps: int = 50
+    w_min: float = 5.0  # LCM convention: x̂0 = cond + w·(cond − uncond)
+    w_max: float = 15.0
+    distance: ConsistencyDistance = ConsistencyDistance("huber")
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    time_cond_proj_dim: int = 256
+
+    def __post_init__(self) -> None:
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+
+    @property
+    def skip(self) -> int:
+        return self.schedule.num_train_timesteps // self.num_ddim_timesteps
+
+    @property
+    def grid(self) -> Tensor:
+        return ddim_grid(self.schedule.num_train_timesteps, self.num_ddim_timesteps)
+
+
+@dataclass
+class StepNoise:
+    """The step's randomness: ε [B,C,h,w], DDIM-grid indices n [B] in [0, N), guidance scales w [B]."""
+
+    noise: Tensor
+    indices: Tensor
+    guidance: Tensor
+
+    @classmethod
+    def draw(cls, latents: Tensor, distillation: Distillation, generator: torch.Generator) -> "StepNoise":
+        """Draw from a (CPU) generator, then move to the latents' device, so runs repeat on any device."""
+        batch = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        indices = torch.randint(0, distillation.num_ddim_timesteps, (batch,), generator=generator)
+        uniform = torch.rand(batch, generator=generator, dtype=torch.float32)
+        guidance = distillation.w_min + (distillation.w_max - distillation.w_min) * uniform
+        return cls(noise.to(latents.device), indices.to(latents.device), guidance.to(latents.device))
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # scalar: distill_loss − β·mean(reward); what the optimizer minimises
+    distill_loss: Tensor  # scalar: mean over the batch of d(model_pred, target)
+    reward: Tensor | None  # [B] reward of the decoded one-step prediction (None when β = 0)
+    model_pred: Tensor  # [B,C,h,w] f_θ(z_{t_{n+k}}, w, c, t_{n+k}), differentiable
+    target: Tensor  # [B,C,h,w] f_θ⁻(ẑ_{t_n}, w, c, t_n), no grad
+
+
+def consistency_function(
+    unet: nn.Module,
+    z_t: Tensor,
+    timesteps: Tensor,
+    w_embedding: Tensor,
+    prompt_embeds: Tensor,
+    distillation: Distillation,
+) -> Tensor:
+    """f(z_t, w, c, t) = c_skip(t)·z_t + c_out(t)·x̂0(UNet(z_t, t, c, emb(w))): the LCM parameterisation."""
+    schedule = distillation.schedule
+    output = unet(z_t, timesteps, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample.to(z_t.dtype)
+    alpha, sigma = schedule.alpha_sigma(timesteps, z_t.ndim)
+    x0 = predicted_x0(output, z_t, alpha, sigma, schedule.prediction_type)
+    c_skip, c_out = boundary_scalings(timesteps, distillation.sigma_data, distillation.timestep_scaling)
+    c_skip, c_out = (c.view(-1, *([1] * (z_t.ndim - 1))) for c in (c_skip, c_out))
+    return c_skip * z_t + c_out * x0
+
+
+@torch.no_grad()
+def teacher_ddim_cfg_step(
+    teacher_unet: nn.Module,
+    z_t: Tensor,
+    indices: Tensor,
+    guidance: Tensor,
+    cond_embeds: Tensor,
+    uncond_embeds: Tensor,
+    distillation: Distillation,
+) -> Tensor:
+    """ẑ_{t_n}: one DDIM step of the teacher's CFG-guided PF-ODE from z_{t_{n+k}} (LCM's augmented ODE)."""
+    schedule = distillation.schedule
+    grid = distillation.grid.to(z_t.device)
+    start = grid[indices]
+    previous = (start - distillation.skip).clamp(min=0)
+    dtype = next(teacher_unet.parameters()).dtype
+    # One batched pass for cond and uncond: [2B, C, h, w].
+    output = teacher_unet(
+        torch.cat([z_t, z_t]).to(dtype),
+        torch.cat([start, start]),
+        encoder_hidden_states=torch.cat([cond_embeds, uncond_embeds]).to(dtype),
+    ).sample.to(z_t.dtype)
+    alpha, sigma = schedule.alpha_sigma(torch.cat([start, start]), z_t.ndim)
+    z_pair = torch.cat([z_t, z_t])
+    cond_x0, uncond_x0 = predicted_x0(output, z_pair, alpha, sigma, schedule.prediction_type).chunk(2)
+    cond_eps, uncond_eps = predicted_eps(output, z_pair, alpha, sigma, schedule.prediction_type).chunk(2)
+    w = guidance.view(-1, *([1] * (z_t.ndim - 1)))
+    x0 = cond_x0 + w * (cond_x0 - uncond_x0)
+    eps = cond_eps + w * (cond_eps - uncond_eps)
+    alpha_prev, sigma_prev = schedule.alpha_sigma(previous, z_t.ndim)
+    return ddim_step(x0, eps, alpha_prev, sigma_prev)
+
+
+def rglcd_step(
+    *,
+    student: nn.Module,
+    target: nn.Module,
+    teacher_unet: nn.Module,
+    vae: nn.Module,
+    distillation: Distillation,
+    latents: Tensor,
+    cond_embeds: Tensor,
+    uncond_embeds: Tensor,
+    noise: StepNoise,
+    prompts: Sequence[str] = (),
+    reward_fn: RewardFn | None = None,
+    reward_beta: float = 0.0,
+) -> StepOutput:
+    """The RG-LCD loss for one batch of clean latents z [B,C,h,w] (already × VAE scaling factor).
+
+    ``cond_embeds`` / ``uncond_embeds`` are the text embeddings [B,L,D] of the captions and of the empty
+    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss.
+    """
+    if reward_beta != 0 and reward_fn is None:
+        raise ValueError("reward_beta is non-zero but no reward_fn was given")
+    schedule = distillation.schedule
+    grid = distillation.grid.to(latents.device)
+    start = grid[noise.indices]  # t_{n+k}
+    previous = (start - distillation.skip).clamp(min=0)  # t_n
+    # The step works in the noise's dtype (float32 in training; float64 in the exactness tests).
+    z_start = schedule.add_noise(latents.to(noise.noise.dtype), noise.noise, start)
+    w_embedding = guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim).to(z_start)
+    model_pred = consistency_function(student, z_start, start, w_embedding, cond_embeds, distillation)
+
+    z_previous = teacher_ddim_cfg_step(
+        teacher_unet, z_start, noise.indices, noise.guidance, cond_embeds, uncond_embeds, distillation
+    )
+    with torch.no_grad():
+        target_pred = consistency_function(target, z_previous, previous, w_embedding, cond_embeds, distillation)
+
+    distill_loss = distillation.distance(model_pred, target_pred).mean()
+    reward = None
+    loss = distill_loss
+    if reward_fn is not None and reward_beta != 0:
+        # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
+        reward = reward_fn(decode_latents(vae, model_pred), list(prompts))
+        loss = distill_loss - reward_beta * reward.mean()
+    return StepOutput(loss, distill_loss.detach(), reward, model_pred, target_pred)

@@ -1,0 +1,101 @@
+"""A tiny Stable-Diffusion-layout pipeline built from configs (random weights, no downloads).
+
+Used by ``rglcd demo`` and the tests: it is saved with ``save_pretrained`` and then loaded through
+:func:`rglcd.models.load_teacher`, the same path a hub id takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def char_tokenizer(model_max_length: int = 77):
+    """A real CLIPTokenizer over the 256 byte-level symbols (no merges): every character is a token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(symbols)}
+    vocab.update({symbol + "</w>": len(symbols) + i for i, symbol in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def build_tiny_pipeline(
+    prediction_type: str = "epsilon",
+    resolution: int = 32,
+    time_cond_proj_dim: int | None = None,
+    seed: int = 0,
+):
+    """A randomly initialised StableDiffusionPipeline with SD's scaled-linear DDPM schedule.
+
+    The VAE has 3 blocks (scale factor 4), so a ``resolution`` image has ``resolution // 4`` latents.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = char_tokenizer(model_max_length=16)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(out_dir: str | Path, **kwargs) -> Path:
+    out_dir = Path(out_dir)
+    build_tiny_pipeline(**kwargs).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,92 @@
+"""A deliberately plain RG-LCD step written straight from ARCHITECTURE.md's numbered list.
+
+It imports nothing from rglcd: schedules come from diffusers' own DDPMScheduler, and every formula is
+spelled out inline, so that tests/test_step.py compares two independent implementations.
+"""
+
+import math
+
+import torch
+from diffusers import DDPMScheduler
+
+
+def reference_rglcd_step(
+    teacher_unet, student_unet, target_unet, vae, scheduler_config, latents, cond, uncond, noise, index, w,
+    prompts, reward=None, beta=0.0, huber_c=0.001, num_ddim=50, embed_dim=256,
+):  # fmt: skip
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    acp = scheduler.alphas_cumprod
+    T = scheduler.config.num_train_timesteps
+    kind = scheduler.config.prediction_type
+    k = T // num_ddim
+
+    # 2. the grid point t_{n+k} (noisy) and t_n = t_{n+k} - k (clamped at 0); w embedded as in LCM.
+    t_start = (index + 1) * k - 1
+    t_prev = torch.clamp(t_start - k, min=0)
+    half = embed_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    ang = (w * 1000.0)[:, None] * freqs[None, :]
+    w_emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1).to(latents.dtype)
+
+    def a(t):
+        return acp[t].sqrt().view(-1, 1, 1, 1)
+
+    def s(t):
+        return (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+
+    def to_x0(out, z, t):
+        if kind == "epsilon":
+            return (z - s(t) * out) / a(t)
+        if kind == "v_prediction":
+            return a(t) * z - s(t) * out
+        return out
+
+    def to_eps(out, z, t):
+        if kind == "epsilon":
+            return out
+        if kind == "v_prediction":
+            return a(t) * out + s(t) * z
+        return (z - a(t) * out) / s(t)
+
+    def scalings(t):
+        st = 10.0 * t.float()
+        c_skip = 0.25 / (st**2 + 0.25)
+        c_out = st / torch.sqrt(st**2 + 0.25)
+        return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+    # 3. forward noising with diffusers' own add_noise.
+    z_start = scheduler.add_noise(latents, noise, t_start)
+
+    # 4. student: x̂0 then the boundary-condition parameterisation.
+    out = student_unet(z_start, t_start, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+    c_skip, c_out = scalings(t_start)
+    model_pred = c_skip * z_start + c_out * to_x0(out, z_start, t_start)
+
+    # 5. teacher, cond and uncond passes separately, CFG in the LCM convention, one DDIM step.
+    with torch.no_grad():
+        out_c = teacher_unet(z_start, t_start, encoder_hidden_states=cond).sample
+        out_u = teacher_unet(z_start, t_start, encoder_hidden_states=uncond).sample
+        wv = w.view(-1, 1, 1, 1)
+        x0 = to_x0(out_c, z_start, t_start) + wv * (to_x0(out_c, z_start, t_start) - to_x0(out_u, z_start, t_start))
+        eps = to_eps(out_c, z_start, t_start) + wv * (
+            to_eps(out_c, z_start, t_start) - to_eps(out_u, z_start, t_start)
+        )
+        z_prev = a(t_prev) * x0 + s(t_prev) * eps
+
+        # 6. target network at (ẑ_{t_n}, t_n).
+        out_t = target_unet(z_prev, t_prev, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+        c_skip_p, c_out_p = scalings(t_prev)
+        target = c_skip_p * z_prev + c_out_p * to_x0(out_t, z_prev, t_prev)
+
+    # 7. the paper's Huber distance (elementwise, mean).
+    distill = torch.mean(torch.sqrt((model_pred - target) ** 2 + huber_c**2) - huber_c)
+
+    # 8. reward of the decoded one-step prediction.
+    loss = distill
+    rewards = None
+    if reward is not None and beta != 0:
+        images = vae.decode(model_pred / vae.config.scaling_factor).sample
+        images = torch.clamp(images / 2 + 0.5, 0, 1)
+        rewards = reward(images, prompts)
+        loss = distill - beta * rewards.mean()
+    return loss, distill, rewards, model_pred, target

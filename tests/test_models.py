@@ -1,0 +1,85 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from rglcd.models import (
+    TeacherLoadError,
+    build_student,
+    build_target,
+    encode_prompts,
+    load_teacher,
+    update_ema,
+)
+from rglcd.tiny import build_tiny_pipeline
+
+
+def test_load_teacher_from_local_folder(teacher_dirs):
+    teacher = load_teacher(teacher_dirs["v_prediction"])
+    assert teacher.schedule.prediction_type == "v_prediction"
+    assert teacher.vae_scale_factor == 4
+    assert teacher.scheduler_config["beta_schedule"] == "scaled_linear"
+    for module in (teacher.unet, teacher.vae, teacher.text_encoder):
+        assert not module.training and not any(p.requires_grad for p in module.parameters())
+
+
+def test_folder_without_index_is_a_clear_error(tmp_path):
+    with pytest.raises(TeacherLoadError, match="no model_index.json"):
+        load_teacher(tmp_path)
+
+
+def test_uncached_hub_id_is_a_clear_error():
+    with pytest.raises(TeacherLoadError, match="could not read the pipeline index"):
+        load_teacher("nobody/not-a-cached-model")
+
+
+def test_missing_component_is_named(tmp_path, epsilon_teacher_dir):
+    broken = shutil.copytree(epsilon_teacher_dir, tmp_path / "broken")
+    index = json.loads((broken / "model_index.json").read_text())
+    del index["vae"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherLoadError, match="lacks vae"):
+        load_teacher(broken)
+    shutil.rmtree(broken / "unet")
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherLoadError, match="'unet' component"):
+        load_teacher(broken)
+
+
+def test_student_starts_as_the_teacher_for_every_w(epsilon_teacher_dir):
+    teacher = load_teacher(epsilon_teacher_dir)
+    student = build_student(teacher.unet, time_cond_proj_dim=256)
+    assert student.config.time_cond_proj_dim == 256
+    assert teacher.unet.config.time_cond_proj_dim is None
+    assert all(p.requires_grad for p in student.parameters()) and student.training
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 19])
+    cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, ["a red circle", "a blue square"])
+    with torch.no_grad():
+        expected = teacher.unet(z, t, encoder_hidden_states=cond).sample
+        for w in (torch.zeros(2, 256), torch.randn(2, 256)):
+            torch.testing.assert_close(student(z, t, encoder_hidden_states=cond, timestep_cond=w).sample, expected)
+    # The student is a copy: training it leaves the teacher untouched.
+    assert student.conv_in.weight.data_ptr() != teacher.unet.conv_in.weight.data_ptr()
+
+
+def test_teacher_with_guidance_embedding_is_reused():
+    unet = build_tiny_pipeline(time_cond_proj_dim=32).unet
+    torch.nn.init.normal_(unet.time_embedding.cond_proj.weight)
+    student = build_student(unet, time_cond_proj_dim=256)
+    assert student.config.time_cond_proj_dim == 32
+    assert torch.equal(student.time_embedding.cond_proj.weight, unet.time_embedding.cond_proj.weight)
+
+
+def test_target_is_frozen_copy_and_ema_update_is_exact():
+    online = torch.nn.Linear(2, 1)
+    target = build_target(online)
+    assert not any(p.requires_grad for p in target.parameters())
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        target.weight.copy_(torch.tensor([[3.0, -1.0]]))
+    update_ema(target.parameters(), online.parameters(), decay=0.95)
+    torch.testing.assert_close(target.weight, torch.tensor([[0.95 * 3 + 0.05 * 1, 0.95 * -1 + 0.05 * 2]]))
+    update_ema(target.parameters(), online.parameters(), decay=0.0)
+    assert torch.equal(target.weight, online.weight)

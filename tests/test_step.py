@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from rglcd.losses import ConsistencyDistance
+from rglcd.models import build_student, build_target, encode_prompts, load_teacher
+from rglcd.rewards import build_reward
+from rglcd.step import Distillation, StepNoise, rglcd_step
+
+from .reference_step import reference_rglcd_step
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle on the left"]
+
+
+def perturb(module, generator, scale=0.02):
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def setup(request, teacher_dirs):
+    teacher = load_teacher(teacher_dirs[request.param])
+    generator = torch.Generator().manual_seed(7)
+    student = build_student(teacher.unet)
+    perturb(student, generator)  # student ≠ teacher, and w matters (cond_proj ≠ 0)
+    target = build_target(student)
+    perturb(target, generator)  # target ≠ student, as after some EMA updates
+    images = torch.rand(len(PROMPTS), 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        latents = teacher.vae.encode(images * 2 - 1).latent_dist.mean * teacher.vae.config.scaling_factor
+        cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, PROMPTS)
+        uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""] * len(PROMPTS))
+    distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"))
+    noise = StepNoise(
+        noise=torch.randn(latents.shape, generator=generator, dtype=torch.float64),
+        indices=torch.tensor([0, 24, 49]),  # the clamped first grid point, the middle, t = 999
+        guidance=torch.tensor([5.0, 9.5, 15.0]),
+    )
+    # float64 throughout, so that 1e-5 tests the math and not float32 round-off amplified by CFG (1 + 2w).
+    for module in (teacher.unet, teacher.vae, student, target):
+        module.double()
+    latents, cond, uncond = latents.double(), cond.double(), uncond.double()
+    return teacher, student, target, distillation, latents, cond, uncond, noise
+
+
+def run_both(setup, reward=None, beta=0.0):
+    teacher, student, target, distillation, latents, cond, uncond, noise = setup
+    ours = rglcd_step(
+        student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+        latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
+        reward_fn=reward, reward_beta=beta,
+    )  # fmt: skip
+    reference = reference_rglcd_step(
+        teacher.unet, student, target, teacher.vae, teacher.scheduler_config, latents, cond, uncond,
+        noise.noise, noise.indices, noise.guidance, PROMPTS, reward=reward, beta=beta,
+    )  # fmt: skip
+    return ours, reference
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_step_matches_independent_reference(setup, beta):
+    reward = build_reward("colorfulness") if beta else None
+    ours, (loss, distill, rewards, model_pred, target) = run_both(setup, reward, beta)
+    torch.testing.assert_close(ours.model_pred, model_pred, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.target, target, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.distill_loss, distill.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, loss, atol=1e-5, rtol=0)
+    if beta:
+        torch.testing.assert_close(ours.reward, rewards, atol=1e-5, rtol=0)
+        assert ours.loss.item() != pytest.approx(ours.distill_loss.item())
+
+
+def test_zero_beta_is_exactly_lcd(setup):
+    ours, _ = run_both(setup, build_reward("colorfulness"), 0.0)
+    assert ours.reward is None
+    assert torch.equal(ours.loss.detach(), ours.distill_loss)
+
+
+def test_gradients_reach_only_the_student_and_the_reward_moves_them(setup):
+    teacher, student, target, *_ = setup
+    gradients = {}
+    for beta in (0.0, 2.0):
+        student.zero_grad(set_to_none=True)
+        ours, _ = run_both(setup, build_reward("colorfulness"), beta)
+        ours.loss.backward()
+        gradients[beta] = student.conv_in.weight.grad.clone()
+    for frozen in (teacher.unet, teacher.vae, teacher.text_encoder, target):
+        assert all(parameter.grad is None for parameter in frozen.parameters())
+    assert student.time_embedding.cond_proj.weight.grad is not None
+    # The reward term changes the student's gradient: it flows back through the VAE decoder.
+    assert not torch.allclose(gradients[0.0], gradients[2.0])
+    student.zero_grad(set_to_none=True)
+
+
+def test_step_noise_draw_is_reproducible_and_in_range(setup):
+    *_, distillation, latents, _, _, _ = setup
+    draws = [StepNoise.draw(latents, distillation, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draws[0].noise, draws[1].noise) and torch.equal(draws[0].indices, draws[1].indices)
+    assert draws[0].noise.shape == latents.shape
+    assert ((draws[0].indices >= 0) & (draws[0].indices < 50)).all()
+    assert ((draws[0].guidance >= 5.0) & (draws[0].guidance <= 15.0)).all()
+
+
+def test_nonzero_beta_without_reward_is_an_error(setup):
+    with pytest.raises(ValueError, match="no reward_fn"):
+        run_both(setup, None, 1.0)
