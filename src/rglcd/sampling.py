@@ -1,0 +1,141 @@
+"""Multistep latent consistency sampling (LCM Alg. 2 / RG-LCD Alg. 2) and the diffusers export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import Teacher, decode_latents, encode_prompts
+from .schedules import guidance_scale_embedding
+
+
+def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int = 50, timestep_scaling: float = 10.0):
+    """diffusers' LCMScheduler over the distillation grid, from the teacher's own scheduler config."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    return LCMScheduler.from_config(
+        {key: value for key, value in scheduler_config.items() if key in accepted},
+        original_inference_steps=num_ddim_timesteps,
+        timestep_scaling=timestep_scaling,
+        # LCM denoises latents, which must never be clipped to the pixel range.
+        clip_sample=False,
+        thresholding=False,
+    )
+
+
+@torch.no_grad()
+def lcm_sample(
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer: Any,
+    scheduler: Any,
+    prompts: list[str],
+    num_steps: int = 4,
+    guidance_scale: float = 8.5,
+    generator: torch.Generator | None = None,
+    resolution: int | None = None,
+) -> Tensor:
+    """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps.
+
+    ``guidance_scale`` is the CFG scale as in diffusers' pipelines; the model sees emb(guidance_scale − 1),
+    the LCM-convention w it was distilled with. Noise is drawn in the same order as diffusers'
+    LatentConsistencyModelPipeline, so for one generator both give the same images.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = next(unet.parameters()).device
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = resolution or unet.config.sample_size * vae_scale_factor
+    prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
+    latent_shape = (len(prompts), unet.config.in_channels, resolution // vae_scale_factor, resolution // vae_scale_factor)
+    latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+    latents = latents * scheduler.init_noise_sigma
+
+    scheduler.set_timesteps(num_steps, device=device)
+    w = torch.full((len(prompts),), guidance_scale - 1.0)
+    w_embedding = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(device, latents.dtype)
+    denoised = latents
+    for timestep in scheduler.timesteps:
+        model_output = unet(
+            latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding
+        ).sample
+        # The scheduler applies c_skip/c_out (the consistency function) and, between steps, re-noises
+        # the denoised estimate to the next timestep of the grid.
+        latents, denoised = scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)
+    return decode_latents(vae, denoised.to(prompt_embeds.dtype))
+
+
+def export_pipeline(
+    out_dir: str | Path,
+    student: nn.Module,
+    teacher: Teacher,
+    num_ddim_timesteps: int = 50,
+    timestep_scaling: float = 10.0,
+) -> Path:
+    """Write a LatentConsistencyModelPipeline folder: ``DiffusionPipeline.from_pretrained(out_dir)`` loads it.
+
+    Written to a sibling temporary folder first and renamed into place, so a crash never leaves a
+    half-written pipeline at ``out_dir``.
+    """
+    from diffusers import LatentConsistencyModelPipeline
+
+    out_dir = Path(out_dir)
+    pipeline = LatentConsistencyModelPipeline(
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+        unet=student,
+        scheduler=lcm_scheduler(teacher.scheduler_config, num_ddim_timesteps, timestep_scaling),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def load_lcm(model: str | Path, device: str | torch.device = "cpu"):
+    """Load an exported (or any diffusers LCM) pipeline folder or hub id; errors name what is wrong."""
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    from .models import TeacherLoadError, read_pipeline_index
+
+    index = read_pipeline_index(str(model), revision=None)
+    if "unet" not in index or "vae" not in index:
+        raise TeacherLoadError(f"{model} is not a UNet latent diffusion pipeline (model_index.json: {sorted(index)})")
+    pipeline = DiffusionPipeline.from_pretrained(str(model))
+    if pipeline.unet.config.get("time_cond_proj_dim") is None:
+        raise TeacherLoadError(
+            f"{model} has no guidance embedding (unet time_cond_proj_dim is unset): it is not a distilled LCM. "
+            "Sample a teacher with its own pipeline, or distil it with rglcd first."
+        )
+    if not isinstance(pipeline.scheduler, LCMScheduler):
+        pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
+    return pipeline.to(device)
+
+
+def to_pil(images: Tensor) -> list:
+    """[B,3,H,W] in [0,1] -> PIL images, rounded to uint8 as diffusers' image processor does."""
+    from PIL import Image
+
+    arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(array) for array in arrays]
+
+
+def save_grid(images: Tensor, path: str | Path) -> None:
+    """Save [B,3,H,W] images in [0,1] side by side as one PNG."""
+    (grid,) = to_pil(torch.cat(list(images), dim=2)[None])  # [1, 3, H, B·W]
+    grid.save(path)
