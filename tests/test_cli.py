@@ -1,0 +1,92 @@
+"""Smoke tests of every CLI command, run as a user runs them (a subprocess), checking the files written."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from diffusers import DiffusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rglcd(*args, cwd=None, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"rglcd {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    rglcd("demo", "--out", out, "--steps", "3", "--batch-size", "2", "--prediction-type", "v_prediction")
+    return out
+
+
+def test_demo_writes_teacher_student_samples_and_history(demo_run):
+    assert (demo_run / "teacher" / "model_index.json").is_file()
+    summary = json.loads((demo_run / "demo.json").read_text())
+    assert [record["step"] for record in summary["history"]] == [1, 2, 3]
+    assert all(record["reward"] is not None for record in summary["history"])
+    for steps in (1, 2, 4):
+        assert (demo_run / "samples" / f"steps-{steps}.png").stat().st_size > 0
+    pipeline = DiffusionPipeline.from_pretrained(demo_run / "student")
+    assert type(pipeline.scheduler).__name__ == "LCMScheduler"
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_sample_is_deterministic_for_a_seed(demo_run, tmp_path):
+    args = ["sample", "--model", demo_run / "student", "--prompt", "a red picture", "--prompt", "a blue picture"]
+    rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "a")
+    rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "b")
+    rglcd(*args, "--steps", "2", "--seed", "6", "--out", tmp_path / "c")
+    meta = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert meta["steps"] == 2 and [image["file"] for image in meta["images"]] == ["000-00.png", "001-00.png"]
+    for name in ("000-00.png", "001-00.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "000-00.png").read_bytes() != (tmp_path / "c" / "000-00.png").read_bytes()
+
+
+def test_sample_errors_are_clear(demo_run, tmp_path):
+    result = rglcd("sample", "--model", demo_run / "teacher", "--prompt", "x", "--out", tmp_path, check=False)
+    assert result.returncode == 2 and "no guidance embedding" in result.stderr
+    result = rglcd("sample", "--model", tmp_path / "missing", "--prompt", "x", "--out", tmp_path, check=False)
+    assert result.returncode == 2 and "could not read the pipeline index" in result.stderr
+    result = rglcd("sample", "--model", demo_run / "student", "--out", tmp_path, check=False)
+    assert result.returncode != 0 and "at least one --prompt" in result.stderr
+    result = rglcd("sample", "--model", demo_run / "student", "--prompt", "x", "--steps", "9", "--out", tmp_path, check=False)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def readme_lines(section: str) -> list[str]:
+    """The shell lines (comments dropped) of the README's fenced bash blocks under a '## section' heading."""
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
+    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def readme_commands(*sections: str) -> list[str]:
+    return [part.strip() for section in sections for line in readme_lines(section) for part in line.split("&&")]
+
+
+def test_readme_rglcd_commands_run(tmp_path):
+    """Every rglcd command of the README's set-up and quick start runs as written (in a scratch folder)."""
+    commands = [command for command in readme_commands("Set-up", "Quick start") if command.startswith("rglcd ")]
+    assert len(commands) >= 2, "the README shows no rglcd commands"
+    for command in commands:
+        rglcd(*shlex.split(command)[1:], cwd=tmp_path)
+    assert (tmp_path / "runs" / "demo" / "student" / "model_index.json").is_file()
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_lines = [line for line in readme_lines("Set-up") if "pytest" in line]
+    assert len(test_lines) == 1 and test_lines[0].startswith("pip install")
+    assert test_lines[0] in ci, f".ci/run does not run the README's `{test_lines[0]}` verbatim"
