@@ -1,0 +1,289 @@
+"""The typed training configuration: dataclasses, YAML presets, command-line overrides, validation.
+
+A config is validated as a whole before any model loads; every problem is reported at once, each naming
+the field and the fix. The resolved config is written into every run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .losses import DISTANCE_KINDS
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message lists every problem and its fix."""
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = ""  # hub id or local diffusers folder of a Stable-Diffusion-layout pipeline
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weights files
+    time_cond_proj_dim: int = 256  # size of the student's guidance-scale embedding
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # webdataset tar / brace pattern / pipe: command / folder of shards or captioned images
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = 0.0
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class DistillConfig:
+    num_ddim_timesteps: int = 50  # N; skip k = T // N
+    w_min: float = 5.0  # guidance range, LCM convention
+    w_max: float = 15.0
+    loss: Literal["l2", "huber", "pseudo_huber", "cauchy"] = "huber"
+    distance_c: float | None = None  # None: 0.001 for huber (the paper), 0.00054·√d for pseudo_huber/cauchy
+    ema_decay: float = 0.95  # μ of the target network
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+
+
+@dataclass
+class RewardTerm:
+    name: str = ""  # a registered reward (rglcd.rewards.available_rewards())
+    beta: float = 1.0
+    kwargs: dict = field(default_factory=dict)  # passed to the reward's constructor (weights path, ...)
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTerm] = field(default_factory=list)  # empty: plain LCD
+    decode_batch_size: int = 0  # VAE decode micro-batch for the reward; 0 = the whole batch at once
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-6  # the paper's
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_warmup_steps: int = 500
+    batch_size: int = 8  # per process
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 10000
+    use_8bit_adam: bool = False  # needs bitsandbytes
+
+
+@dataclass
+class PrecisionConfig:
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    teacher_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # frozen teacher, VAE and text encoder
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/rglcd"
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    log_every: int = 10
+    validation_steps: int = 500  # 0 disables validation
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red sports car"])
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 3
+    max_consecutive_nan_steps: int = 5
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def presets() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("rglcd.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _from_dict(cls: type, data: dict, path: str, errors: list[str]) -> Any:
+    """Build dataclass ``cls`` from a nested dict, collecting unknown keys and type mismatches in ``errors``."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            errors.append(f"{where}: unknown field" + (f"; did you mean {path}{close[0]}?" if close else ""))
+            continue
+        values[key] = _convert(hints[key], value, where, errors)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str, errors: list[str]) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping of {hint.__name__} fields, got {value!r}")
+            return hint()
+        return _from_dict(hint, value, f"{where}.", errors)
+    if origin is typing.Union:  # X | None
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return []
+        return [_convert(args[0], item, f"{where}[{i}]", errors) for i, item in enumerate(value)]
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # also "3e-5", which YAML 1.1 reads as a string
+        except ValueError:
+            pass
+    if hint in (int, float, bool, str, dict) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        errors.append(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _parse_override(override: str) -> dict:
+    """``optim.learning_rate=1e-5`` -> {"optim": {"learning_rate": 1e-5}}; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value (e.g. optim.batch_size=4)")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    for key in reversed(dotted.strip().split(".")):
+        value = {key: value}
+    return value
+
+
+def load_config(path_or_preset: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A preset name or a YAML file, then ``section.field=value`` overrides; validated."""
+    data: dict = {}
+    if path_or_preset:
+        path = Path(path_or_preset)
+        if path.suffix not in (".yaml", ".yml") and str(path_or_preset) in presets():
+            text = resources.files("rglcd.presets").joinpath(f"{path_or_preset}.yaml").read_text()
+        elif path.is_file():
+            text = path.read_text()
+        else:
+            raise ConfigError(
+                f"config {str(path_or_preset)!r} is neither a YAML file nor a preset ({', '.join(presets())})"
+            )
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path_or_preset}: the config must be a YAML mapping of sections")
+    for override in overrides:
+        _deep_update(data, _parse_override(override))
+    errors: list[str] = []
+    config = _from_dict(TrainConfig, data, "", errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    validate(config)
+    return config
+
+
+def _vae_scale_factor(teacher: str) -> int:
+    """2^(blocks − 1) from a local teacher's vae/config.json (no weights read); 8, SD's, otherwise."""
+    vae_config = Path(teacher) / "vae" / "config.json"
+    if vae_config.is_file():
+        return 2 ** (len(yaml.safe_load(vae_config.read_text())["block_out_channels"]) - 1)
+    return 8
+
+
+def validate(config: TrainConfig) -> None:
+    """Check values and paths (no model is loaded). Raises ConfigError listing every problem with its fix."""
+    from .rewards import available_rewards
+
+    errors = []
+    vae_scale_factor = _vae_scale_factor(config.model.teacher) if config.model.teacher else 8
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    c = config
+    check(bool(c.model.teacher), "model.teacher: required; a hub id or a local diffusers pipeline folder")
+    teacher_path = Path(c.model.teacher)
+    looks_local = c.model.teacher.startswith((".", "/", "~")) or c.model.teacher.count("/") != 1
+    check(
+        not c.model.teacher or teacher_path.exists() or not looks_local,
+        f"model.teacher: {c.model.teacher} does not exist; give an existing folder or a hub id (owner/name)",
+    )
+    check(c.model.time_cond_proj_dim > 0, "model.time_cond_proj_dim: must be > 0 (256 is LCM's)")
+    check(bool(c.data.source), "data.source: required; webdataset shards (path, {000..009} pattern, pipe:) or a folder")
+    check(
+        c.data.resolution > 0 and c.data.resolution % vae_scale_factor == 0,
+        f"data.resolution: {c.data.resolution} must be a positive multiple of the VAE factor {vae_scale_factor}",
+    )
+    check(0.0 <= c.data.caption_dropout < 1.0, "data.caption_dropout: must be in [0, 1)")
+    check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer: must be >= 0")
+    d = c.distill
+    check(
+        0 < d.num_ddim_timesteps <= 1000,
+        "distill.num_ddim_timesteps: must be in [1, num_train_timesteps]; the paper uses 50",
+    )
+    check(d.w_min <= d.w_max, f"distill.w_min ({d.w_min}) > distill.w_max ({d.w_max}): swap them")
+    check(d.w_min >= 0, "distill.w_min: must be >= 0 (LCM convention: w = 0 is the conditional model)")
+    check(d.loss in DISTANCE_KINDS, f"distill.loss: one of {DISTANCE_KINDS}")
+    check(d.distance_c is None or d.distance_c > 0, "distill.distance_c: must be > 0, or null for the default")
+    check(0.0 <= d.ema_decay < 1.0, "distill.ema_decay: must be in [0, 1); the paper uses 0.95")
+    for i, term in enumerate(c.reward.terms):
+        check(
+            term.name in available_rewards(),
+            f"reward.terms[{i}].name: unknown reward {term.name!r}; available: {', '.join(available_rewards())}",
+        )
+    check(c.reward.decode_batch_size >= 0, "reward.decode_batch_size: must be >= 0 (0 = whole batch)")
+    o = c.optim
+    check(o.learning_rate > 0, "optim.learning_rate: must be > 0 (the paper uses 1e-6)")
+    check(o.batch_size > 0, "optim.batch_size: must be > 0")
+    check(o.gradient_accumulation_steps > 0, "optim.gradient_accumulation_steps: must be > 0")
+    check(o.max_train_steps > 0, "optim.max_train_steps: must be > 0")
+    check(o.max_grad_norm > 0, "optim.max_grad_norm: must be > 0")
+    check(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps: must be >= 0")
+    if o.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            errors.append("optim.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` or set false")
+    log = c.logging
+    check(bool(log.output_dir), "logging.output_dir: required")
+    check(log.checkpointing_steps > 0, "logging.checkpointing_steps: must be > 0")
+    check(log.checkpoints_total_limit > 0, "logging.checkpoints_total_limit: must be > 0")
+    check(log.validation_steps >= 0, "logging.validation_steps: must be >= 0 (0 disables validation)")
+    check(log.log_every > 0, "logging.log_every: must be > 0")
+    check(log.max_consecutive_nan_steps > 0, "logging.max_consecutive_nan_steps: must be > 0")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -1,0 +1,71 @@
+import pytest
+import yaml
+
+from rglcd.config import ConfigError, TrainConfig, load_config, presets
+
+
+@pytest.fixture
+def tiny_paths(tmp_path, epsilon_teacher_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    return [f"model.teacher={epsilon_teacher_dir}", f"data.source={data}", f"logging.output_dir={tmp_path / 'run'}"]
+
+
+def test_presets_ship_and_parse():
+    assert {"tiny", "sd15-512", "sd21-768"} <= set(presets())
+    for name in ("sd15-512", "sd21-768"):
+        config = load_config(name)  # hub ids are not checked for existence
+        assert config.distill.num_ddim_timesteps == 50 and config.distill.ema_decay == 0.95
+        assert config.optim.learning_rate == 1e-6 and config.distill.loss == "huber"
+    assert load_config("sd21-768").data.resolution == 768
+
+
+def test_defaults_follow_the_paper():
+    config = TrainConfig()
+    assert (config.distill.w_min, config.distill.w_max) == (5.0, 15.0)
+    assert config.optim.learning_rate == 1e-6 and config.optim.max_grad_norm == 1.0
+    assert config.model.time_cond_proj_dim == 256
+
+
+def test_overrides_are_typed_and_round_trip(tiny_paths, tmp_path):
+    config = load_config("tiny", [*tiny_paths, "optim.learning_rate=3e-5", "optim.batch_size=4", "data.random_flip=true"])
+    assert config.optim.learning_rate == 3e-5 and config.optim.batch_size == 4 and config.data.random_flip is True
+    assert config.reward.terms[0].name == "colorfulness"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml())
+    assert load_config(saved) == config
+    assert yaml.safe_load(saved.read_text())["optim"]["batch_size"] == 4
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("distill.w_min=20", "distill.w_min (20.0) > distill.w_max (15.0): swap them"),
+        ("data.resolution=30", "data.resolution: 30 must be a positive multiple of the VAE factor 4"),
+        ("reward.terms=[{name: hpsv9}]", "reward.terms[0].name: unknown reward 'hpsv9'"),
+        ("model.teacher=/no/such/folder", "model.teacher: /no/such/folder does not exist"),
+        ("optim.learning_rat=1", "did you mean optim.learning_rate?"),
+        ("optim.batch_size=many", "optim.batch_size: expected int, got 'many'"),
+        ("distill.loss=l1", "distill.loss: 'l1' is not one of"),
+        ("precision.mixed_precision=fp8", "precision.mixed_precision: 'fp8' is not one of"),
+        ("distill.ema_decay=1.0", "distill.ema_decay: must be in [0, 1)"),
+    ],
+)
+def test_bad_configs_name_the_field_and_the_fix(tiny_paths, override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [*tiny_paths, override])
+    assert message in str(error.value)
+
+
+def test_all_problems_are_reported_at_once(tiny_paths):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [*tiny_paths, "distill.w_min=20", "optim.batch_size=0", "data.caption_dropout=1.5"])
+    text = str(error.value)
+    assert "distill.w_min" in text and "optim.batch_size" in text and "data.caption_dropout" in text
+
+
+def test_missing_config_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
+        load_config("no-such-preset")
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config("sd15-512", ["optim.batch_size"])
