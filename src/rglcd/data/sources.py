@@ -1,0 +1,251 @@
+"""Where training samples come from: webdataset tar shards or a folder of captioned images.
+
+A source is resolved once, up front, into a list of shards. Each shard reads its samples as
+:class:`RawSample` (image still encoded, caption already text) so that skipping samples is cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import webdataset as wds
+from PIL import Image
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tried in this order within a sample
+CAPTION_FILES = ("captions.jsonl", "captions.csv")  # tried in this order within a folder
+SOURCE_FORMS = (
+    "a webdataset .tar, a brace pattern such as /data/shard-{000000..000009}.tar, a directory of .tar shards, "
+    "a pipe:CMD url, or a folder of images with a captions.jsonl or captions.csv"
+)
+
+# tarfile's messages for an archive with no bytes or one that stops early; any other means damaged bytes.
+_TAR_ERRORS = {
+    "empty file": "empty shard",
+    "unexpected end of data": "truncated tar member",
+    "truncated header": "truncated tar member",
+    "empty header": "truncated tar member",
+}
+
+OnError = Callable[[str, str], None]  # (reason, details) when a shard cannot be read, or read to its end
+
+
+class DataError(ValueError):
+    """The training data cannot be used at all (missing, empty, or without a single usable sample)."""
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One sample as read: the encoded image (bytes, or a file path), its caption, or why it is unusable."""
+
+    key: str
+    image: bytes | Path | None
+    caption: str | None
+    problem: str | None = None
+
+
+class Shard(Protocol):
+    def samples(self, on_error: OnError) -> Iterator[RawSample]: ...
+
+
+class TarShard:
+    """A webdataset tar read with webdataset's opener, so local paths, ``pipe:`` and remote urls all work.
+
+    The members are grouped into samples here rather than by ``webdataset.tarfile_samples``, which on a cut
+    archive reports one error twice and can pass on the half-read sample. Here a read error ends the shard,
+    drops the sample being assembled and is reported once.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def samples(self, on_error: OnError) -> Iterator[RawSample]:
+        try:
+            stream = wds.gopen(self.url, "rb")
+        except OSError as exn:
+            on_error("unreadable shard", f"{self.url}: {exn}")
+            return
+        key, parts = None, {}
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    member_key, extension = base_plus_ext(member.name)
+                    if not member.isfile() or member_key is None:
+                        continue
+                    if member_key != key:  # the previous sample is complete: hand it on before reading further
+                        if parts:
+                            yield _from_parts(f"{self.url}:{key}", parts)
+                        key, parts = member_key, {}
+                    parts[extension.lower()] = tar.extractfile(member).read()
+                    tar.members = []  # a streaming TarFile keeps every header otherwise
+                if parts:
+                    yield _from_parts(f"{self.url}:{key}", parts)
+        except (tarfile.TarError, EOFError) as exn:
+            on_error(_TAR_ERRORS.get(str(exn), "corrupt tar"), f"{self.url}: {exn!r}")
+        except OSError as exn:  # an I/O error, or a pipe: command that failed
+            on_error("unreadable shard", f"{self.url}: {exn}")
+        finally:
+            try:
+                stream.close()
+            except OSError:  # a pipe's exit status; the read above has already reported any damage
+                pass
+
+
+def _from_parts(key: str, parts: dict[str, bytes]) -> RawSample:
+    image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    try:
+        caption = _caption_from_parts(parts)
+    except ValueError:  # bad UTF-8 or bad JSON
+        return RawSample(key, image, None, problem="undecodable caption")
+    return RawSample(key, image, caption)
+
+
+def _caption_from_parts(parts: dict[str, bytes]) -> str | None:
+    """The caption of a CC12M-style sample: ``.txt``, else ``.caption``, else ``.json``'s "caption" or "text"."""
+    for extension in ("txt", "caption"):
+        if extension in parts:
+            return parts[extension].decode("utf-8")
+    if "json" in parts:
+        return _caption_from_record(json.loads(parts["json"]))
+    return None
+
+
+def _caption_from_record(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    caption = record.get("caption", record.get("text"))
+    return caption if isinstance(caption, str) else None
+
+
+class CaptionedFolder:
+    """A folder of images listed, with their captions, in ``captions.jsonl`` or ``captions.csv``."""
+
+    def __init__(self, captions_file: Path) -> None:
+        read = _read_captions_jsonl if captions_file.suffix == ".jsonl" else _read_captions_csv
+        self.entries = read(captions_file)
+        if not self.entries:
+            raise DataError(
+                f"{captions_file} lists no images: add one entry per image, e.g. "
+                '{"file": "0001.jpg", "caption": "a red bicycle"} in captions.jsonl, or rows of file,caption in '
+                "captions.csv"
+            )
+
+    def samples(self, on_error: OnError) -> Iterator[RawSample]:
+        return iter(self.entries)
+
+
+def _read_captions_jsonl(path: Path) -> list[RawSample]:
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        key = f"{path.name}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError:
+            entries.append(RawSample(key, None, None, problem="malformed captions line"))
+            continue
+        file = record.get("file") if isinstance(record, dict) else None
+        if not isinstance(file, str):
+            entries.append(RawSample(key, None, None, problem="malformed captions line"))
+            continue
+        entries.append(RawSample(key, path.parent / file, _caption_from_record(record)))
+    return entries
+
+
+def _read_captions_csv(path: Path) -> list[RawSample]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or ())
+        text_column = "caption" if "caption" in columns else "text"
+        if "file" not in columns or text_column not in columns:
+            raise DataError(f"{path} needs a header row with the columns file,caption; it has {sorted(columns)}")
+        entries = []
+        for number, row in enumerate(reader, start=2):  # numbered like the file's lines, after the header
+            key = f"{path.name}:{number}"
+            if not row["file"]:
+                entries.append(RawSample(key, None, None, problem="malformed captions line"))
+            else:
+                entries.append(RawSample(key, path.parent / row["file"], row[text_column]))
+        return entries
+
+
+def open_source(source: str | os.PathLike[str]) -> list[Shard]:
+    """Resolve ``source`` into its shards, raising :class:`DataError` for a missing or empty one."""
+    text = os.fspath(source)
+    if text.startswith("pipe:") or "://" in text:
+        return [TarShard(url) for url in expand_urls(text)]  # nothing to check until it is read
+    path = Path(text)
+    if path.is_dir():
+        return _open_directory(path)
+    if path.is_file():
+        return [TarShard(text)]
+    names = expand_urls(text)
+    if len(names) == 1:
+        raise DataError(f"training data {text!r} does not exist; pass {SOURCE_FORMS}")
+    missing = [name for name in names if not Path(name).is_file()]
+    if len(missing) == len(names):
+        raise DataError(
+            f"the pattern {text!r} matches no file (it expands to {len(names)} names, the first being "
+            f"{names[0]!r}); check the directory and the shard numbers"
+        )
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(names)} shards of {text!r} are missing, e.g. {missing[0]!r}; fix the "
+            "pattern, or pass the directory to train on the shards it holds"
+        )
+    return [TarShard(name) for name in names]
+
+
+def _open_directory(path: Path) -> list[Shard]:
+    tars = sorted(path.glob("*.tar"))
+    if tars:
+        return [TarShard(str(tar)) for tar in tars]
+    for name in CAPTION_FILES:
+        if (path / name).is_file():
+            return [CaptionedFolder(path / name)]
+    raise DataError(
+        f"the directory {str(path)!r} holds no .tar shards and no {' or '.join(CAPTION_FILES)}; pass {SOURCE_FORMS}"
+    )
+
+
+def write_shards(
+    samples: Iterable[tuple[Image.Image, str] | tuple[Image.Image, str, dict]],
+    out_dir: str | os.PathLike[str],
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+) -> list[Path]:
+    """Write (image, caption[, metadata]) samples as webdataset tars ``{prefix}-{index:06d}.tar``.
+
+    Each sample becomes ``{key}.png`` and ``{key}.txt`` (and ``{key}.json`` with the metadata), keyed by its
+    running number. Returns the shard paths in order; no samples, no shards.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    writer = None
+    try:
+        for index, (image, caption, *metadata) in enumerate(samples):
+            if index % samples_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                paths.append(out / f"{prefix}-{len(paths):06d}.tar")
+                writer = wds.TarWriter(str(paths[-1]))
+            record = {"__key__": f"{index:09d}", "png": image, "txt": caption}
+            if metadata:
+                record["json"] = metadata[0]
+            writer.write(record)
+    finally:
+        if writer is not None:
+            writer.close()
+    return paths
