@@ -39,7 +39,9 @@ class Teacher:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Teacher":
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(device)
+            if dtype is not None and module.dtype != dtype:
+                module.to(dtype)
         return self
 
 

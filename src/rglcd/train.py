@@ -1,0 +1,317 @@
+"""``rglcd train``: the RG-LCD loop on accelerate, with validation, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .losses import ConsistencyDistance
+from .models import build_student, build_target, encode_prompts, load_teacher, update_ema
+from .rewards import build_reward
+from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid
+from .step import Distillation, StepNoise, rglcd_step
+
+logger = logging.getLogger("rglcd.train")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss kept being NaN); a checkpoint was written first."""
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first. A save still in progress (``.tmp``) is never listed."""
+    folder = output_dir / "checkpoints"
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a finished rglcd checkpoint (no trainer_state.json)")
+    return path
+
+
+class RewardSum:
+    """Σ β_i·R_i(images, prompts): several rewards as one callable for the step (whose β is then 1)."""
+
+    def __init__(self, terms):
+        self.terms = [(build_reward(term.name, **term.kwargs), term.beta) for term in terms]
+
+    def to(self, device):
+        for model, _ in self.terms:
+            model.to(device)
+        return self
+
+    def __call__(self, images, prompts):
+        return sum(beta * model(images, prompts) for model, beta in self.terms)
+
+
+def train(config: TrainConfig, resume: str | None = None) -> Path:
+    """Run (or resume) a distillation; returns the exported student pipeline folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from .data import TrainStream
+
+    out = Path(config.logging.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.precision.mixed_precision,
+        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        log_with=None if config.logging.tracker == "none" else config.logging.tracker,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
+
+    teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
+    student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
+    target = build_target(student).to(accelerator.device)
+    if config.precision.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    teacher.to(accelerator.device, DTYPES[config.precision.teacher_dtype])
+
+    distillation = Distillation(
+        teacher.schedule,
+        num_ddim_timesteps=config.distill.num_ddim_timesteps,
+        w_min=config.distill.w_min,
+        w_max=config.distill.w_max,
+        distance=ConsistencyDistance(config.distill.loss, config.distill.distance_c),
+        sigma_data=config.distill.sigma_data,
+        timestep_scaling=config.distill.timestep_scaling,
+        time_cond_proj_dim=student.config.time_cond_proj_dim,
+    )
+    reward_fn = RewardSum(config.reward.terms).to(accelerator.device) if config.reward.terms else None
+
+    optim = config.optim
+    optimizer_class = torch.optim.AdamW
+    if optim.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_class(
+        student.parameters(),
+        lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_epsilon,
+        weight_decay=optim.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        optim.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=optim.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=optim.max_train_steps * accelerator.num_processes,
+    )
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    accelerator.register_for_checkpointing(target)
+
+    stream = TrainStream(
+        config.data.source,
+        resolution=config.data.resolution,
+        batch_size=optim.batch_size,
+        center_crop=config.data.center_crop,
+        random_flip=config.data.random_flip,
+        caption_dropout=config.data.caption_dropout,
+        seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    # The step's randomness (noise, grid indices, w, VAE posterior samples) comes from one generator per rank.
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    global_step, nan_streak = 0, 0
+
+    checkpoint = resolve_resume(out, resume)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        global_step, nan_streak = state["global_step"], state["nan_streak"]
+        stream.load_state_dict(state["data"][accelerator.process_index])
+        generator.set_state(torch.load(checkpoint / f"generator-{accelerator.process_index}.pt"))
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("rglcd", config=_flat_scalars(config.to_dict()))
+
+    def save_checkpoint() -> Path:
+        return _save_checkpoint(accelerator, out, global_step, nan_streak, stream, generator, config)
+
+    tokenizer, text_encoder, vae = teacher.tokenizer, teacher.text_encoder, teacher.vae
+    with torch.no_grad():
+        uncond_embeds = encode_prompts(tokenizer, text_encoder, [""] * optim.batch_size).float()
+    batches = iter(stream)
+    progress = tqdm(
+        total=optim.max_train_steps, initial=global_step, desc="RG-LCD", disable=not accelerator.is_local_main_process
+    )
+    samples_per_step = optim.batch_size * optim.gradient_accumulation_steps * accelerator.num_processes
+    step_started = time.perf_counter()
+    while global_step < optim.max_train_steps:
+        with accelerator.accumulate(student):
+            batch = next(batches)
+            with torch.no_grad():
+                pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
+                posterior = vae.encode(pixels).latent_dist
+                noise_for_vae = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+                latents = (posterior.mean + posterior.std * noise_for_vae).float() * vae.config.scaling_factor
+                cond_embeds = encode_prompts(tokenizer, text_encoder, batch["captions"]).float()
+            noise = StepNoise.draw(latents, distillation, generator)
+            with accelerator.autocast():
+                output = rglcd_step(
+                    student=student, target=target, teacher_unet=teacher.unet, vae=vae, distillation=distillation,
+                    latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds[: len(latents)],
+                    noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=1.0 if reward_fn else 0.0,
+                )  # fmt: skip
+            finite = bool(accelerator.gather(torch.isfinite(output.loss.detach()).reshape(1)).all())
+            if finite:
+                accelerator.backward(output.loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if not accelerator.sync_gradients:
+            continue
+        if not finite:
+            # A non-finite loss: no update, no EMA step; stop after too many in a row.
+            nan_streak += 1
+            logger.warning("non-finite loss at step %d (%d in a row); update skipped", global_step + 1, nan_streak)
+            if nan_streak >= config.logging.max_consecutive_nan_steps:
+                path = save_checkpoint()
+                raise TrainingError(
+                    f"the loss was NaN/Inf for {nan_streak} steps in a row (last good state: {path}). Lower "
+                    "optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no, then "
+                    "resume with --resume latest."
+                )
+            continue
+        nan_streak = 0
+        update_ema(target.parameters(), accelerator.unwrap_model(student).parameters(), config.distill.ema_decay)
+        global_step += 1
+        progress.update(1)
+
+        elapsed = time.perf_counter() - step_started
+        step_started = time.perf_counter()
+        logs = {
+            "loss": output.loss.item(),
+            "distill_loss": output.distill_loss.item(),
+            "lr": lr_scheduler.get_last_lr()[0],
+            "samples_per_second": samples_per_step / max(elapsed, 1e-9),
+            "skipped_samples": stream.stats.skipped,
+        }
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        if output.reward is not None:
+            logs["reward"] = output.reward.mean().item()
+        progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
+        if global_step % config.logging.log_every == 0 or global_step == optim.max_train_steps:
+            accelerator.log(logs, step=global_step)
+        if config.logging.validation_steps and global_step % config.logging.validation_steps == 0:
+            validate_samples(accelerator, config, teacher, accelerator.unwrap_model(student), distillation, global_step)
+        if global_step % config.logging.checkpointing_steps == 0:
+            save_checkpoint()
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    student_dir = out / "student"
+    if accelerator.is_main_process:
+        teacher.vae.float()
+        teacher.text_encoder.float()
+        final_student = accelerator.unwrap_model(student)
+        export_pipeline(student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling)
+        target.save_pretrained(out / "target_unet")
+        (out / "train_summary.json").write_text(
+            json.dumps({"global_step": global_step, "skipped_samples": stream.stats.skipped, "skip_reasons": stream.stats.reasons}, indent=2)
+        )
+    accelerator.end_training()
+    return student_dir
+
+
+def _save_checkpoint(accelerator, out: Path, global_step: int, nan_streak: int, stream, generator, config) -> Path:
+    """Write checkpoint-N atomically: everything goes to checkpoint-N.tmp, which is renamed when complete."""
+    final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{global_step}"
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    torch.save(generator.get_state(), partial / f"generator-{accelerator.process_index}.pt")
+    data_states = [None] * accelerator.num_processes
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.all_gather_object(data_states, stream.state_dict())
+    else:
+        data_states = [stream.state_dict()]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": global_step, "nan_streak": nan_streak, "data": data_states}
+        (partial / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)  # the atomic moment: before it, the previous checkpoint is the latest
+        for old in checkpoints(out)[: -config.logging.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def validate_samples(accelerator, config: TrainConfig, teacher, student, distillation, global_step: int) -> None:
+    """Sample the validation prompts at 1, 2 and 4 steps (fixed seed) into one PNG grid, and log it."""
+    if not accelerator.is_main_process or not config.logging.validation_prompts:
+        return
+    student.eval()
+    scheduler = lcm_scheduler(teacher.scheduler_config, distillation.num_ddim_timesteps, distillation.timestep_scaling)
+    rows = []
+    for num_steps in (1, 2, 4):
+        images = lcm_sample(
+            student, teacher.vae, teacher.text_encoder, teacher.tokenizer, scheduler,
+            list(config.logging.validation_prompts), num_steps=num_steps,
+            generator=torch.Generator(accelerator.device).manual_seed(config.seed),
+            resolution=config.data.resolution,
+        )  # fmt: skip
+        rows.append(torch.cat(list(images.float().cpu()), dim=2))  # [3, H, P·W]
+    student.train()
+    grid = torch.cat(rows, dim=1)  # [3, 3·H, P·W]: rows are 1, 2, 4 steps
+    folder = Path(config.logging.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_grid(grid[None], folder / f"step-{global_step:08d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/1-2-4-steps", grid, global_step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=global_step)
+
+
+def _flat_scalars(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"optim.learning_rate": 1e-6, ...}; lists and None become strings (tracker hparams)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+

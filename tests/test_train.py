@@ -1,0 +1,166 @@
+"""`rglcd train`: smoke run, exact resume after SIGKILL, atomic checkpoints, NaN handling, bad data."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rglcd.config import load_config
+from rglcd.demo import colour_samples, tiny_setup
+from rglcd.rewards import register_reward
+from rglcd.rewards.base import RewardModel
+from rglcd.train import TrainingError, checkpoints, resolve_resume, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), samples=48)
+
+
+def overrides(tiny, out, **fields):
+    base = {
+        "model.teacher": tiny / "teacher",
+        "data.source": tiny / "data",
+        "logging.output_dir": out,
+        "optim.batch_size": 4,
+        "optim.max_train_steps": 4,
+        "logging.checkpointing_steps": 2,
+        "logging.validation_steps": 2,
+        "logging.log_every": 1,
+    }
+    base.update({key.replace("__", "."): value for key, value in fields.items()})
+    return [f"{key}={value}" for key, value in base.items()]
+
+
+def run_cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "rglcd", "train", "tiny", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def unet_weights(run):
+    return load_file(run / "student" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_cli_smoke_run_writes_everything(tiny, tmp_path):
+    out = tmp_path / "run"
+    finish(run_cli(*overrides(tiny, out)))
+    assert load_config(out / "config.yaml").optim.max_train_steps == 4
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["data"][0]["samples_consumed_in_epoch"] > 0
+    assert (out / "validation" / "step-00000002.png").stat().st_size > 0
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert (out / "student" / "model_index.json").is_file() and (out / "target_unet" / "config.json").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["skipped_samples"] == 0
+
+
+def test_dry_run_prints_the_resolved_config(tiny, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", "train", "tiny", *overrides(tiny, tmp_path / "run"), "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0 and "max_train_steps: 4" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
+    settings = dict(optim__max_train_steps=8, logging__checkpointing_steps=4, logging__validation_steps=0)
+    finish(run_cli(*overrides(tiny, tmp_path / "straight", **settings)))
+
+    killed = tmp_path / "killed"
+    process = run_cli(*overrides(tiny, killed, **settings))
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint-4").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "student").exists(), "the run finished before the kill; the test proves nothing"
+    finish(run_cli(*overrides(tiny, killed, **settings), "--resume", "latest"))
+
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(killed)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    assert json.loads((killed / "train_summary.json").read_text())["global_step"] == 8
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = load_config("tiny", overrides(tiny, out, optim__max_train_steps=2, logging__validation_steps=0))
+    train(config)
+    (out / "student").rename(out / "student-first")
+
+    from accelerate import Accelerator
+
+    def save_half_then_die(self, output_dir, **kwargs):
+        (torch.save(torch.zeros(1), f"{output_dir}/half-written.bin"))
+        raise KeyboardInterrupt  # as if killed in the middle of writing
+
+    monkeypatch.setattr(Accelerator, "save_state", save_half_then_die)
+    config = load_config("tiny", overrides(tiny, out, optim__max_train_steps=4, logging__validation_steps=0))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume="latest")
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]  # the half-written one is never listed
+    assert resolve_resume(out, "latest").name == "checkpoint-2"
+    assert (out / "checkpoints" / "checkpoint-4.tmp").exists()
+    monkeypatch.undo()
+    train(config, resume="latest")  # resumes from checkpoint-2 and replaces the stale .tmp
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "checkpoints" / "checkpoint-4.tmp").exists()
+
+
+@register_reward("test-nan")
+class NanReward(RewardModel):
+    def forward(self, images, prompts):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+def test_nan_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    config = load_config(
+        "tiny",
+        overrides(tiny, out, logging__max_consecutive_nan_steps=3, logging__validation_steps=0)
+        + ["reward.terms=[{name: test-nan, beta: 1.0}]"],
+    )
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
+        train(config)
+    (last,) = checkpoints(out)
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["global_step"] == 0 and state["nan_streak"] == 3
+
+
+def test_bad_samples_are_skipped_and_counted(tiny, tmp_path):
+    from rglcd.data import write_shards
+
+    data = tmp_path / "data"
+    good = list(colour_samples(12, 32, seed=1))
+    (shard,) = write_shards(good, data, samples_per_shard=100)
+    with open(shard, "r+b") as handle:  # cut the tar in the middle of a member
+        handle.truncate(shard.stat().st_size // 2)
+    out = tmp_path / "run"
+    config = load_config("tiny", overrides(tiny, out, data__source=data, logging__validation_steps=0))
+    train(config)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["skipped_samples"] >= 1
+    assert "truncated tar member" in summary["skip_reasons"] or "corrupt tar" in summary["skip_reasons"]
+
+
+def test_missing_teacher_and_empty_data_are_clear_errors(tiny, tmp_path):
+    from rglcd.data import DataError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=str(empty)):
+        train(load_config("tiny", overrides(tiny, tmp_path / "run", data__source=empty)))
