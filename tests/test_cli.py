@@ -25,24 +25,25 @@ def rglcd(*args, cwd=None, check=True):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    rglcd("demo", "--out", out, "--steps", "3", "--batch-size", "2", "--prediction-type", "v_prediction")
+    rglcd("demo", "--out", out, "--steps", "3", "--prediction-type", "v_prediction")
     return out
 
 
-def test_demo_writes_teacher_student_samples_and_history(demo_run):
+def test_demo_writes_teacher_data_run_and_samples(demo_run):
     assert (demo_run / "teacher" / "model_index.json").is_file()
-    summary = json.loads((demo_run / "demo.json").read_text())
-    assert [record["step"] for record in summary["history"]] == [1, 2, 3]
-    assert all(record["reward"] is not None for record in summary["history"])
+    assert sorted(p.name for p in (demo_run / "data").glob("*.tar")) == [f"shard-{i:06d}.tar" for i in range(4)]
+    run = demo_run / "rglcd"
+    assert json.loads((run / "train_summary.json").read_text())["global_step"] == 3
+    assert "max_train_steps: 3" in (run / "config.yaml").read_text()
     for steps in (1, 2, 4):
-        assert (demo_run / "samples" / f"steps-{steps}.png").stat().st_size > 0
-    pipeline = DiffusionPipeline.from_pretrained(demo_run / "student")
+        assert (run / f"samples-{steps}-steps.png").stat().st_size > 0
+    pipeline = DiffusionPipeline.from_pretrained(run / "student")
     assert type(pipeline.scheduler).__name__ == "LCMScheduler"
     assert pipeline.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_sample_is_deterministic_for_a_seed(demo_run, tmp_path):
-    args = ["sample", "--model", demo_run / "student", "--prompt", "a red picture", "--prompt", "a blue picture"]
+    args = ["sample", "--model", demo_run / "rglcd" / "student", "--prompt", "a red picture", "--prompt", "a blue picture"]
     rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "a")
     rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "b")
     rglcd(*args, "--steps", "2", "--seed", "6", "--out", tmp_path / "c")
@@ -58,9 +59,9 @@ def test_sample_errors_are_clear(demo_run, tmp_path):
     assert result.returncode == 2 and "no guidance embedding" in result.stderr
     result = rglcd("sample", "--model", tmp_path / "missing", "--prompt", "x", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "could not read the pipeline index" in result.stderr
-    result = rglcd("sample", "--model", demo_run / "student", "--out", tmp_path, check=False)
+    result = rglcd("sample", "--model", demo_run / "rglcd" / "student", "--out", tmp_path, check=False)
     assert result.returncode != 0 and "at least one --prompt" in result.stderr
-    result = rglcd("sample", "--model", demo_run / "student", "--prompt", "x", "--steps", "9", "--out", tmp_path, check=False)
+    result = rglcd("sample", "--model", demo_run / "rglcd" / "student", "--prompt", "x", "--steps", "9", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
@@ -82,7 +83,7 @@ def test_readme_rglcd_commands_run(tmp_path):
     assert len(commands) >= 2, "the README shows no rglcd commands"
     for command in commands:
         rglcd(*shlex.split(command)[1:], cwd=tmp_path)
-    assert (tmp_path / "runs" / "demo" / "student" / "model_index.json").is_file()
+    assert (tmp_path / "runs" / "tiny" / "rglcd" / "student" / "model_index.json").is_file()
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

@@ -47,17 +47,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(records)} images to {out}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, run_demo
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
 
-    config = DemoConfig(
-        out=Path(args.out), steps=args.steps, batch_size=args.batch_size, reward_beta=args.reward_beta,
-        prediction_type=args.prediction_type, seed=args.seed,
-    )  # fmt: skip
-    summary = run_demo(config)
-    first, last = summary["history"][0], summary["history"][-1]
-    print(f"distillation loss {first['distill_loss']:.4f} -> {last['distill_loss']:.4f}")
-    print(f"student pipeline: {summary['student']}  samples: {config.out / 'samples'}")
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return
+    from .train import train
+
+    student_dir = train(config, resume=args.resume)
+    print(f"student pipeline: {student_dir}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    student_dir = run_demo(args.out, steps=args.steps, prediction_type=args.prediction_type, seed=args.seed)
+    print(f"student pipeline: {student_dir}  samples: {student_dir.parent}/samples-*-steps.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,15 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="output folder")
     sample.set_defaults(run=cmd_sample)
 
+    train = commands.add_parser(
+        "train", help="distil a teacher into an RG-LCM (accelerate: `accelerate launch -m rglcd train ...`)",
+        description="Run RG-LCD from a preset or a YAML config, with section.field=value overrides. The config "
+        "is validated before any model loads and written to OUTPUT_DIR/config.yaml.",
+        epilog="example: rglcd train tiny optim.max_train_steps=20 logging.output_dir=runs/try",
+    )  # fmt: skip
+    train.add_argument("config", help="a preset (tiny, sd15-512, sd21-768) or a YAML file")
+    train.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.learning_rate=1e-5")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--resume", help="'latest' or a checkpoint folder")
+    train.set_defaults(run=cmd_train)
+
     demo = commands.add_parser(
         "demo", help="RG-LCD end to end on a tiny random teacher (CPU, ~1 min)",
-        description="Build a tiny Stable-Diffusion-layout teacher, distil it with a reward for a few steps, "
-        "export the student as a diffusers pipeline and sample it at 1, 2 and 4 steps.",
+        description="Write a tiny Stable-Diffusion-layout teacher and webdataset shards to OUT (once), run "
+        "`rglcd train tiny` on them into OUT/rglcd, and sample the exported student at 1, 2 and 4 steps.",
     )  # fmt: skip
-    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--reward-beta", type=float, default=0.1, help="β of the colourfulness reward")
+    demo.add_argument("--out", default="runs/tiny", help="folder (default: runs/tiny, the tiny preset's paths)")
+    demo.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
     demo.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
@@ -105,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from .config import ConfigError
     from .models import TeacherLoadError
 
     try:
         args.run(args)
-    except TeacherLoadError as error:
+    except (TeacherLoadError, ConfigError) as error:
         print(f"rglcd {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

@@ -1,108 +1,70 @@
 """``rglcd demo``: RG-LCD end to end on a tiny teacher that the package builds (CPU, about a minute).
 
-The teacher has random weights, so the pictures mean nothing; what the demo shows is the whole path a real
-run takes: a diffusers folder loaded like a hub checkpoint, the student and its EMA target, the RG-LCD
-step with a reward through the VAE decoder, the export, and few-step sampling of the exported pipeline.
+The teacher has random weights, so its pictures mean nothing; what the demo shows is the whole path a real
+run takes: a diffusers folder loaded like a hub checkpoint, webdataset shards, ``rglcd train`` with the
+``tiny`` preset (reward through the VAE decoder, checkpoints, validation), the export, and few-step sampling.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from .losses import ConsistencyDistance
-from .models import build_student, build_target, encode_prompts, load_teacher, update_ema
-from .rewards import build_reward
-from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid
-from .step import Distillation, StepNoise, rglcd_step
+from .config import load_config
+from .data import write_shards
 from .tiny import save_tiny_pipeline
 
-COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9), "yellow": (0.9, 0.9, 0.1)}
+COLOURS = {"red": (230, 25, 25), "green": (25, 200, 50), "blue": (25, 50, 230), "yellow": (230, 230, 25)}
 
 
-@dataclass
-class DemoConfig:
-    out: Path = Path("runs/demo")
-    steps: int = 30
-    batch_size: int = 8
-    reward: str = "colorfulness"
-    reward_beta: float = 0.1
-    learning_rate: float = 1e-4
-    ema_decay: float = 0.95
-    prediction_type: str = "epsilon"
-    seed: int = 0
+def colour_samples(count: int, resolution: int, seed: int):
+    """Plain-colour pictures with a lighter square and captions naming the colour, deterministic by seed."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    for _ in range(count):
+        name = rng.choice(list(COLOURS))
+        image = Image.new("RGB", (resolution, resolution), COLOURS[name])
+        low, high = sorted(rng.sample(range(resolution), 2))
+        ImageDraw.Draw(image).rectangle((low, low, high, high), fill=tuple(min(c + 40, 255) for c in COLOURS[name]))
+        yield image, f"a {name} picture"
 
 
-def synthetic_batch(batch_size: int, resolution: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Plain-colour images with a lighter square, and captions naming the colour: [B,3,R,R] in [0,1]."""
-    names = list(COLOURS)
-    picks = torch.randint(0, len(names), (batch_size,), generator=generator).tolist()
-    images = torch.stack([torch.tensor(COLOURS[names[i]]) for i in picks])[:, :, None, None]
-    images = images.expand(-1, -1, resolution, resolution).clone()
-    quarter = resolution // 4
-    images[:, :, quarter : 3 * quarter, quarter : 3 * quarter] += 0.1
-    return images.clamp(0, 1), [f"a {names[i]} picture" for i in picks]
+def tiny_setup(out: str | Path = "runs/tiny", samples: int = 256, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Write ``out/teacher`` (a tiny random SD pipeline) and ``out/data`` (shards), unless they exist."""
+    out = Path(out)
+    if not (out / "teacher" / "model_index.json").is_file():
+        save_tiny_pipeline(out / "teacher", prediction_type=prediction_type, seed=seed)
+    if not any((out / "data").glob("*.tar")):
+        write_shards(colour_samples(samples, 32, seed), out / "data", samples_per_shard=64)
+    return out
 
 
-def run_demo(config: DemoConfig) -> dict:
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(config.seed)
-    teacher_dir = out / "teacher"
-    if not (teacher_dir / "model_index.json").exists():
-        save_tiny_pipeline(teacher_dir, prediction_type=config.prediction_type, seed=config.seed)
-    teacher = load_teacher(teacher_dir)
-    student = build_student(teacher.unet)
-    target = build_target(student)
-    distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"))
-    reward = build_reward(config.reward)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate)
+def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Set up, train with the ``tiny`` preset into ``out/rglcd``, and sample the student at 1, 2 and 4 steps."""
+    from .sampling import lcm_sample, load_lcm, save_grid
+    from .train import train
 
-    resolution = teacher.unet.config.sample_size * teacher.vae_scale_factor
-    images, captions = synthetic_batch(config.batch_size, resolution, generator)
-    with torch.no_grad():
-        latents = teacher.vae.encode(images * 2 - 1).latent_dist.sample(generator) * teacher.vae.config.scaling_factor
-        cond_embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, captions)
-        uncond_embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""] * config.batch_size)
-
-    history = []
-    for step in (progress := tqdm(range(config.steps), desc="RG-LCD demo")):
-        noise = StepNoise.draw(latents, distillation, generator)
-        output = rglcd_step(
-            student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae,
-            distillation=distillation, latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds,
-            noise=noise, prompts=captions, reward_fn=reward, reward_beta=config.reward_beta,
-        )  # fmt: skip
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(target.parameters(), student.parameters(), config.ema_decay)
-        record = {
-            "step": step + 1,
-            "loss": output.loss.item(),
-            "distill_loss": output.distill_loss.item(),
-            "reward": output.reward.mean().item() if output.reward is not None else None,
-        }
-        history.append(record)
-        progress.set_postfix(distill=f"{record['distill_loss']:.4f}", reward=f"{record['reward'] or 0:.3f}")
-
-    student_dir = export_pipeline(out / "student", student, teacher, distillation.num_ddim_timesteps)
-    samples_dir = out / "samples"
-    samples_dir.mkdir(exist_ok=True)
-    scheduler = lcm_scheduler(teacher.scheduler_config, distillation.num_ddim_timesteps)
+    out = tiny_setup(out, prediction_type=prediction_type, seed=seed)
+    config = load_config(
+        "tiny",
+        [
+            f"model.teacher={out / 'teacher'}",
+            f"data.source={out / 'data'}",
+            f"logging.output_dir={out / 'rglcd'}",
+            f"optim.max_train_steps={steps}",
+            f"seed={seed}",
+        ],
+    )
+    student_dir = train(config)
+    pipeline = load_lcm(student_dir)
     prompts = [f"a {name} picture" for name in COLOURS]
     for num_steps in (1, 2, 4):
-        sampled = lcm_sample(
-            student, teacher.vae, teacher.text_encoder, teacher.tokenizer, scheduler, prompts,
-            num_steps=num_steps, generator=torch.Generator().manual_seed(config.seed),
+        images = lcm_sample(
+            pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler, prompts,
+            num_steps=num_steps, generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        save_grid(sampled, samples_dir / f"steps-{num_steps}.png")
-    summary = {"config": {k: str(v) for k, v in vars(config).items()}, "history": history, "student": str(student_dir)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
+        save_grid(images, out / "rglcd" / f"samples-{num_steps}-steps.png")
+    return student_dir
