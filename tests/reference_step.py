@@ -68,9 +68,7 @@ def reference_rglcd_step(
         out_u = teacher_unet(z_start, t_start, encoder_hidden_states=uncond).sample
         wv = w.view(-1, 1, 1, 1)
         x0 = to_x0(out_c, z_start, t_start) + wv * (to_x0(out_c, z_start, t_start) - to_x0(out_u, z_start, t_start))
-        eps = to_eps(out_c, z_start, t_start) + wv * (
-            to_eps(out_c, z_start, t_start) - to_eps(out_u, z_start, t_start)
-        )
+        eps = to_eps(out_c, z_start, t_start) + wv * (to_eps(out_c, z_start, t_start) - to_eps(out_u, z_start, t_start))
         z_prev = a(t_prev) * x0 + s(t_prev) * eps
 
         # 6. target network at (ẑ_{t_n}, t_n).

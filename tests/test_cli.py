@@ -43,7 +43,15 @@ def test_demo_writes_teacher_data_run_and_samples(demo_run):
 
 
 def test_sample_is_deterministic_for_a_seed(demo_run, tmp_path):
-    args = ["sample", "--model", demo_run / "rglcd" / "student", "--prompt", "a red picture", "--prompt", "a blue picture"]
+    args = [
+        "sample",
+        "--model",
+        demo_run / "rglcd" / "student",
+        "--prompt",
+        "a red picture",
+        "--prompt",
+        "a blue picture",
+    ]
     rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "a")
     rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "b")
     rglcd(*args, "--steps", "2", "--seed", "6", "--out", tmp_path / "c")
@@ -61,7 +69,18 @@ def test_sample_errors_are_clear(demo_run, tmp_path):
     assert result.returncode == 2 and "could not read the pipeline index" in result.stderr
     result = rglcd("sample", "--model", demo_run / "rglcd" / "student", "--out", tmp_path, check=False)
     assert result.returncode != 0 and "at least one --prompt" in result.stderr
-    result = rglcd("sample", "--model", demo_run / "rglcd" / "student", "--prompt", "x", "--steps", "9", "--out", tmp_path, check=False)
+    result = rglcd(
+        "sample",
+        "--model",
+        demo_run / "rglcd" / "student",
+        "--prompt",
+        "x",
+        "--steps",
+        "9",
+        "--out",
+        tmp_path,
+        check=False,
+    )
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 

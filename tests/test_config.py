@@ -28,7 +28,9 @@ def test_defaults_follow_the_paper():
 
 
 def test_overrides_are_typed_and_round_trip(tiny_paths, tmp_path):
-    config = load_config("tiny", [*tiny_paths, "optim.learning_rate=3e-5", "optim.batch_size=4", "data.random_flip=true"])
+    config = load_config(
+        "tiny", [*tiny_paths, "optim.learning_rate=3e-5", "optim.batch_size=4", "data.random_flip=true"]
+    )
     assert config.optim.learning_rate == 3e-5 and config.optim.batch_size == 4 and config.data.random_flip is True
     assert config.reward.terms[0].name == "colorfulness"
     saved = tmp_path / "config.yaml"
@@ -67,5 +69,5 @@ def test_all_problems_are_reported_at_once(tiny_paths):
 def test_missing_config_file_and_malformed_override():
     with pytest.raises(ConfigError, match="neither a YAML file nor a preset"):
         load_config("no-such-preset")
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config("sd15-512", ["optim.batch_size"])

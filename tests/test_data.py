@@ -99,7 +99,7 @@ def test_reads_every_source_form_in_order_with_matching_images(tmp_path, kind):
     batches = take(stream(source, batch_size=2), 4)  # 8 samples: one epoch of 6, then the start of the next
     assert captions_of(batches) == [f"caption {i}" for i in [0, 1, 2, 3, 4, 5, 0, 1]]
     pixels = torch.cat([batch["pixel_values"] for batch in batches])
-    for pixel, i in zip(pixels[:, :, 0, 0], [0, 1, 2, 3, 4, 5, 0, 1]):
+    for pixel, i in zip(pixels[:, :, 0, 0], [0, 1, 2, 3, 4, 5, 0, 1], strict=True):
         torch.testing.assert_close(pixel, expected_pixel(i), atol=1 / 255, rtol=0)
 
 
@@ -253,7 +253,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     train_stream = stream(source)
     assert train_stream.stats == DataStats()
     captions = captions_of(take(train_stream, len(usable) + 1))  # the whole first pass and the next sample
-    assert captions == usable + ["caption 0"]
+    assert captions == [*usable, "caption 0"]
     assert train_stream.stats.reasons == {
         "undecodable image": 1,
         "empty caption": 1,
@@ -323,7 +323,7 @@ def test_same_arguments_same_batches_other_seed_other_batches(tmp_path):
     first, second = take(stream(source, **options), 5), take(stream(source, **options), 5)
     other = take(stream(source, seed=1, **options), 5)
     assert captions_of(first) == captions_of(second)
-    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, second))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(first, second, strict=True))
     assert captions_of(first) != captions_of(other)
 
 
@@ -367,7 +367,8 @@ def test_resume_continues_with_the_exact_next_batches(tmp_path, kind):
         resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
         rest = take(resumed, 8 - k)
         assert captions_of(consumed + rest) == captions_of(batches)
-        assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(consumed + rest, batches))
+        pairs = zip([*consumed, *rest], batches, strict=True)
+        assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in pairs)
         assert resumed.stats == reference.stats
     # A fresh stream would start over, so the equality above is not trivial.
     assert captions_of(take(TrainStream(str(source), **options), 1)) != captions_of(batches[3:4])

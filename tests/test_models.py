@@ -25,7 +25,7 @@ def test_load_teacher_from_local_folder(teacher_dirs):
 
 
 def test_folder_without_index_is_a_clear_error(tmp_path):
-    with pytest.raises(TeacherLoadError, match="no model_index.json"):
+    with pytest.raises(TeacherLoadError, match=r"no model_index\.json"):
         load_teacher(tmp_path)
 
 
@@ -83,3 +83,16 @@ def test_target_is_frozen_copy_and_ema_update_is_exact():
     torch.testing.assert_close(target.weight, torch.tensor([[0.95 * 3 + 0.05 * 1, 0.95 * -1 + 0.05 * 2]]))
     update_ema(target.parameters(), online.parameters(), decay=0.0)
     assert torch.equal(target.weight, online.weight)
+
+
+def test_overlong_captions_are_truncated_and_decoding_in_micro_batches_is_the_same(epsilon_teacher_dir):
+    from rglcd.models import decode_latents
+
+    teacher = load_teacher(epsilon_teacher_dir)
+    embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, ["a red circle " * 100, ""])
+    assert embeds.shape == (2, teacher.tokenizer.model_max_length, 32)
+    latents = torch.randn(5, 4, 8, 8)
+    with torch.no_grad():
+        whole = decode_latents(teacher.vae, latents)
+        torch.testing.assert_close(decode_latents(teacher.vae, latents, batch_size=2), whole, atol=1e-5, rtol=0)
+    assert whole.shape == (5, 3, 32, 32) and whole.min() >= 0 and whole.max() <= 1

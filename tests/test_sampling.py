@@ -61,7 +61,9 @@ def test_export_replaces_previous_export(exported, teacher_dirs):
     student = build_student(teacher.unet)
     export_pipeline(out, student, teacher)
     reloaded = DiffusionPipeline.from_pretrained(out)
-    assert torch.equal(reloaded.unet.time_embedding.cond_proj.weight, torch.zeros_like(student.time_embedding.cond_proj.weight))
+    assert torch.equal(
+        reloaded.unet.time_embedding.cond_proj.weight, torch.zeros_like(student.time_embedding.cond_proj.weight)
+    )
 
 
 def test_load_lcm_rejects_a_teacher(epsilon_teacher_dir):

@@ -75,7 +75,7 @@ ALPHA, SIGMA, X0, EPS, Z, V = 0.6, 0.8, 1.0, 2.0, 2.2, 0.4
 
 @pytest.mark.parametrize("kind,output", [("epsilon", EPS), ("v_prediction", V), ("sample", X0)])
 def test_conversions_exact_values(kind, output):
-    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    t = lambda x: torch.tensor([x], dtype=torch.float64)
     assert predicted_x0(t(output), t(Z), t(ALPHA), t(SIGMA), kind).item() == pytest.approx(X0, abs=1e-12)
     assert predicted_eps(t(output), t(Z), t(ALPHA), t(SIGMA), kind).item() == pytest.approx(EPS, abs=1e-12)
 

@@ -38,7 +38,12 @@ def overrides(tiny, out, **fields):
 
 
 def run_cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "rglcd", "train", "tiny", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rglcd", "train", "tiny", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process):
@@ -131,8 +136,10 @@ def test_nan_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tiny, tmp_pa
     out = tmp_path / "run"
     config = load_config(
         "tiny",
-        overrides(tiny, out, logging__max_consecutive_nan_steps=3, logging__validation_steps=0)
-        + ["reward.terms=[{name: test-nan, beta: 1.0}]"],
+        [
+            *overrides(tiny, out, logging__max_consecutive_nan_steps=3, logging__validation_steps=0),
+            "reward.terms=[{name: test-nan, beta: 1.0}]",
+        ],
     )
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
         train(config)

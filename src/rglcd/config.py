@@ -120,7 +120,9 @@ class TrainConfig:
 
 
 def presets() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("rglcd.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in resources.files("rglcd.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _from_dict(cls: type, data: dict, path: str, errors: list[str]) -> Any:
@@ -164,7 +166,9 @@ def _convert(hint: Any, value: Any, where: str, errors: list[str]) -> Any:
             return float(value)  # also "3e-5", which YAML 1.1 reads as a string
         except ValueError:
             pass
-    if hint in (int, float, bool, str, dict) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, bool, str, dict) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         errors.append(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
@@ -279,6 +283,11 @@ def validate(config: TrainConfig) -> None:
         except ImportError:
             errors.append("optim.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` or set false")
     log = c.logging
+    if log.tracker == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            errors.append("logging.tracker: wandb is not installed; `pip install wandb` or use tensorboard")
     check(bool(log.output_dir), "logging.output_dir: required")
     check(log.checkpointing_steps > 0, "logging.checkpointing_steps: must be > 0")
     check(log.checkpoints_total_limit > 0, "logging.checkpoints_total_limit: must be > 0")

@@ -32,7 +32,9 @@ def colour_samples(count: int, resolution: int, seed: int):
         yield image, f"a {name} picture"
 
 
-def tiny_setup(out: str | Path = "runs/tiny", samples: int = 256, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+def tiny_setup(
+    out: str | Path = "runs/tiny", samples: int = 256, prediction_type: str = "epsilon", seed: int = 0
+) -> Path:
     """Write ``out/teacher`` (a tiny random SD pipeline) and ``out/data`` (shards), unless they exist."""
     out = Path(out)
     if not (out / "teacher" / "model_index.json").is_file():

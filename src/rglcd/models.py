@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ class Teacher:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Teacher":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
@@ -168,7 +169,11 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) 
     return text_encoder(tokens.input_ids.to(device))[0]
 
 
-def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
-    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (differentiable)."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 0) -> Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (differentiable).
+
+    ``batch_size`` > 0 decodes in micro-batches of that size, bounding the decoder's peak memory.
+    """
+    chunks = latents.split(batch_size) if batch_size > 0 else (latents,)
+    images = torch.cat([vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample for chunk in chunks])
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -55,7 +55,12 @@ def lcm_sample(
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = resolution or unet.config.sample_size * vae_scale_factor
     prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
-    latent_shape = (len(prompts), unet.config.in_channels, resolution // vae_scale_factor, resolution // vae_scale_factor)
+    latent_shape = (
+        len(prompts),
+        unet.config.in_channels,
+        resolution // vae_scale_factor,
+        resolution // vae_scale_factor,
+    )
     latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
     latents = latents * scheduler.init_noise_sigma
 
@@ -64,9 +69,7 @@ def lcm_sample(
     w_embedding = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(device, latents.dtype)
     denoised = latents
     for timestep in scheduler.timesteps:
-        model_output = unet(
-            latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding
-        ).sample
+        model_output = unet(latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
         # The scheduler applies c_skip/c_out (the consistency function) and, between steps, re-noises
         # the denoised estimate to the next timestep of the grid.
         latents, denoised = scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)

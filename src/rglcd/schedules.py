@@ -8,8 +8,9 @@ LCM boundary scalings and the guidance-scale (w) Fourier embedding used as ``tim
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,9 +21,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 def ddim_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
     """The DDIM solver grid t_1..t_N = k·n − 1 (k = T // N): [19, 39, ..., 999] for T=1000, N=50."""
     if not 0 < num_ddim_timesteps <= num_train_timesteps:
-        raise ValueError(
-            f"num_ddim_timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}"
-        )
+        raise ValueError(f"num_ddim_timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}")
     skip = num_train_timesteps // num_ddim_timesteps
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long) * skip - 1
 
@@ -42,18 +41,16 @@ def betas_from_config(config: Mapping[str, Any]) -> Tensor:
     if schedule == "scaled_linear":  # Stable Diffusion's schedule
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine schedule, β capped at 0.999
+
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         steps = range(num_train_timesteps)
         betas = [
-            min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), 0.999)
-            for i in steps
+            min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), 0.999) for i in steps
         ]
         return torch.tensor(betas, dtype=torch.float32)
-    raise ValueError(
-        f"unsupported beta_schedule {schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2"
-    )
+    raise ValueError(f"unsupported beta_schedule {schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2")
 
 
 @dataclass(frozen=True)
@@ -65,12 +62,10 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+    def from_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
         """From any diffusers scheduler config (a dict or ``scheduler.config``)."""
         alphas_cumprod = torch.cumprod(1.0 - betas_from_config(config), dim=0)
         return cls(alphas_cumprod, config.get("prediction_type", "epsilon"))

@@ -6,8 +6,8 @@ a step is reproducible and can be checked against an independent implementation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ class Distillation:
     num_ddim_timesteps: int = 50
     w_min: float = 5.0  # LCM convention: x̂0 = cond + w·(cond − uncond)
     w_max: float = 15.0
-    distance: ConsistencyDistance = ConsistencyDistance("huber")
+    distance: ConsistencyDistance = field(default_factory=ConsistencyDistance)
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
     time_cond_proj_dim: int = 256
@@ -62,7 +62,7 @@ class StepNoise:
     guidance: Tensor
 
     @classmethod
-    def draw(cls, latents: Tensor, distillation: Distillation, generator: torch.Generator) -> "StepNoise":
+    def draw(cls, latents: Tensor, distillation: Distillation, generator: torch.Generator) -> StepNoise:
         """Draw from a (CPU) generator, then move to the latents' device, so runs repeat on any device."""
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
@@ -146,11 +146,13 @@ def rglcd_step(
     prompts: Sequence[str] = (),
     reward_fn: RewardFn | None = None,
     reward_beta: float = 0.0,
+    decode_batch_size: int = 0,
 ) -> StepOutput:
     """The RG-LCD loss for one batch of clean latents z [B,C,h,w] (already × VAE scaling factor).
 
     ``cond_embeds`` / ``uncond_embeds`` are the text embeddings [B,L,D] of the captions and of the empty
-    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss.
+    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss. ``decode_batch_size`` > 0
+    decodes the prediction for the reward in micro-batches.
     """
     if reward_beta != 0 and reward_fn is None:
         raise ValueError("reward_beta is non-zero but no reward_fn was given")
@@ -174,6 +176,6 @@ def rglcd_step(
     loss = distill_loss
     if reward_fn is not None and reward_beta != 0:
         # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
-        reward = reward_fn(decode_latents(vae, model_pred), list(prompts))
+        reward = reward_fn(decode_latents(vae, model_pred, decode_batch_size), list(prompts))
         loss = distill_loss - reward_beta * reward.mean()
     return StepOutput(loss, distill_loss.detach(), reward, model_pred, target_pred)

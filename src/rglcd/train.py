@@ -178,6 +178,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                     student=student, target=target, teacher_unet=teacher.unet, vae=vae, distillation=distillation,
                     latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds[: len(latents)],
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=1.0 if reward_fn else 0.0,
+                    decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
             finite = bool(accelerator.gather(torch.isfinite(output.loss.detach()).reshape(1)).all())
             if finite:
@@ -236,10 +237,19 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         teacher.vae.float()
         teacher.text_encoder.float()
         final_student = accelerator.unwrap_model(student)
-        export_pipeline(student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling)
+        export_pipeline(
+            student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
+        )
         target.save_pretrained(out / "target_unet")
         (out / "train_summary.json").write_text(
-            json.dumps({"global_step": global_step, "skipped_samples": stream.stats.skipped, "skip_reasons": stream.stats.reasons}, indent=2)
+            json.dumps(
+                {
+                    "global_step": global_step,
+                    "skipped_samples": stream.stats.skipped,
+                    "skip_reasons": stream.stats.reasons,
+                },
+                indent=2,
+            )
         )
     accelerator.end_training()
     return student_dir
@@ -314,4 +324,3 @@ def _flat_scalars(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-

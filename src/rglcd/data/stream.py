@@ -251,7 +251,7 @@ def _decode(raw: RawSample) -> tuple[Image.Image, str]:
         return load_rgb(raw.image), raw.caption
     except FileNotFoundError:
         raise _Unusable("missing image") from None
-    except Exception:  # noqa: BLE001 - PIL reports bad bytes with many types (OSError, SyntaxError, ValueError...)
+    except Exception:
         raise _Unusable("undecodable image") from None
 
 

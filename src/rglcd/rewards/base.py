@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -16,7 +16,7 @@ class RewardModel(nn.Module):
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def freeze(self) -> "RewardModel":
+    def freeze(self) -> RewardModel:
         self.requires_grad_(False).eval()
         return self
 
