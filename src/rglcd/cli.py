@@ -67,6 +67,49 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"student pipeline: {student_dir}  samples: {student_dir.parent}/samples-*-steps.png")
 
 
+def cmd_world_data(args: argparse.Namespace) -> None:
+    from .world.data import eval_scenes, write_prompt_list, write_world_shards
+
+    shards = write_world_shards(args.out, args.samples, seed=args.seed)
+    prompts = write_prompt_list(Path(args.out) / "eval_prompts.jsonl", eval_scenes(args.eval_prompts))
+    print(f"wrote {len(shards)} shards and {prompts}")
+
+
+def cmd_world_teacher(args: argparse.Namespace) -> None:
+    from .world.teacher import TeacherRecipe, train_world_teacher
+
+    recipe = TeacherRecipe(
+        prediction_type=args.prediction_type, samples=args.samples, vae_steps=args.vae_steps, unet_steps=args.unet_steps
+    )
+    print(f"world teacher: {train_world_teacher(args.out, recipe)}")
+
+
+def cmd_world_rewards(args: argparse.Namespace) -> None:
+    from .world.rewards import train_world_aesthetic, train_world_clip
+
+    out = Path(args.out)
+    sizes = {key: value for key, value in (("samples", args.samples), ("steps", args.steps)) if value is not None}
+    train_world_clip(out / "clip", **sizes)
+    train_world_aesthetic(out / "aesthetic", **sizes)
+    print(f"world rewards: {out / 'clip'}, {out / 'aesthetic'}")
+
+
+def cmd_world_judge(args: argparse.Namespace) -> None:
+    from .world.judge import train_judge
+
+    sizes = {key: value for key, value in (("samples", args.samples), ("steps", args.steps)) if value is not None}
+    train_judge(args.out, **sizes)
+    print(f"world judge: {args.out}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from .world.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(out=Path(args.out), train_steps=args.train_steps, prompts=args.prompts)
+    results = run_quickstart(settings)
+    print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rglcd",
@@ -106,6 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
     train.set_defaults(run=cmd_train)
+
+    quickstart = commands.add_parser(
+        "quickstart", help="the whole method in the miniature world: distil LCM and RG-LCM, evaluate, report",
+        description="Make or load (cache, else shipped weights) the world data, teacher, rewards and judge; distil "
+        "an LCM and an RG-LCM (world-clip guidance) with `rglcd train`; compare them with the teacher's DDIM+CFG "
+        "on held-out prompts; write OUT/report.md, results.json and grid.png. A second run reuses everything.",
+    )  # fmt: skip
+    quickstart.add_argument("--out", default="runs/quickstart", help="report folder (default: runs/quickstart)")
+    quickstart.add_argument("--train-steps", type=int, default=600, help="distillation steps per student")
+    quickstart.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts")
+    quickstart.set_defaults(run=cmd_quickstart)
+
+    world = commands.add_parser("world", help="make the miniature world's data, teacher, rewards and judge")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    data = world_commands.add_parser("data", help="rendered, captioned scenes as webdataset shards")
+    data.add_argument("--out", required=True)
+    data.add_argument("--samples", type=int, default=10_000)
+    data.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts written to eval_prompts.jsonl")
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(run=cmd_world_data)
+    teacher = world_commands.add_parser("teacher", help="train the tiny SD-layout teacher (VAE, then text+UNet)")
+    teacher.add_argument("--out", required=True)
+    teacher.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction"))
+    teacher.add_argument("--samples", type=int, default=20_000, help="rendered training scenes")
+    teacher.add_argument("--vae-steps", type=int, default=1_500)
+    teacher.add_argument("--unet-steps", type=int, default=6_000)
+    teacher.set_defaults(run=cmd_world_teacher)
+    rewards = world_commands.add_parser("rewards", help="train world-clip and world-aesthetic into OUT/clip, OUT/aesthetic")
+    rewards.add_argument("--out", required=True)
+    rewards.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
+    rewards.add_argument("--steps", type=int, help="training steps of each model (default: the recipe's)")
+    rewards.set_defaults(run=cmd_world_rewards)
+    judge = world_commands.add_parser("judge", help="train the independent judge")
+    judge.add_argument("--out", required=True)
+    judge.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
+    judge.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    judge.set_defaults(run=cmd_world_judge)
 
     demo = commands.add_parser(
         "demo", help="RG-LCD end to end on a tiny random teacher (CPU, ~1 min)",

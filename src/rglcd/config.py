@@ -215,6 +215,11 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
     config = _from_dict(TrainConfig, data, "", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    # "~/..." paths (presets use them for the cache) resolve to this user's home.
+    for section, name in (("model", "teacher"), ("data", "source"), ("logging", "output_dir")):
+        value = getattr(getattr(config, section), name)
+        if value.startswith("~"):
+            setattr(getattr(config, section), name, str(Path(value).expanduser()))
     validate(config)
     return config
 

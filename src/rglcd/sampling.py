@@ -76,6 +76,51 @@ def lcm_sample(
     return decode_latents(vae, denoised.to(prompt_embeds.dtype))
 
 
+@torch.no_grad()
+def ddim_cfg_sample(
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer: Any,
+    scheduler_config: dict,
+    prompts: list[str],
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    resolution: int | None = None,
+) -> Tensor:
+    """The teacher's baseline: DDIM (η = 0) with classifier-free guidance, images [B,3,H,W] in [0,1].
+
+    ``guidance_scale`` is the CFG scale s of ε̂ = ε_∅ + s·(ε_c − ε_∅), as in diffusers' pipelines.
+    """
+    import inspect
+
+    from diffusers import DDIMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    accepted = inspect.signature(DDIMScheduler.__init__).parameters
+    # The checkpoint's own schedule and spacing, as a diffusers pipeline would run it; latents are never clipped.
+    scheduler = DDIMScheduler.from_config(
+        {key: value for key, value in scheduler_config.items() if key in accepted}, clip_sample=False
+    )
+    device = next(unet.parameters()).device
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = resolution or unet.config.sample_size * vae_scale_factor
+    cond = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
+    uncond = encode_prompts(tokenizer, text_encoder, [""] * len(prompts)).to(unet.dtype)
+    latent_shape = (len(prompts), unet.config.in_channels, resolution // vae_scale_factor, resolution // vae_scale_factor)
+    latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=cond.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_steps, device=device)
+    for timestep in scheduler.timesteps:
+        output_uncond, output_cond = unet(
+            torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([uncond, cond])
+        ).sample.chunk(2)
+        output = output_uncond + guidance_scale * (output_cond - output_uncond)
+        latents = scheduler.step(output, timestep, latents).prev_sample
+    return decode_latents(vae, latents)
+
+
 def export_pipeline(
     out_dir: str | Path,
     student: nn.Module,

@@ -1,0 +1,60 @@
+"""`rglcd quickstart` on a cache of tiny world assets: the report files, and reuse on a second run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    from rglcd.world.data import write_world_shards
+    from rglcd.world.judge import train_judge
+    from rglcd.world.rewards import train_world_aesthetic, train_world_clip
+    from rglcd.world.teacher import TeacherRecipe, train_world_teacher
+
+    cache = tmp_path_factory.mktemp("cache")
+    world = cache / "world"
+    write_world_shards(world / "data", 128)
+    train_world_teacher(world / "teacher", TeacherRecipe(samples=64, vae_steps=2, unet_steps=2), progress=False)
+    train_world_clip(world / "clip", samples=64, steps=2, progress=False)
+    train_world_aesthetic(world / "aesthetic", samples=64, steps=2, progress=False)
+    train_judge(world / "judge", samples=64, steps=2, progress=False)
+    return cache
+
+
+def quickstart(cache, out):
+    env = {**os.environ, "RGLCD_CACHE": str(cache)}
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", "quickstart", "--out", str(out), "--train-steps", "2", "--prompts", "8"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_quickstart_writes_the_report_and_reuses_its_work(tiny_cache, tmp_path):
+    out = tmp_path / "quickstart"
+    quickstart(tiny_cache, out)
+    results = json.loads((out / "results.json").read_text())
+    rows = [(row["model"], row["steps"]) for row in results["rows"]]
+    assert rows == [("teacher DDIM+CFG", 50), ("teacher DDIM+CFG", 25)] + [
+        (model, steps) for model in ("LCM", "RG-LCM") for steps in (1, 2, 4)
+    ]
+    for row in results["rows"]:
+        assert 0 <= row["judge_accuracy"] <= 1 and row["judge_fd"] >= 0 and row["ms_per_image"] > 0
+        assert -1 <= row["reward"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| model | steps | reward | judge_accuracy | judge_fd | ms_per_image |" in report
+    assert report.count("\n| RG-LCM |") == 3
+    assert (out / "grid.png").stat().st_size > 0
+    rg_config = (out / "rg-lcm" / "config.yaml").read_text()
+    assert "world-clip" in rg_config and "name: world-clip" not in (out / "lcm" / "config.yaml").read_text()
+
+    student = out / "rg-lcm" / "student" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = student.stat().st_mtime_ns
+    quickstart(tiny_cache, out)  # the second run distils nothing and generates nothing again
+    assert student.stat().st_mtime_ns == before
+    assert json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]

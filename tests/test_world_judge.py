@@ -1,0 +1,276 @@
+import json
+import math
+
+import pytest
+import torch
+
+from rglcd.world.judge import (
+    CONFIG_FILE,
+    HEADS,
+    WEIGHTS_FILE,
+    Judge,
+    augment,
+    frechet_distance,
+    judge_loss,
+    judge_targets,
+    pair_index,
+    render_batch,
+    train_judge,
+)
+from rglcd.world.render import Scene, Shape, scenes
+
+RED_CIRCLE = Shape("red", "circle", "large", "left")  # pair 0; size 1, position 0
+BLUE_SQUARE = Shape("blue", "square", "medium", "left")  # pair 2·4 + 1 = 9
+GREEN_DIAMOND = Shape("green", "diamond", "medium", "right")  # pair 1·4 + 3 = 7
+ONE = Scene((RED_CIRCLE,), "a large red circle on the left", 0, ((0.0, 0.0),))
+TWO = Scene((BLUE_SQUARE, GREEN_DIAMOND), "a blue square next to a green diamond", 0, ((0.0, 0.0),) * 2)
+
+
+def trained_on_random_batch(judge: Judge) -> Judge:
+    """Move the BatchNorm running statistics away from their defaults, so saving must carry them."""
+    judge.train()
+    with torch.no_grad():
+        judge(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    return judge.eval()
+
+
+def test_pair_index_follows_colour_then_shape_order():
+    assert pair_index(RED_CIRCLE) == 0
+    assert pair_index(BLUE_SQUARE) == 9
+    assert pair_index(GREEN_DIAMOND) == 7
+    assert pair_index(Shape("orange", "diamond", "small", "top")) == HEADS["pairs"] - 1
+
+
+@pytest.mark.parametrize("feature_dim", [64, 32])
+def test_head_and_feature_shapes(feature_dim):
+    judge = Judge(feature_dim=feature_dim).eval()
+    images = torch.rand(3, 3, 32, 32)
+    logits = judge(images)
+    assert {name: tuple(value.shape) for name, value in logits.items()} == {
+        "pairs": (3, 24),
+        "count": (3, 2),
+        "size": (3, 2),
+        "position": (3, 5),
+    }
+    assert judge.features(images).shape == (3, feature_dim)
+    assert judge.feature_dim == feature_dim
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    judge = trained_on_random_batch(Judge(feature_dim=32, widths=(16, 24)))
+    judge.save(tmp_path / "judge", training={"note": "test"})
+    loaded = Judge.load(tmp_path / "judge")
+    assert not loaded.training
+    assert loaded.config == {"feature_dim": 32, "widths": [16, 24]}
+    assert json.loads((tmp_path / "judge" / CONFIG_FILE).read_text())["training"] == {"note": "test"}
+    images = torch.rand(4, 3, 32, 32)
+    for name, value in judge(images).items():
+        assert torch.equal(loaded(images)[name], value), name
+    assert torch.equal(loaded.features(images), judge.features(images))
+
+
+def test_load_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Judge.load(tmp_path / "nowhere")
+    folder = Judge().save(tmp_path / "judge")
+    (folder / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"judge.*{WEIGHTS_FILE}"):
+        Judge.load(folder)
+
+    Judge().save(folder)
+    (folder / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=CONFIG_FILE):
+        Judge.load(folder)
+    (folder / CONFIG_FILE).write_text(json.dumps({"widths": [32, 48]}))
+    with pytest.raises(ValueError, match="feature_dim"):
+        Judge.load(folder)
+    (folder / CONFIG_FILE).write_text(json.dumps({"feature_dim": 64, "widths": [16, 48]}))  # weights are 32, 48
+    with pytest.raises(ValueError, match="does not match"):
+        Judge.load(folder)
+
+
+def stub_logits(monkeypatch, judge: Judge, **rows: list[list[float]]) -> None:
+    """Make ``judge`` return the given logits (one row per image), whatever the images."""
+    logits = {name: torch.tensor(rows[name], dtype=torch.float32) for name in HEADS}
+    monkeypatch.setattr(judge, "forward", lambda images: logits)
+
+
+def one_hot(size: int, index: int, value: float = 5.0) -> list[float]:
+    row = [-5.0] * size
+    row[index] = value
+    return row
+
+
+def pairs_row(logits: dict[int, float]) -> list[float]:
+    """Pair logits: the given ones, and -5 (absent) everywhere else."""
+    return [logits.get(index, -5.0) for index in range(HEADS["pairs"])]
+
+
+@pytest.mark.parametrize(
+    "pairs,count,size,position,expected",
+    [
+        ({0: 5.0}, 0, 1, 0, 1.0),
+        ({0: 5.0}, 0, 1, 3, 0.75),  # wrong position only
+        ({0: 5.0}, 0, 0, 0, 0.75),  # wrong size only
+        ({0: 5.0}, 1, 1, 0, 0.75),  # sees two objects
+        ({5: 5.0}, 0, 1, 0, 0.75),  # wrong pair
+        ({0: 5.0, 5: 6.0}, 0, 1, 0, 0.75),  # present but not the top pair
+        ({0: -0.1}, 0, 1, 0, 0.75),  # top pair but sigmoid < 0.5
+        ({5: 5.0}, 1, 0, 4, 0.0),
+    ],
+)
+def test_attribute_scores_one_object(monkeypatch, pairs, count, size, position, expected):
+    judge = Judge().eval()
+    stub_logits(
+        monkeypatch,
+        judge,
+        pairs=[pairs_row(pairs)],
+        count=[one_hot(2, count)],
+        size=[one_hot(2, size)],
+        position=[one_hot(5, position)],
+    )
+    assert judge.attribute_scores(torch.zeros(1, 3, 32, 32), [ONE]).tolist() == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize(
+    "present,count,expected",
+    [
+        ((9, 7), 1, 1.0),
+        ((9, 7, 0), 1, 1.0),  # an extra pair is not checked
+        ((9,), 1, 2 / 3),  # the green diamond is missing
+        ((9, 7), 0, 2 / 3),  # sees one object
+        ((), 0, 0.0),
+    ],
+)
+def test_attribute_scores_two_objects(monkeypatch, present, count, expected):
+    judge = Judge().eval()
+    rows = {"count": [one_hot(2, count)], "size": [one_hot(2, 0)], "position": [one_hot(5, 0)]}
+    stub_logits(monkeypatch, judge, pairs=[pairs_row(dict.fromkeys(present, 5.0))], **rows)
+    assert judge.attribute_scores(torch.zeros(1, 3, 32, 32), [TWO]).tolist() == [pytest.approx(expected)]
+
+
+def test_attribute_scores_are_per_image(monkeypatch):
+    judge = Judge().eval()
+    stub_logits(
+        monkeypatch,
+        judge,
+        pairs=[pairs_row({0: 5.0}), pairs_row({9: 5.0})],
+        count=[one_hot(2, 0), one_hot(2, 1)],
+        size=[one_hot(2, 1), one_hot(2, 0)],
+        position=[one_hot(5, 2), one_hot(5, 0)],
+    )
+    scores = judge.attribute_scores(torch.zeros(2, 3, 32, 32), [ONE, TWO])
+    assert scores.tolist() == [pytest.approx(0.75), pytest.approx(2 / 3)]
+    with pytest.raises(ValueError, match="2 images but 1 scenes"):
+        judge.attribute_scores(torch.zeros(2, 3, 32, 32), [ONE])
+
+
+def test_targets_follow_the_scenes():
+    targets = judge_targets([ONE, TWO])
+    assert targets["pairs"].sum(1).tolist() == [1.0, 2.0]
+    assert targets["pairs"][1, [9, 7]].tolist() == [1.0, 1.0]
+    assert targets["count"].tolist() == [0, 1]
+    assert targets["size"].tolist() == [1, -100]  # two-object scenes teach neither size nor position
+    assert targets["position"].tolist() == [0, -100]
+
+
+def test_augment_is_seeded_bounded_and_mild():
+    images = render_batch(scenes(0, 16))
+    first = augment(images, torch.Generator().manual_seed(1))
+    assert torch.equal(first, augment(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, augment(images, torch.Generator().manual_seed(2)))
+    assert first.min() >= 0 and first.max() <= 1
+    assert (first - images.float() / 255).abs().mean() < 0.15
+
+
+def separated(mean: list[float], spread: list[float]) -> torch.Tensor:
+    """Points mean ± spread_i·e_i: sample mean ``mean``, unbiased covariance diag(2·spread²/(2D − 1))."""
+    mean_t, spread_t = torch.tensor(mean, dtype=torch.float64), torch.tensor(spread, dtype=torch.float64)
+    offsets = torch.diag(spread_t)
+    return torch.cat([mean_t + offsets, mean_t - offsets])
+
+
+def closed_form(mean1, spread1, mean2, spread2) -> float:
+    rows = 2 * len(mean1) - 1
+    var1 = [2 * s**2 / rows for s in spread1]
+    var2 = [2 * s**2 / rows for s in spread2]
+    return sum((a - b) ** 2 for a, b in zip(mean1, mean2, strict=True)) + sum(
+        v1 + v2 - 2 * math.sqrt(v1 * v2) for v1, v2 in zip(var1, var2, strict=True)
+    )
+
+
+def test_frechet_distance_is_zero_for_identical_sets():
+    features = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6 * features.var(0).sum().item())
+    assert frechet_distance(features, features.flip(0)) == pytest.approx(0.0, abs=1e-9)  # order does not matter
+    assert frechet_distance(features, features + 1) == pytest.approx(16.0)  # a shift costs ‖Δμ‖²
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_frechet_distance_matches_the_closed_form(rotate):
+    mean1, spread1 = [0.0, 1.0, -2.0], [1.0, 2.0, 0.5]
+    mean2, spread2 = [0.5, 1.0, 1.0], [3.0, 0.2, 0.5]
+    real, fake = separated(mean1, spread1), separated(mean2, spread2)
+    if rotate:  # FD is invariant under a common rotation, which makes both covariances non-diagonal
+        rotation, _ = torch.linalg.qr(
+            torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        )
+        real, fake = real @ rotation, fake @ rotation
+    expected = closed_form(mean1, spread1, mean2, spread2)
+    assert frechet_distance(real, fake) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(fake, real) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_with_non_commuting_covariances():
+    # In 2-D, tr (Σ₁Σ₂)^½ = sqrt(tr Σ₁Σ₂ + 2 sqrt(det Σ₁ det Σ₂)): Σ₁Σ₂ has the eigenvalues of a PSD matrix.
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(50, 2, dtype=torch.float64, generator=generator) @ torch.tensor(
+        [[2.0, 0.0], [1.5, 0.5]], dtype=torch.float64
+    )
+    fake = (
+        torch.randn(60, 2, dtype=torch.float64, generator=generator)
+        @ torch.tensor([[0.3, -1.0], [0.0, 1.0]], dtype=torch.float64)
+        + 1
+    )
+    cov_real, cov_fake = torch.cov(real.T), torch.cov(fake.T)
+    assert not torch.allclose(cov_real @ cov_fake, cov_fake @ cov_real)
+    cross = torch.sqrt((cov_real @ cov_fake).trace() + 2 * torch.sqrt(cov_real.det() * cov_fake.det()))
+    mean_gap = (real.mean(0) - fake.mean(0)).square().sum()
+    expected = mean_gap + cov_real.trace() + cov_fake.trace() - 2 * cross
+    assert frechet_distance(real, fake) == pytest.approx(expected.item(), rel=1e-9)
+    assert frechet_distance(real.float(), fake.float()) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_frechet_distance_in_one_dimension():
+    real = torch.tensor([[0.0], [2.0]])  # mean 1, variance 2
+    fake = torch.tensor([[4.0], [12.0]])  # mean 8, variance 32
+    assert frechet_distance(real, fake) == pytest.approx(49 + 2 + 32 - 2 * 8)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(torch.zeros(1, 3), torch.zeros(4, 3))
+
+
+def test_short_training_lowers_the_loss_and_is_deterministic(tmp_path):
+    settings = {"samples": 256, "steps": 30, "batch_size": 32, "seed": 5, "progress": False}
+    judge = train_judge(tmp_path / "a", **settings)
+    again = train_judge(tmp_path / "b", **settings)
+    assert not judge.training
+    weights, weights_again = judge.state_dict(), again.state_dict()
+    assert all(torch.equal(value, weights_again[name]) for name, value in weights.items())
+
+    scene_list = scenes(5, 256)
+    images, targets = render_batch(scene_list).float() / 255, judge_targets(scene_list)
+    torch.manual_seed(5)
+    untrained = Judge().eval()  # the same initial weights as the runs above
+    with torch.no_grad():
+        before, after = judge_loss(untrained(images), targets), judge_loss(judge(images), targets)
+    assert after < 0.7 * before
+
+    loaded = Judge.load(tmp_path / "a")
+    assert torch.equal(loaded.features(images), judge.features(images))
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["training"]["steps"] == 30
