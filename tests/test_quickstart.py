@@ -57,4 +57,6 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_cache, tmp_path):
     before = student.stat().st_mtime_ns
     quickstart(tiny_cache, out)  # the second run distils nothing and generates nothing again
     assert student.stat().st_mtime_ns == before
-    assert json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]
+    assert (
+        json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]
+    )

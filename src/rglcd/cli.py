@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--vae-steps", type=int, default=1_500)
     teacher.add_argument("--unet-steps", type=int, default=6_000)
     teacher.set_defaults(run=cmd_world_teacher)
-    rewards = world_commands.add_parser("rewards", help="train world-clip and world-aesthetic into OUT/clip, OUT/aesthetic")
+    rewards = world_commands.add_parser(
+        "rewards", help="train world-clip and world-aesthetic into OUT/clip, OUT/aesthetic"
+    )
     rewards.add_argument("--out", required=True)
     rewards.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
     rewards.add_argument("--steps", type=int, help="training steps of each model (default: the recipe's)")

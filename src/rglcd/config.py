@@ -215,11 +215,12 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
     config = _from_dict(TrainConfig, data, "", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    # "~/..." paths (presets use them for the cache) resolve to this user's home.
+    # "$RGLCD_CACHE/..." (the world preset) and "~/..." paths resolve on this machine.
+    from .world.paths import cache_dir
+
     for section, name in (("model", "teacher"), ("data", "source"), ("logging", "output_dir")):
-        value = getattr(getattr(config, section), name)
-        if value.startswith("~"):
-            setattr(getattr(config, section), name, str(Path(value).expanduser()))
+        value = getattr(getattr(config, section), name).replace("$RGLCD_CACHE", str(cache_dir()))
+        setattr(getattr(config, section), name, str(Path(value).expanduser()) if value.startswith("~") else value)
     validate(config)
     return config
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -137,7 +138,10 @@ def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> 
     """A PNG with one row per prompt and one column per (model, steps), read from the written images."""
     from PIL import Image
 
-    tiles = [[Image.open(Path(row["images"]) / f"{index:05d}.png").convert("RGB") for row in rows] for index in prompt_indices]
+    tiles = [
+        [Image.open(Path(row["images"]) / f"{index:05d}.png").convert("RGB") for row in rows]
+        for index in prompt_indices
+    ]
     width, height = tiles[0][0].size
     grid = Image.new("RGB", (width * len(rows), height * len(prompt_indices)), "white")
     for r, tile_row in enumerate(tiles):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,30 @@ from .models import Teacher, decode_latents, encode_prompts
 from .schedules import guidance_scale_embedding
 
 
+def _scheduler_from(scheduler_class, scheduler_config: dict, **overrides):
+    """``scheduler_class`` from another scheduler's config, keeping only the keys it accepts."""
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    return scheduler_class.from_config({k: v for k, v in scheduler_config.items() if k in accepted}, **overrides)
+
+
+def _initial_latents(unet, vae, batch_size: int, resolution: int | None, generator, dtype, init_noise_sigma: float):
+    """Gaussian latents [B, C, R/f, R/f] drawn as diffusers' pipelines draw them (same generator order)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = (resolution or unet.config.sample_size * vae_scale_factor) // vae_scale_factor
+    shape = (batch_size, unet.config.in_channels, size, size)
+    device = next(unet.parameters()).device
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * init_noise_sigma
+
+
 def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int = 50, timestep_scaling: float = 10.0):
     """diffusers' LCMScheduler over the distillation grid, from the teacher's own scheduler config."""
-    import inspect
-
     from diffusers import LCMScheduler
 
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
-    return LCMScheduler.from_config(
-        {key: value for key, value in scheduler_config.items() if key in accepted},
+    return _scheduler_from(
+        LCMScheduler,
+        scheduler_config,
         original_inference_steps=num_ddim_timesteps,
         timestep_scaling=timestep_scaling,
         # LCM denoises latents, which must never be clipped to the pixel range.
@@ -49,20 +65,11 @@ def lcm_sample(
     the LCM-convention w it was distilled with. Noise is drawn in the same order as diffusers'
     LatentConsistencyModelPipeline, so for one generator both give the same images.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     device = next(unet.parameters()).device
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = resolution or unet.config.sample_size * vae_scale_factor
     prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
-    latent_shape = (
-        len(prompts),
-        unet.config.in_channels,
-        resolution // vae_scale_factor,
-        resolution // vae_scale_factor,
+    latents = _initial_latents(
+        unet, vae, len(prompts), resolution, generator, prompt_embeds.dtype, scheduler.init_noise_sigma
     )
-    latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-    latents = latents * scheduler.init_noise_sigma
 
     scheduler.set_timesteps(num_steps, device=device)
     w = torch.full((len(prompts),), guidance_scale - 1.0)
@@ -93,24 +100,14 @@ def ddim_cfg_sample(
 
     ``guidance_scale`` is the CFG scale s of ε̂ = ε_∅ + s·(ε_c − ε_∅), as in diffusers' pipelines.
     """
-    import inspect
-
     from diffusers import DDIMScheduler
-    from diffusers.utils.torch_utils import randn_tensor
 
-    accepted = inspect.signature(DDIMScheduler.__init__).parameters
     # The checkpoint's own schedule and spacing, as a diffusers pipeline would run it; latents are never clipped.
-    scheduler = DDIMScheduler.from_config(
-        {key: value for key, value in scheduler_config.items() if key in accepted}, clip_sample=False
-    )
+    scheduler = _scheduler_from(DDIMScheduler, scheduler_config, clip_sample=False)
     device = next(unet.parameters()).device
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = resolution or unet.config.sample_size * vae_scale_factor
     cond = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
     uncond = encode_prompts(tokenizer, text_encoder, [""] * len(prompts)).to(unet.dtype)
-    latent_shape = (len(prompts), unet.config.in_channels, resolution // vae_scale_factor, resolution // vae_scale_factor)
-    latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=cond.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    latents = _initial_latents(unet, vae, len(prompts), resolution, generator, cond.dtype, scheduler.init_noise_sigma)
     scheduler.set_timesteps(num_steps, device=device)
     for timestep in scheduler.timesteps:
         output_uncond, output_cond = unet(

@@ -12,7 +12,9 @@ from .paths import EVAL_SEED, TEACHER_SEED
 from .render import Scene, render, scenes
 
 
-def write_world_shards(out: str | Path, samples: int, seed: int = TEACHER_SEED, samples_per_shard: int = 1000) -> list[Path]:
+def write_world_shards(
+    out: str | Path, samples: int, seed: int = TEACHER_SEED, samples_per_shard: int = 1000
+) -> list[Path]:
     """``samples`` rendered scenes as shards of png + txt (caption) + json (attributes)."""
     drawn = scenes(seed, samples)
     records = ((render(scene), scene.caption, scene.attributes()) for scene in tqdm(drawn, desc="world data"))

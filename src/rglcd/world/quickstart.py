@@ -69,25 +69,15 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
     }
 
 
-def distil(world: dict[str, Path], out: Path, settings: QuickstartSettings, reward_beta: float) -> Path:
-    """Run ``rglcd train world`` into ``out`` (reused when its exported student exists)."""
+def distil(out: Path, settings: QuickstartSettings, reward_beta: float) -> Path:
+    """``rglcd train world`` (the cached world teacher and data) into ``out``; reused when its student exists."""
     from ..train import train
 
     if (out / "student" / "model_index.json").is_file():
         return out / "student"
-    terms = f"[{{name: world-clip, beta: {reward_beta}, kwargs: {{weights: '{world['clip']}'}}}}]" if reward_beta else "[]"
-    config = load_config(
-        "world",
-        [
-            f"model.teacher={world['teacher']}",
-            f"data.source={world['data']}",
-            f"logging.output_dir={out}",
-            f"optim.max_train_steps={settings.train_steps}",
-            f"reward.terms={terms}",
-            f"seed={settings.seed}",
-        ],
-    )
-    return train(config)
+    terms = f"[{{name: world-clip, beta: {reward_beta}}}]" if reward_beta else "[]"
+    overrides = [f"logging.output_dir={out}", f"optim.max_train_steps={settings.train_steps}", f"seed={settings.seed}"]
+    return train(load_config("world", [*overrides, f"reward.terms={terms}"]))
 
 
 def run_quickstart(settings: QuickstartSettings) -> dict:
@@ -99,8 +89,8 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     world = prepare_world(settings.data_samples)
     students = {
-        "LCM": distil(world, out / "lcm", settings, reward_beta=0.0),
-        "RG-LCM": distil(world, out / "rg-lcm", settings, reward_beta=settings.reward_beta),
+        "LCM": distil(out / "lcm", settings, reward_beta=0.0),
+        "RG-LCM": distil(out / "rg-lcm", settings, reward_beta=settings.reward_beta),
     }
 
     prompts = eval_scenes(settings.prompts)
@@ -124,7 +114,9 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
             "reward": lambda images, texts, records: reward(images, texts),
             "judge_accuracy": lambda images, texts, records: judge.attribute_scores(images, records),
         },
-        set_metrics={"judge_fd": lambda images, texts, records: frechet_distance(reference_features, judge.features(images))},
+        set_metrics={
+            "judge_fd": lambda images, texts, records: frechet_distance(reference_features, judge.features(images))
+        },
         records=prompts,
         seed=settings.seed,
     )
@@ -150,9 +142,9 @@ def write_report(out: Path, rows: list[dict], results: dict) -> None:
   prompt's attributes the independent judge finds; **judge_fd**: Fréchet distance between the judge's
   features of the generated images and of fresh renders of the same prompts (lower is better);
   **ms_per_image**: generation time, batch of 32, this machine.
-- {results['settings']['prompts']} held-out prompts, the same noise for every model.
-- Columns of `{grid.name}`: {', '.join(f"{row['model']} {row['steps']}" for row in rows)}; rows: the first 8 prompts.
-- Whole run: {results['seconds']:.0f} s.
+- {results["settings"]["prompts"]} held-out prompts, the same noise for every model.
+- Columns of `{grid.name}`: {", ".join(f"{row['model']} {row['steps']}" for row in rows)}; rows: the first 8 prompts.
+- Whole run: {results["seconds"]:.0f} s.
 
 ![samples]({grid.name})
 """

@@ -73,7 +73,7 @@ class Scene:
 
 def sample_scene(rng: random.Random, two_shape_probability: float = 0.3) -> Scene:
     """Draw a scene (attributes, caption wording, background, jitter) from ``rng``."""
-    jitter = lambda: (rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5))  # noqa: E731
+    jitter = lambda: (rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5))
     if rng.random() < two_shape_probability:
         colours = rng.sample(list(COLOURS), 2)
         kinds = [rng.choice(SHAPES), rng.choice(SHAPES)]

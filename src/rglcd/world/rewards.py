@@ -383,7 +383,7 @@ class WorldAesthetic(RewardModel):
 
     It ignores the prompt. Trained only on clean renders with saturation and brightness jitter, it has never seen
     noise or texture, and its input gradient is mostly high-frequency: gradient ascent on pixels finds patterns
-    that raise its score several times more than they raise the true colourfulness (:func:`evaluate_world_aesthetic`
+    that raise its score about three times more than the true colourfulness (:func:`evaluate_world_aesthetic`
     measures it). That is intended: it stands in for the reward models whose direct optimisation produced
     high-frequency noise in RG-LCD. (Batch norm makes it both fit better and more exploitable than without.)
 
@@ -441,7 +441,7 @@ def train_world_aesthetic(
     out: str | Path,
     *,
     samples: int = 8_000,
-    steps: int = 400,
+    steps: int = 1_500,
     batch_size: int = 128,
     learning_rate: float = 3e-3,
     seed: int = REWARD_SEED + 7,
