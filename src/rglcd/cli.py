@@ -84,21 +84,24 @@ def cmd_world_teacher(args: argparse.Namespace) -> None:
     print(f"world teacher: {train_world_teacher(args.out, recipe)}")
 
 
+def _sizes(args: argparse.Namespace) -> dict:
+    """--samples/--steps when given; otherwise the training function's own recipe."""
+    return {key: value for key, value in (("samples", args.samples), ("steps", args.steps)) if value is not None}
+
+
 def cmd_world_rewards(args: argparse.Namespace) -> None:
     from .world.rewards import train_world_aesthetic, train_world_clip
 
     out = Path(args.out)
-    sizes = {key: value for key, value in (("samples", args.samples), ("steps", args.steps)) if value is not None}
-    train_world_clip(out / "clip", **sizes)
-    train_world_aesthetic(out / "aesthetic", **sizes)
+    train_world_clip(out / "clip", **_sizes(args))
+    train_world_aesthetic(out / "aesthetic", **_sizes(args))
     print(f"world rewards: {out / 'clip'}, {out / 'aesthetic'}")
 
 
 def cmd_world_judge(args: argparse.Namespace) -> None:
     from .world.judge import train_judge
 
-    sizes = {key: value for key, value in (("samples", args.samples), ("steps", args.steps)) if value is not None}
-    train_judge(args.out, **sizes)
+    train_judge(args.out, **_sizes(args))
     print(f"world judge: {args.out}")
 
 

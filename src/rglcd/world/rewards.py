@@ -76,6 +76,16 @@ def _save(
     return out
 
 
+def _weights_and_config(weights, config, name: str, config_class):
+    """(trained folder or None, config): a folder's own config, or the given one for an untrained model."""
+    if weights is not None and config is not None:
+        raise ValueError("pass weights (a trained folder) or config (an untrained model), not both")
+    if config is not None:
+        return None, config
+    folder = resolve_weights(weights, name)
+    return folder, config_class(**_read_config(folder, f"world-{name}"))
+
+
 def _read_config(folder: Path, kind: str) -> dict:
     for file in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / file).is_file():
@@ -167,11 +177,7 @@ class WorldClip(RewardModel):
 
     def __init__(self, weights: str | Path | None = None, *, config: WorldClipConfig | None = None):
         super().__init__()
-        if weights is not None and config is not None:
-            raise ValueError("pass weights (a trained folder) or config (an untrained model), not both")
-        folder = None if config is not None else resolve_weights(weights, "clip")
-        if folder is not None:
-            config = WorldClipConfig(**_read_config(folder, "world-clip"))
+        folder, config = _weights_and_config(weights, config, "clip", WorldClipConfig)
         # open_clip takes seconds to import: only models that are built pay for it.
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -392,11 +398,7 @@ class WorldAesthetic(RewardModel):
 
     def __init__(self, weights: str | Path | None = None, *, config: WorldAestheticConfig | None = None):
         super().__init__()
-        if weights is not None and config is not None:
-            raise ValueError("pass weights (a trained folder) or config (an untrained model), not both")
-        folder = None if config is not None else resolve_weights(weights, "aesthetic")
-        if folder is not None:
-            config = WorldAestheticConfig(**_read_config(folder, "world-aesthetic"))
+        folder, config = _weights_and_config(weights, config, "aesthetic", WorldAestheticConfig)
         self.config = config
         layers: list[nn.Module] = []
         channels = 3

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..tiny import clip_text_encoder, sd_pipeline, sd_scheduler
 from .paths import TEACHER_SEED
 from .render import render, scenes
 from .tokenizer import clip_tokenizer
@@ -50,23 +51,10 @@ def render_dataset(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
 
 def build_components(prediction_type: str):
     """Untrained VAE, text encoder, tokenizer, UNet and scheduler of the world teacher."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = clip_tokenizer(CONTEXT_LENGTH)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=CONTEXT_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=256)
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -86,15 +74,7 @@ def build_components(prediction_type: str):
         attention_head_dim=16,
         norm_num_groups=16,
     )
-    scheduler = DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-        clip_sample=False,
-        steps_offset=1,  # as Stable Diffusion's scheduler config
-    )
-    return vae, text_encoder, tokenizer, unet, scheduler
+    return vae, text_encoder, tokenizer, unet, sd_scheduler(prediction_type)
 
 
 def _to_model_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -131,8 +111,6 @@ def train_autoencoder(vae, pixels: torch.Tensor, recipe: TeacherRecipe, generato
 
 def train_world_teacher(out: str | Path, recipe: TeacherRecipe | None = None, progress: bool = True) -> Path:
     """Train the world teacher and save it as a StableDiffusionPipeline folder at ``out``."""
-    from diffusers import StableDiffusionPipeline
-
     recipe = recipe or TeacherRecipe()
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -185,16 +163,7 @@ def train_world_teacher(out: str | Path, recipe: TeacherRecipe | None = None, pr
                 ema_parameter.lerp_(parameter.detach(), 1 - decay_now)
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=ema_text.eval(),
-        tokenizer=tokenizer,
-        unet=ema_unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = sd_pipeline(vae, ema_text.eval(), tokenizer, ema_unet.eval(), scheduler)
     out = Path(out)
     pipeline.save_pretrained(out)
     (out / "recipe.json").write_text(_recipe_json(recipe, time.perf_counter() - started))
