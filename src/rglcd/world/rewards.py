@@ -142,6 +142,13 @@ def _warmup_cosine(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.
     )
 
 
+def _save_trained(model, out: str | Path, recipe: dict, started: float, losses: list[float]):
+    """Save a trained reward with its recipe, wall time and loss curve; return it frozen."""
+    seconds = round(time.perf_counter() - started, 1)
+    model.save(out, {**recipe, "seconds": seconds, "loss_curve": _loss_curve(losses)})
+    return model.freeze()
+
+
 def _loss_curve(losses: list[float], points: int = 50) -> list[float]:
     """Mean loss over ``points`` consecutive blocks of steps: the shape of training without every step."""
     blocks = np.array_split(np.asarray(losses), min(points, len(losses)))
@@ -298,17 +305,8 @@ def train_world_clip(
             model.clip.logit_scale.clamp_(0, max_log_scale)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.clip.logit_scale.exp().item():.1f}")
-    training = {
-        "samples": samples,
-        "steps": steps,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "seconds": round(time.perf_counter() - started, 1),
-        "loss_curve": _loss_curve(losses),
-    }
-    model.save(out, training)
-    return model.freeze()
+    recipe = {"samples": samples, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate}
+    return _save_trained(model, out, {**recipe, "seed": seed}, started, losses)
 
 
 def swap_attribute(scene: Scene, rng: random.Random) -> tuple[str, str]:
@@ -470,17 +468,8 @@ def train_world_aesthetic(
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    training = {
-        "samples": samples,
-        "steps": steps,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "seconds": round(time.perf_counter() - started, 1),
-        "loss_curve": _loss_curve(losses),
-    }
-    model.save(out, training)
-    return model.freeze()
+    recipe = {"samples": samples, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate}
+    return _save_trained(model, out, {**recipe, "seed": seed}, started, losses)
 
 
 def evaluate_world_aesthetic(
