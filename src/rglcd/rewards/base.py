@@ -13,8 +13,19 @@ class RewardModel(nn.Module):
     Preprocessing (resize, crop, normalise) happens inside, in torch, so gradients reach the images.
     """
 
+    # Evaluation reports ``benchmark_scale · score`` (HPSv2's benchmark reports 100 × cosine).
+    benchmark_scale: float = 1.0
+
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def logits(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """[B] scores on the scale a pairwise softmax over them should use (the latent proxy RM's labels).
+
+        CLIP-like rewards return ``exp(logit_scale) · cosine``, the scale they were trained with; others
+        their score.
+        """
+        return self(images, prompts)
 
     def freeze(self) -> RewardModel:
         self.requires_grad_(False).eval()
