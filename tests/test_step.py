@@ -104,3 +104,22 @@ def test_step_noise_draw_is_reproducible_and_in_range(setup):
 def test_nonzero_beta_without_reward_is_an_error(setup):
     with pytest.raises(ValueError, match="no reward_fn"):
         run_both(setup, None, 1.0)
+
+
+def test_a_latent_reward_reads_the_unscaled_prediction_without_decoding(setup):
+    teacher, student, target, distillation, latents, cond, uncond, noise = setup
+    seen = []
+
+    def latent_reward(latents, prompts):
+        seen.append(latents)
+        return latents.mean(dim=(1, 2, 3))
+
+    output = rglcd_step(
+        student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+        latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
+        reward_fn=latent_reward, reward_beta=0.5, reward_on_latents=True,
+    )  # fmt: skip
+    (latents_seen,) = seen
+    assert latents_seen.shape == latents.shape  # latents, not decoded images
+    torch.testing.assert_close(latents_seen, output.model_pred / teacher.vae.config.scaling_factor)
+    torch.testing.assert_close(output.loss, output.distill_loss - 0.5 * output.reward.mean())

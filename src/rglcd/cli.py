@@ -113,6 +113,19 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
+def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
+    from .lrm import PretrainSettings, pretrain_lrm
+
+    settings = PretrainSettings(
+        architecture=args.architecture, resolution=args.resolution, samples=args.samples, heldout=args.heldout,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+    )  # fmt: skip
+    pretrain_lrm(args.out, args.teacher, args.data, settings)
+    record = json.loads((Path(args.out) / "config.json").read_text())["training"]
+    accuracy = record["heldout_retrieval_accuracy"]
+    print(f"latent proxy RM: {args.out}  (held-out retrieval among 32: {accuracy:.3f}, {record['seconds']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rglcd",
@@ -191,6 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
     judge.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     judge.set_defaults(run=cmd_world_judge)
+
+    lrm = commands.add_parser("lrm", help="the latent proxy reward model (RG-LCD Alg. 4)")
+    lrm_commands = lrm.add_subparsers(dest="lrm_command", required=True)
+    pretrain = lrm_commands.add_parser(
+        "pretrain", help="train a latent CLIP contrastively on a dataset's VAE latents and captions",
+        description="Encode SAMPLES images of DATA with the teacher's VAE once (cached in OUT), train a latent "
+        "CLIP on (latent, caption) pairs with CLIP's contrastive loss, and save it to OUT for "
+        "`rglcd train ... reward.mode=latent reward.latent.model=OUT`.",
+    )  # fmt: skip
+    pretrain.add_argument("--teacher", required=True, help="the teacher pipeline (folder or hub id) whose VAE is used")
+    pretrain.add_argument("--data", required=True, help="webdataset shards or a captioned folder, as data.source")
+    pretrain.add_argument("--out", required=True, help="output folder")
+    pretrain.add_argument(
+        "--architecture", default="latent-rn50", choices=("latent-rn50", "world"),
+        help="latent-rn50: the official latent ResNet-50 CLIP; world: the miniature's latent ViT",
+    )  # fmt: skip
+    pretrain.add_argument("--resolution", type=int, default=512, help="image size before encoding (default: 512)")
+    pretrain.add_argument("--samples", type=int, default=10_000, help="images encoded (default: 10000)")
+    pretrain.add_argument("--heldout", type=int, default=512, help="of those, kept out for the retrieval check")
+    pretrain.add_argument("--steps", type=int, default=2_000)
+    pretrain.add_argument("--batch-size", type=int, default=128)
+    pretrain.add_argument("--learning-rate", type=float, default=5e-4)
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(run=cmd_lrm_pretrain)
 
     demo = commands.add_parser(
         "demo", help="RG-LCD end to end on a tiny random teacher (CPU, ~1 min)",

@@ -58,11 +58,32 @@ class RewardTerm:
     name: str = ""  # a registered reward (rglcd.rewards.available_rewards())
     beta: float = 1.0
     kwargs: dict = field(default_factory=dict)  # passed to the reward's constructor (weights path, ...)
+    mean: float = 0.0  # the term is beta · (R − mean) / std: fixed standardisation, off by default
+    std: float = 1.0
+
+
+@dataclass
+class LatentRewardConfig:
+    """Alg. 4: the student maximises a latent proxy RM, which is fitted online to the expert (reward.terms)."""
+
+    model: str = ""  # folder of a pretrained latent proxy RM (`rglcd lrm pretrain`)
+    beta: float = 1.0  # the student's loss is d − beta · mean proxy score (cosine) of its latent prediction
+    learning_rate: float = 3.3e-6  # the proxy's own AdamW
+    batch_size: int = 4  # samples per batch (rm_batch) the proxy is fitted on after each student update
+    loss: Literal["kl", "cross_entropy"] = "kl"
+    smooth_ground_truth: bool = False  # a (½, ½) label where the expert prefers a generated latent to the data
+    unlocked_image_groups: int = 1  # last groups of the proxy's image tower that learn (resnet: the attention pool)
+    unlocked_text_groups: int = 0  # last groups of its text tower that learn (1: the projection)
+    expert_scale: float = 1.0  # expert logits × this before the pairwise softmax
+    expert_scale_from_proxy: bool = False  # × the proxy's exp(logit_scale) instead (the official ImageReward setup)
+    loss_scale: float = 1.0
 
 
 @dataclass
 class RewardConfig:
-    terms: list[RewardTerm] = field(default_factory=list)  # empty: plain LCD
+    terms: list[RewardTerm] = field(default_factory=list)  # empty: plain LCD; with mode latent: the expert
+    mode: Literal["direct", "latent"] = "direct"  # direct: Alg. 3 through the VAE decoder; latent: Alg. 4
+    latent: LatentRewardConfig = field(default_factory=LatentRewardConfig)
     decode_batch_size: int = 0  # VAE decode micro-batch for the reward; 0 = the whole batch at once
 
 
@@ -218,9 +239,14 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
     # "$RGLCD_CACHE/..." (the world preset) and "~/..." paths resolve on this machine.
     from .world.paths import cache_dir
 
-    for section, name in (("model", "teacher"), ("data", "source"), ("logging", "output_dir")):
-        value = getattr(getattr(config, section), name).replace("$RGLCD_CACHE", str(cache_dir()))
-        setattr(getattr(config, section), name, str(Path(value).expanduser()) if value.startswith("~") else value)
+    for owner, name in (
+        (config.model, "teacher"),
+        (config.data, "source"),
+        (config.logging, "output_dir"),
+        (config.reward.latent, "model"),
+    ):
+        value = getattr(owner, name).replace("$RGLCD_CACHE", str(cache_dir()))
+        setattr(owner, name, str(Path(value).expanduser()) if value.startswith("~") else value)
     validate(config)
     return config
 
@@ -275,7 +301,24 @@ def validate(config: TrainConfig) -> None:
             term.name in available_rewards(),
             f"reward.terms[{i}].name: unknown reward {term.name!r}; available: {', '.join(available_rewards())}",
         )
+        check(term.std > 0, f"reward.terms[{i}].std: must be > 0 (1 = no standardisation)")
     check(c.reward.decode_batch_size >= 0, "reward.decode_batch_size: must be >= 0 (0 = whole batch)")
+    if c.reward.mode == "latent":
+        latent = c.reward.latent
+        check(bool(c.reward.terms), "reward.terms: latent mode needs the expert reward(s) the proxy is fitted to")
+        check(
+            bool(latent.model) and (Path(latent.model) / "config.json").is_file(),
+            f"reward.latent.model: {latent.model or '(empty)'} is not a latent proxy RM folder; make one with "
+            "`rglcd lrm pretrain`",
+        )
+        check(latent.learning_rate > 0, "reward.latent.learning_rate: must be > 0 (the paper's is 3.3e-6)")
+        check(
+            0 < latent.batch_size <= c.optim.batch_size,
+            f"reward.latent.batch_size: must be in [1, optim.batch_size = {c.optim.batch_size}]",
+        )
+        check(latent.unlocked_image_groups >= 0, "reward.latent.unlocked_image_groups: must be >= 0")
+        check(latent.unlocked_text_groups >= 0, "reward.latent.unlocked_text_groups: must be >= 0")
+        check(latent.loss_scale > 0, "reward.latent.loss_scale: must be > 0")
     o = c.optim
     check(o.learning_rate > 0, "optim.learning_rate: must be > 0 (the paper uses 1e-6)")
     check(o.batch_size > 0, "optim.batch_size: must be > 0")

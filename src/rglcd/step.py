@@ -24,7 +24,8 @@ from .schedules import (
     predicted_x0,
 )
 
-RewardFn = Callable[[Tensor, Sequence[str]], Tensor]  # images [B,3,H,W] in [0,1], prompts -> [B]
+# images [B,3,H,W] in [0,1] (or, for a latent proxy RM, VAE latents [B,C,h,w]), prompts -> [B]
+RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class StepNoise:
 class StepOutput:
     loss: Tensor  # scalar: distill_loss − β·mean(reward); what the optimizer minimises
     distill_loss: Tensor  # scalar: mean over the batch of d(model_pred, target)
-    reward: Tensor | None  # [B] reward of the decoded one-step prediction (None when β = 0)
+    reward: Tensor | None  # [B] reward of the one-step prediction (None when β = 0)
     model_pred: Tensor  # [B,C,h,w] f_θ(z_{t_{n+k}}, w, c, t_{n+k}), differentiable
     target: Tensor  # [B,C,h,w] f_θ⁻(ẑ_{t_n}, w, c, t_n), no grad
 
@@ -146,13 +147,15 @@ def rglcd_step(
     prompts: Sequence[str] = (),
     reward_fn: RewardFn | None = None,
     reward_beta: float = 0.0,
+    reward_on_latents: bool = False,
     decode_batch_size: int = 0,
 ) -> StepOutput:
     """The RG-LCD loss for one batch of clean latents z [B,C,h,w] (already × VAE scaling factor).
 
     ``cond_embeds`` / ``uncond_embeds`` are the text embeddings [B,L,D] of the captions and of the empty
-    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss. ``decode_batch_size`` > 0
-    decodes the prediction for the reward in micro-batches.
+    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss. The reward scores the decoded
+    one-step prediction (Alg. 3; ``decode_batch_size`` > 0 decodes in micro-batches) or, with
+    ``reward_on_latents``, the latent ``model_pred / scaling_factor`` itself (Alg. 4's latent proxy RM).
     """
     if reward_beta != 0 and reward_fn is None:
         raise ValueError("reward_beta is non-zero but no reward_fn was given")
@@ -175,7 +178,10 @@ def rglcd_step(
     reward = None
     loss = distill_loss
     if reward_fn is not None and reward_beta != 0:
-        # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
-        reward = reward_fn(decode_latents(vae, model_pred, decode_batch_size), list(prompts))
+        if reward_on_latents:
+            reward = reward_fn(model_pred / vae.config.scaling_factor, list(prompts))
+        else:
+            # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
+            reward = reward_fn(decode_latents(vae, model_pred, decode_batch_size), list(prompts))
         loss = distill_loss - reward_beta * reward.mean()
     return StepOutput(loss, distill_loss.detach(), reward, model_pred, target_pred)

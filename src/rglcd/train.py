@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,6 +16,7 @@ from .config import TrainConfig
 from .losses import ConsistencyDistance
 from .models import build_student, build_target, encode_prompts, load_teacher, update_ema
 from .rewards import build_reward
+from .rewards.latent import LatentClip, proxy_fit
 from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid
 from .step import Distillation, StepNoise, rglcd_step
 
@@ -45,21 +47,6 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a finished rglcd checkpoint (no trainer_state.json)")
     return path
-
-
-class RewardSum:
-    """Σ β_i·R_i(images, prompts): several rewards as one callable for the step (whose β is then 1)."""
-
-    def __init__(self, terms):
-        self.terms = [(build_reward(term.name, **term.kwargs), term.beta) for term in terms]
-
-    def to(self, device):
-        for model, _ in self.terms:
-            model.to(device)
-        return self
-
-    def __call__(self, images, prompts):
-        return sum(beta * model(images, prompts) for model, beta in self.terms)
 
 
 def train(config: TrainConfig, resume: str | None = None) -> Path:
@@ -99,7 +86,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         timestep_scaling=config.distill.timestep_scaling,
         time_cond_proj_dim=student.config.time_cond_proj_dim,
     )
-    reward_fn = RewardSum(config.reward.terms).to(accelerator.device) if config.reward.terms else None
+    # The reward(s): maximised directly (Alg. 3), or the expert the latent proxy is fitted to (Alg. 4).
+    expert = None
+    if config.reward.terms:
+        terms = [dataclasses.asdict(term) for term in config.reward.terms]
+        expert = build_reward("mix", terms=terms).to(accelerator.device)
 
     optim = config.optim
     optimizer_class = torch.optim.AdamW
@@ -122,6 +113,20 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     )
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     accelerator.register_for_checkpointing(target)
+    proxy = proxy_optimizer = None
+    if config.reward.mode == "latent":
+        latent = config.reward.latent
+        proxy = LatentClip.from_pretrained(latent.model)
+        proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
+        proxy_params = [param for param in proxy.parameters() if param.requires_grad]
+        proxy_optimizer = torch.optim.AdamW(
+            proxy_params, lr=latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon
+        )
+        # Prepared, so that it is saved and resumed with the run and synchronised across processes.
+        proxy, proxy_optimizer = accelerator.prepare(proxy.to(accelerator.device), proxy_optimizer)
+    reward_fn, reward_beta = expert, 1.0 if expert is not None else 0.0  # Mix already carries each term's beta
+    if proxy is not None:
+        reward_fn, reward_beta = accelerator.unwrap_model(proxy), config.reward.latent.beta
 
     stream = TrainStream(
         config.data.source,
@@ -173,12 +178,15 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 latents = (posterior.mean + posterior.std * noise_for_vae).float() * vae.config.scaling_factor
                 cond_embeds = encode_prompts(tokenizer, text_encoder, batch["captions"]).float()
             noise = StepNoise.draw(latents, distillation, generator)
+            if proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
+                _set_trainable(proxy_params, False)
+                proxy.eval()
             with accelerator.autocast():
                 output = rglcd_step(
                     student=student, target=target, teacher_unet=teacher.unet, vae=vae, distillation=distillation,
                     latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds[: len(latents)],
-                    noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=1.0 if reward_fn else 0.0,
-                    decode_batch_size=config.reward.decode_batch_size,
+                    noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
+                    reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
             finite = bool(accelerator.gather(torch.isfinite(output.loss.detach()).reshape(1)).all())
             if finite:
@@ -188,6 +196,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                     grad_norm = accelerator.clip_grad_norm_(student.parameters(), optim.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
+                if proxy is not None:
+                    proxy_logs = _fit_proxy(
+                        accelerator, proxy, proxy_params, proxy_optimizer, expert, vae, output, latents,
+                        batch["captions"], generator, config,
+                    )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
 
         if not accelerator.sync_gradients:
@@ -222,6 +235,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             logs["grad_norm"] = float(grad_norm)
         if output.reward is not None:
             logs["reward"] = output.reward.mean().item()
+        if proxy is not None:
+            logs.update(proxy_logs)
         progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
         if global_step % config.logging.log_every == 0 or global_step == optim.max_train_steps:
             accelerator.log(logs, step=global_step)
@@ -241,6 +256,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
         )
         target.save_pretrained(out / "target_unet")
+        if proxy is not None:
+            accelerator.unwrap_model(proxy).save_pretrained(out / "latent_rm", {"fitted_steps": global_step})
         (out / "train_summary.json").write_text(
             json.dumps(
                 {
@@ -253,6 +270,36 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         )
     accelerator.end_training()
     return student_dir
+
+
+def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
+    for param in params:
+        param.requires_grad_(trainable)
+
+
+def _fit_proxy(
+    accelerator, proxy, proxy_params, proxy_optimizer, expert, vae, output, latents, captions, generator, config
+) -> dict[str, float]:
+    """Alg. 4, after the student update: one step of the latent proxy RM towards the expert's preferences."""
+    latent = config.reward.latent
+    _set_trainable(proxy_params, True)
+    proxy.train()
+    indices = torch.randperm(len(latents), generator=generator)[: latent.batch_size].to(latents.device)
+    with accelerator.autocast():
+        fit = proxy_fit(
+            accelerator.unwrap_model(proxy), expert, vae,
+            model_pred=output.model_pred, target=output.target, latents=latents, prompts=captions, indices=indices,
+            kind=latent.loss, smooth_ground_truth=latent.smooth_ground_truth, expert_scale=latent.expert_scale,
+            expert_scale_from_proxy=latent.expert_scale_from_proxy, decode_batch_size=config.reward.decode_batch_size,
+        )  # fmt: skip
+    accelerator.backward(fit.loss * latent.loss_scale)
+    proxy_optimizer.step()
+    proxy_optimizer.zero_grad(set_to_none=True)
+    return {
+        "proxy_loss": fit.loss.item(),
+        "proxy_accuracy": fit.accuracy.item(),
+        "expert_logit": fit.expert_logit.item(),
+    }
 
 
 def _save_checkpoint(accelerator, out: Path, global_step: int, nan_streak: int, stream, generator, config) -> Path:

@@ -1,0 +1,150 @@
+"""``rglcd lrm pretrain``: a latent proxy RM trained contrastively (CLIP's loss) on a dataset's VAE latents.
+
+The teacher's VAE encodes the images once into ``OUT/latent_cache.safetensors`` (posterior means and standard
+deviations, with the captions), which later runs reuse; training then draws a fresh posterior sample per step,
+like the distillation does. The LRM is saved to ``OUT`` (config.json + model.safetensors) with its training
+record and a held-out retrieval accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .rewards.latent import LATENT_RN50, WORLD_LATENT_CLIP, LatentClip, LatentClipConfig
+
+ARCHITECTURES = {"latent-rn50": LATENT_RN50, "world": WORLD_LATENT_CLIP}
+CACHE_FILE = "latent_cache.safetensors"
+CAPTIONS_FILE = "latent_cache_captions.json"
+
+
+@dataclass
+class PretrainSettings:
+    architecture: str = "latent-rn50"
+    resolution: int = 512
+    samples: int = 10_000  # encoded once; the last ``heldout`` are kept for the retrieval check
+    heldout: int = 512
+    steps: int = 2_000
+    batch_size: int = 128
+    learning_rate: float = 5e-4  # the official latent_RN50 run's
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+def encode_dataset(
+    teacher: str, source: str, resolution: int, samples: int, out: Path, progress: bool = True
+) -> tuple[Tensor, Tensor, list[str]]:
+    """(means, stds [N, C, h, w], captions) of ``samples`` images of ``source``, cached in ``out``."""
+    cache, captions_file = out / CACHE_FILE, out / CAPTIONS_FILE
+    if cache.is_file() and captions_file.is_file():
+        tensors, captions = load_file(cache), json.loads(captions_file.read_text())
+        if len(captions) >= samples:
+            return tensors["mean"][:samples], tensors["std"][:samples], captions[:samples]
+    from .data import TrainStream
+    from .models import load_teacher
+
+    vae = load_teacher(teacher).vae.eval()
+    stream = TrainStream(source, resolution=resolution, batch_size=64, shuffle_buffer=0, seed=0)
+    means, stds, captions = [], [], []
+    with torch.no_grad(), tqdm(total=samples, desc="encode latents", disable=not progress) as bar:
+        for batch in stream:
+            posterior = vae.encode(batch["pixel_values"]).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+            bar.update(min(len(batch["captions"]), samples - len(captions)))
+            captions += batch["captions"]
+            if len(captions) >= samples:
+                break
+    mean, std = torch.cat(means)[:samples], torch.cat(stds)[:samples]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, cache)
+    captions_file.write_text(json.dumps(captions[:samples]))
+    return mean, std, captions[:samples]
+
+
+RETRIEVAL_GROUP = 32
+
+
+def retrieval_accuracy(model: LatentClip, latents: Tensor, captions: list[str], group: int = RETRIEVAL_GROUP) -> float:
+    """Fraction of latents whose own caption scores highest among ``group`` captions (chance: 1/group)."""
+    hits = 0
+    with torch.no_grad():
+        for start in range(0, len(latents) - group + 1, group):
+            image = model.encode_latents(latents[start : start + group])  # [G, D]
+            text = model.encode_prompts(captions[start : start + group])  # [G, D]
+            hits += ((image @ text.T).argmax(dim=1) == torch.arange(len(image))).sum().item()
+    return hits / (len(latents) // group * group)
+
+
+def pretrain_lrm(
+    out: str | Path, teacher: str, source: str, settings: PretrainSettings, progress: bool = True
+) -> LatentClip:
+    """Train a latent CLIP on ``source``'s latents (VAE of ``teacher``) and save it to ``out``."""
+    from open_clip.loss import ClipLoss
+
+    if settings.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown LRM architecture {settings.architecture!r}; one of {', '.join(ARCHITECTURES)}")
+    if not RETRIEVAL_GROUP <= settings.heldout < settings.samples:
+        raise ValueError(
+            f"heldout ({settings.heldout}) must be at least {RETRIEVAL_GROUP} and below samples ({settings.samples})"
+        )
+    started = time.perf_counter()
+    out = Path(out)
+    mean, std, captions = encode_dataset(teacher, source, settings.resolution, settings.samples, out, progress)
+    config: LatentClipConfig = replace(ARCHITECTURES[settings.architecture], latent_size=mean.shape[-1])
+    config = replace(config, latent_channels=mean.shape[1])
+    train_count = settings.samples - settings.heldout
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = LatentClip(config)
+    loss_fn = ClipLoss()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms, biases, logit scale
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate,
+    )
+    warmup = max(1, settings.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))),
+    )
+    losses = []
+    model.train()
+    for _ in (bar := tqdm(range(settings.steps), desc="LRM pretrain", disable=not progress)):
+        chosen = torch.randint(train_count, (settings.batch_size,), generator=generator)
+        latents = mean[chosen] + std[chosen] * torch.randn(mean[chosen].shape, generator=generator)
+        image = model.encode_latents(latents)
+        text = model.encode_prompts([captions[i] for i in chosen.tolist()])
+        loss = loss_fn(image, text, model.clip.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
+            model.clip.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    model.eval()
+    accuracy = retrieval_accuracy(model, mean[train_count:], captions[train_count:])
+    record = {
+        **vars(settings),
+        "teacher": str(teacher),
+        "source": str(source),
+        "seconds": round(time.perf_counter() - started, 1),
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "heldout_retrieval_accuracy": round(accuracy, 4),
+    }
+    model.save_pretrained(out, record)
+    return model.requires_grad_(False)

@@ -1,0 +1,190 @@
+"""The latent proxy RM (Alg. 4): preference loss, the online fit, `rglcd lrm pretrain`, latent-mode training."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rglcd.config import ConfigError, load_config
+from rglcd.demo import tiny_setup
+from rglcd.models import load_teacher
+from rglcd.rewards import build_reward
+from rglcd.rewards.latent import WORLD_LATENT_CLIP, LatentClip, LatentClipConfig, preference_loss, proxy_fit
+from rglcd.train import train
+
+TINY_LRM = replace(WORLD_LATENT_CLIP, vision_layers=[1], text_layers=1, vision_width=32, text_width=32, embed_dim=32)
+
+
+def softmax2(a, b):
+    return math.exp(a) / (math.exp(a) + math.exp(b)), math.exp(b) / (math.exp(a) + math.exp(b))
+
+
+def kl2(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+# Rows: student prediction, target, ground truth; columns: 2 samples.
+PROXY = [[1.0, 0.0], [0.0, 2.0], [2.0, 1.0]]
+EXPERT = [[0.0, 1.5], [1.0, 0.0], [3.0, 0.5]]
+PAIRS = ((0, 1), (0, 2), (1, 2))
+
+
+def test_kl_preference_loss_and_accuracy_by_hand():
+    loss, accuracy = preference_loss(torch.tensor(PROXY), torch.tensor(EXPERT))
+    expected = sum(
+        kl2(softmax2(EXPERT[i][b], EXPERT[j][b]), softmax2(PROXY[i][b], PROXY[j][b])) / 2
+        for i, j in PAIRS
+        for b in range(2)
+    )
+    agreements = [
+        (PROXY[i][b] > PROXY[j][b]) == (EXPERT[i][b] > EXPERT[j][b]) for i, j in PAIRS for b in range(2)
+    ]  # no ties in these numbers
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert accuracy.item() == pytest.approx(sum(agreements) / 6, rel=1e-6)
+
+
+def test_smoothed_ground_truth_label_only_where_the_expert_prefers_the_generated_latent():
+    loss, _ = preference_loss(torch.tensor(PROXY), torch.tensor(EXPERT), smooth_ground_truth=True)
+    expected = 0.0
+    for i, j in PAIRS:
+        for b in range(2):
+            label = softmax2(EXPERT[i][b], EXPERT[j][b])
+            if j == 2 and EXPERT[i][b] > EXPERT[j][b]:  # sample 1 of both ground-truth pairs
+                label = (0.5, 0.5)
+            expected += kl2(label, softmax2(PROXY[i][b], PROXY[j][b])) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_entropy_variant_lets_the_ground_truth_always_win():
+    loss, accuracy = preference_loss(torch.tensor(PROXY), torch.tensor(EXPERT), kind="cross_entropy")
+    expected, agreements = 0.0, 0
+    for i, j in PAIRS:
+        for b in range(2):
+            winner = 1 if j == 2 else int(EXPERT[j][b] > EXPERT[i][b])
+            expected -= math.log(softmax2(PROXY[i][b], PROXY[j][b])[winner]) / 2
+            agreements += int(PROXY[j][b] > PROXY[i][b]) == winner
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert accuracy.item() == pytest.approx(agreements / 6, rel=1e-6)
+    with pytest.raises(ValueError, match="need \\[3, B\\] logits"):
+        preference_loss(torch.zeros(2, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="'kl' or 'cross_entropy'"):
+        preference_loss(torch.zeros(3, 4), torch.zeros(3, 4), kind="hinge")
+
+
+def test_proxy_round_trips_and_rejects_other_folders(tmp_path):
+    torch.manual_seed(0)
+    model = LatentClip(TINY_LRM)
+    model.save_pretrained(tmp_path / "lrm", {"note": "test"})
+    loaded = LatentClip.from_pretrained(tmp_path / "lrm")
+    latents = torch.randn(2, 4, 8, 8)
+    assert torch.equal(model(latents, ["a", "b"]), loaded(latents, ["a", "b"]))
+    with pytest.raises(FileNotFoundError, match="rglcd lrm pretrain"):
+        LatentClip.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="resnet tower needs"):
+        LatentClipConfig(latent_size=8)
+    with pytest.raises(ValueError, match="2 latents but 1 prompts"):
+        model(latents, ["a"])
+
+
+@pytest.mark.parametrize("architecture", ["vit", "resnet"])
+def test_the_fit_changes_only_unlocked_parameters(epsilon_teacher_dir, architecture):
+    teacher = load_teacher(epsilon_teacher_dir)
+    config = TINY_LRM
+    if architecture == "resnet":  # the official latent_RN50 layout at a test size (32² latents)
+        config = replace(LatentClipConfig(), vision_layers=[1, 1, 1, 1], vision_width=8, latent_size=32,
+                         embed_dim=32, context_length=32, text_width=32, text_heads=4, text_layers=1)  # fmt: skip
+    torch.manual_seed(0)
+    proxy = LatentClip(config).unlock(image_groups=1, text_groups=1)
+    before = {name: value.clone() for name, value in proxy.state_dict().items()}
+    trainable = {name for name, param in proxy.named_parameters() if param.requires_grad}
+    head = "clip.visual.attnpool." if architecture == "resnet" else "clip.visual.proj"
+    assert any(name.startswith(head) for name in trainable)
+    assert "clip.text_projection" in trainable and "clip.logit_scale" in trainable
+    assert not any(name.startswith(("clip.visual.conv1", "clip.token_embedding")) for name in trainable)
+
+    generator = torch.Generator().manual_seed(1)
+    latents, model_pred, target = (torch.randn(4, 4, config.latent_size, config.latent_size, generator=generator)
+                                   for _ in range(3))  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in proxy.parameters() if p.requires_grad], lr=1e-2)
+    fit = proxy_fit(
+        proxy, build_reward("colorfulness"), teacher.vae, model_pred=model_pred, target=target, latents=latents,
+        prompts=["a", "b", "c", "d"], indices=torch.tensor([2, 0]), expert_scale=20.0,
+    )  # fmt: skip
+    assert fit.loss.item() > 0 and 0 <= fit.accuracy.item() <= 1
+    fit.loss.backward()
+    optimizer.step()
+    after = proxy.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    batch_norm_statistics = {name for name in before if "running_" in name or "num_batches" in name}
+    assert changed <= trainable | batch_norm_statistics
+    assert any(name.startswith(head) for name in changed) and "clip.text_projection" in changed
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), samples=96)
+
+
+@pytest.fixture(scope="module")
+def pretrained_lrm(tiny):
+    out = tiny / "lrm"
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", "lrm", "pretrain", "--teacher", str(tiny / "teacher"),
+         "--data", str(tiny / "data"), "--out", str(out), "--architecture", "world", "--resolution", "32",
+         "--samples", "96", "--heldout", "32", "--steps", "30", "--batch-size", "32"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out retrieval among 32" in result.stdout
+    return out
+
+
+def test_lrm_pretrain_cli_writes_a_loadable_proxy_and_a_latent_cache(pretrained_lrm):
+    record = json.loads((pretrained_lrm / "config.json").read_text())
+    assert record["kind"] == "latent-clip" and record["config"]["latent_size"] == 8
+    assert record["training"]["steps"] == 30 and 0 <= record["training"]["heldout_retrieval_accuracy"] <= 1
+    assert load_file(pretrained_lrm / "latent_cache.safetensors")["mean"].shape == (96, 4, 8, 8)
+    assert len(json.loads((pretrained_lrm / "latent_cache_captions.json").read_text())) == 96
+    LatentClip.from_pretrained(pretrained_lrm)
+
+
+def latent_overrides(tiny, lrm, out, **extra):
+    fields = {
+        "model.teacher": tiny / "teacher", "data.source": tiny / "data", "logging.output_dir": out,
+        "optim.batch_size": 4, "optim.max_train_steps": 4, "logging.checkpointing_steps": 2,
+        "logging.validation_steps": 0, "reward.mode": "latent", "reward.latent.model": lrm,
+        "reward.latent.batch_size": 2, "reward.latent.learning_rate": 1e-3, "reward.latent.unlocked_text_groups": 1,
+    }  # fmt: skip
+    fields.update(extra)
+    return [f"{key}={value}" for key, value in fields.items()]
+
+
+def test_latent_mode_trains_the_proxy_and_resumes_it_exactly(tiny, pretrained_lrm, tmp_path):
+    straight = train(load_config("tiny", latent_overrides(tiny, pretrained_lrm, tmp_path / "straight"))).parent
+    proxy = load_file(straight / "latent_rm" / "model.safetensors")
+    initial = load_file(pretrained_lrm / "model.safetensors")
+    moved = [key for key in proxy if not torch.equal(proxy[key], initial[key])]
+    assert "clip.text_projection" in moved and all(not key.startswith("clip.token_embedding") for key in moved)
+    assert (straight / "checkpoints" / "checkpoint-4" / "model_1.safetensors").is_file()  # the proxy's state
+
+    # Stop at step 2, then resume to 4: the student and the proxy equal the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    train(load_config("tiny", latent_overrides(tiny, pretrained_lrm, resumed, **{"optim.max_train_steps": 2})))
+    train(load_config("tiny", latent_overrides(tiny, pretrained_lrm, resumed)), resume="latest")
+    for part in ("latent_rm/model.safetensors", "student/unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(straight / part), load_file(resumed / part)
+        assert all(torch.equal(a[key], b[key]) for key in a), part
+
+
+def test_latent_mode_config_errors_name_the_fix(tiny, tmp_path):
+    base = latent_overrides(tiny, tmp_path / "missing", tmp_path / "run")
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [*base, "reward.terms=[]", "reward.latent.batch_size=9"])
+    text = str(error.value)
+    assert "latent mode needs the expert reward" in text and "rglcd lrm pretrain" in text
+    assert "reward.latent.batch_size: must be in [1, optim.batch_size = 4]" in text
