@@ -8,7 +8,8 @@ from rglcd.rewards.pixel import Colorfulness
 
 
 def test_every_builtin_reward_is_registered():
-    assert {"colorfulness", "mix", "world-clip", "world-aesthetic"} <= set(available_rewards())
+    paper = {"hpsv2", "hpsv2.1", "clipscore", "pickscore", "aesthetic", "imagereward"}
+    assert paper | {"colorfulness", "mix", "world-clip", "world-aesthetic"} <= set(available_rewards())
     with pytest.raises(ValueError, match="unknown reward 'hpsv9'; available: "):
         build_reward("hpsv9")
 

@@ -5,7 +5,7 @@ Importing this package registers every built-in reward by name (``available_rewa
 """
 
 from ..world import rewards as _world_rewards  # noqa: F401  (registers world-clip, world-aesthetic)
-from . import mix, pixel  # noqa: F401  (registers mix, colorfulness)
+from . import clip, imagereward, mix, pixel  # noqa: F401  (register the paper's rewards, mix, colorfulness)
 from .base import RewardModel, available_rewards, build_reward, register_reward
 
 __all__ = ["RewardModel", "available_rewards", "build_reward", "register_reward"]

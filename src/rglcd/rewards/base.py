@@ -32,6 +32,11 @@ class RewardModel(nn.Module):
         return self
 
 
+def check_batch(images: Tensor, prompts: Sequence[str]) -> None:
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+
+
 _REGISTRY: dict[str, Callable[..., RewardModel]] = {}
 
 

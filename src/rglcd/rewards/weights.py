@@ -1,0 +1,58 @@
+"""Where reward weights come from: a local file or folder, or a file of a Hugging Face hub repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+
+def resolve_file(reference: str | Path, filename: str | None = None) -> Path:
+    """A local file; a local folder holding ``filename``; ``"owner/repo/path/in/repo"``; or, with ``filename``, a
+    hub repo id ``"owner/repo"`` whose ``filename`` is meant. Hub files are downloaded once, then read from the
+    cache; offline and uncached, the error says what to download and pass instead."""
+    path = Path(reference).expanduser()
+    if path.is_dir() and filename is not None:
+        path = path / filename
+    if path.is_file():
+        return path
+    parts = str(reference).split("/")
+    if path.is_absolute() or str(reference).startswith((".", "~")) or path.is_dir():
+        raise FileNotFoundError(f"no file {path}" + (f" (looked for {filename})" if filename else ""))
+    if len(parts) >= 3:
+        repo, in_repo = "/".join(parts[:2]), "/".join(parts[2:])
+    elif filename is not None:
+        repo, in_repo = str(reference), filename
+    else:
+        raise FileNotFoundError(f"{reference!r} is neither a local file nor a hub file (owner/repo/filename)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, in_repo))
+    except (OSError, ValueError) as error:  # offline and not cached, unknown repo or file, invalid repo id
+        raise FileNotFoundError(
+            f"{str(reference)!r} is neither a local file nor available from the hub ({type(error).__name__}: "
+            f"{error}); download {in_repo} from https://huggingface.co/{repo} and pass its local path"
+        ) from error
+
+
+def load_state_dict(path: Path) -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` or torch file, bare or under ``"state_dict"`` (as HPSv2 and open_clip's
+    trainer save it), without the ``module.`` prefix that DistributedDataParallel adds."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
+    """``load_state_dict(strict=True)``, with an error that says which file does not fit."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{source} does not fit the {type(module).__name__} it is loaded into: {error}") from error
