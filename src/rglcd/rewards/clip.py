@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..world.rewards import CLIP_MEAN, CLIP_STD
 from .base import RewardModel, check_batch, register_reward
 from .weights import load_state_dict, load_strict, resolve_file
 
+# OpenAI CLIP's normalisation, which HPSv2, PickScore, CLIPScore, the LAION aesthetic predictor and ImageReward apply.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # hpsv2.utils.hps_version_map: the files that hpsv2's img_score.py downloads from the hub repo xswu/HPSv2.
 HPS_CHECKPOINTS = {"v2.0": "xswu/HPSv2/HPS_v2_compressed.pt", "v2.1": "xswu/HPSv2/HPS_v2.1_compressed.pt"}
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"

@@ -28,14 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..metrics import high_frequency_share
 from ..rewards.base import RewardModel, register_reward
+from ..rewards.clip import CLIP_MEAN, CLIP_STD
 from ..rewards.pixel import Colorfulness
 from .paths import REWARD_SEED, cache_dir, shipped_dir
 from .render import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, render, scenes
 
-# OpenAI CLIP's normalisation, which HPSv2, PickScore and CLIPScore all apply.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VOCAB_SIZE = 49408  # OpenAI CLIP's BPE vocabulary, shipped in open_clip's wheel
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -488,7 +487,7 @@ def evaluate_world_aesthetic(
     Then ``ascent_steps`` signed-gradient steps raise the score of ``ascent_images`` clean renders, each pixel
     staying within ``ascent_budget`` of the render (1 for no budget). ``score_*`` and ``true_*`` are the mean
     score and true colourfulness before and after (the same units); ``high_frequency`` is the share of the
-    pixel change's energy above half the Nyquist frequency (0.72 for white noise; about 0.02 when the true
+    pixel change's energy above half the Nyquist frequency, per image (0.72 for white noise; about 0.02 when the true
     colourfulness itself is ascended).
     """
     generator = torch.Generator().manual_seed(seed)
@@ -505,14 +504,11 @@ def evaluate_world_aesthetic(
         step = (images.detach() + ascent_step_size * gradient.sign() - start).clamp(-ascent_budget, ascent_budget)
         images = (start + step).clamp(0, 1)
     with torch.no_grad():
-        power = torch.fft.fft2(images - start).abs() ** 2
-        frequency = torch.fft.fftfreq(images.shape[-1]).abs()  # Nyquist is 0.5 cycles per pixel
-        high = torch.maximum(frequency[:, None], frequency[None, :]) > 0.25
         return {
             "correlation": correlation,
             "score_before": model(start).mean().item(),
             "score_after": model(images).mean().item(),
             "true_before": colourfulness_target(start).mean().item(),
             "true_after": colourfulness_target(images).mean().item(),
-            "high_frequency": (power[..., high].sum() / power.sum()).item(),
+            "high_frequency": high_frequency_share(images - start).mean().item(),
         }
