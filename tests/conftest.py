@@ -26,3 +26,21 @@ def teacher_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def epsilon_teacher_dir(teacher_dirs):
     return teacher_dirs["epsilon"]
+
+
+@pytest.fixture(scope="session")
+def tiny_world_cache(tmp_path_factory):
+    """An RGLCD_CACHE with every world asset trained for two steps: real files, meaningless weights."""
+    from rglcd.world.data import write_world_shards
+    from rglcd.world.judge import train_judge
+    from rglcd.world.rewards import train_world_aesthetic, train_world_clip
+    from rglcd.world.teacher import TeacherRecipe, train_world_teacher
+
+    cache = tmp_path_factory.mktemp("cache")
+    world = cache / "world"
+    write_world_shards(world / "data", 128)
+    train_world_teacher(world / "teacher", TeacherRecipe(samples=64, vae_steps=2, unet_steps=2), progress=False)
+    train_world_clip(world / "clip", samples=64, steps=2, progress=False)
+    train_world_aesthetic(world / "aesthetic", samples=64, steps=2, progress=False)
+    train_judge(world / "judge", samples=64, steps=2, progress=False)
+    return cache

@@ -5,25 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    from rglcd.world.data import write_world_shards
-    from rglcd.world.judge import train_judge
-    from rglcd.world.rewards import train_world_aesthetic, train_world_clip
-    from rglcd.world.teacher import TeacherRecipe, train_world_teacher
-
-    cache = tmp_path_factory.mktemp("cache")
-    world = cache / "world"
-    write_world_shards(world / "data", 128)
-    train_world_teacher(world / "teacher", TeacherRecipe(samples=64, vae_steps=2, unet_steps=2), progress=False)
-    train_world_clip(world / "clip", samples=64, steps=2, progress=False)
-    train_world_aesthetic(world / "aesthetic", samples=64, steps=2, progress=False)
-    train_judge(world / "judge", samples=64, steps=2, progress=False)
-    return cache
-
 
 def quickstart(cache, out):
     env = {**os.environ, "RGLCD_CACHE": str(cache)}
@@ -35,9 +16,9 @@ def quickstart(cache, out):
     return result
 
 
-def test_quickstart_writes_the_report_and_reuses_its_work(tiny_cache, tmp_path):
+def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_path):
     out = tmp_path / "quickstart"
-    quickstart(tiny_cache, out)
+    quickstart(tiny_world_cache, out)
     results = json.loads((out / "results.json").read_text())
     rows = [(row["model"], row["steps"]) for row in results["rows"]]
     assert rows == [("teacher DDIM+CFG", 50), ("teacher DDIM+CFG", 25)] + [
@@ -55,7 +36,7 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_cache, tmp_path):
 
     student = out / "rg-lcm" / "student" / "unet" / "diffusion_pytorch_model.safetensors"
     before = student.stat().st_mtime_ns
-    quickstart(tiny_cache, out)  # the second run distils nothing and generates nothing again
+    quickstart(tiny_world_cache, out)  # the second run distils nothing and generates nothing again
     assert student.stat().st_mtime_ns == before
     assert (
         json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]

@@ -126,6 +126,17 @@ def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
     print(f"latent proxy RM: {args.out}  (held-out retrieval among 32: {accuracy:.3f}, {record['seconds']:.0f} s)")
 
 
+def cmd_world_overoptimisation(args: argparse.Namespace) -> None:
+    from .world.overoptimisation import OveroptimisationSettings, run_overoptimisation
+
+    settings = OveroptimisationSettings(
+        out=Path(args.out), train_steps=args.train_steps, direct_beta=args.direct_beta,
+        latent_beta=args.latent_beta, prompts=args.prompts, lrm_samples=args.lrm_samples, lrm_steps=args.lrm_steps,
+    )  # fmt: skip
+    results = run_overoptimisation(settings)
+    print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rglcd",
@@ -204,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
     judge.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     judge.set_defaults(run=cmd_world_judge)
+    overoptimisation = world_commands.add_parser(
+        "overoptimisation", help="direct vs latent-proxy guidance with the hackable world-aesthetic reward",
+        description="Distil three students from the world teacher (LCM; world-aesthetic guidance through the "
+        "decoder; the same expert through a latent proxy RM fitted online, pretrained once into the cache) and "
+        "report expert reward, true colourfulness, judge accuracy, judge-FD and high-frequency energy against the "
+        "teacher: OUT/report.md, results.json, grid.png. Finished students and images are reused.",
+    )  # fmt: skip
+    overoptimisation.add_argument("--out", default="runs/overoptimisation")
+    overoptimisation.add_argument("--train-steps", type=int, default=600, help="distillation steps per student")
+    overoptimisation.add_argument("--direct-beta", type=float, default=1.0, help="β of direct world-aesthetic")
+    overoptimisation.add_argument("--latent-beta", type=float, default=1.0, help="β of the latent proxy's score")
+    overoptimisation.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts")
+    overoptimisation.add_argument("--lrm-samples", type=int, default=8_000, help="latents the proxy is pretrained on")
+    overoptimisation.add_argument("--lrm-steps", type=int, default=1_500, help="proxy pretraining steps")
+    overoptimisation.set_defaults(run=cmd_world_overoptimisation)
 
     lrm = commands.add_parser("lrm", help="the latent proxy reward model (RG-LCD Alg. 4)")
     lrm_commands = lrm.add_subparsers(dest="lrm_command", required=True)

@@ -69,38 +69,52 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
     }
 
 
-def distil(out: Path, settings: QuickstartSettings, reward_beta: float) -> Path:
+def distil(out: Path, overrides: list[str]) -> Path:
     """``rglcd train world`` (the cached world teacher and data) into ``out``; reused when its student exists."""
     from ..train import train
 
     if (out / "student" / "model_index.json").is_file():
         return out / "student"
+    return train(load_config("world", [f"logging.output_dir={out}", *overrides]))
+
+
+def world_clip_run(settings: QuickstartSettings, reward_beta: float) -> list[str]:
+    """Overrides of the quickstart's students: world-clip guidance with ``reward_beta`` (0: plain LCD)."""
     terms = f"[{{name: world-clip, beta: {reward_beta}}}]" if reward_beta else "[]"
-    overrides = [f"logging.output_dir={out}", f"optim.max_train_steps={settings.train_steps}", f"seed={settings.seed}"]
-    return train(load_config("world", [*overrides, f"reward.terms={terms}"]))
+    return [f"optim.max_train_steps={settings.train_steps}", f"seed={settings.seed}", f"reward.terms={terms}"]
+
+
+def judge_metrics(judge_folder: Path, prompts: list) -> tuple[dict, dict]:
+    """The judge's metrics for held-out scenes: per image, the fraction of prompted attributes found; per set,
+    the Fréchet distance of the judge's features to those of fresh renders of the same prompts."""
+    from .judge import Judge, frechet_distance
+
+    judge = Judge.load(judge_folder)
+    references = torch.from_numpy(
+        np.stack([np.asarray(render(rerender(scene, EVAL_SEED + i))) for i, scene in enumerate(prompts)])
+    ).permute(0, 3, 1, 2).float() / 255  # fmt: skip
+    reference_features = judge.features(references)
+    per_image = {"judge_accuracy": lambda images, texts, records: judge.attribute_scores(images, records)}
+    per_set = {"judge_fd": lambda images, texts, records: frechet_distance(reference_features, judge.features(images))}
+    return per_image, per_set
 
 
 def run_quickstart(settings: QuickstartSettings) -> dict:
     from ..rewards import build_reward
-    from .judge import Judge, frechet_distance
 
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     world = prepare_world(settings.data_samples)
     students = {
-        "LCM": distil(out / "lcm", settings, reward_beta=0.0),
-        "RG-LCM": distil(out / "rg-lcm", settings, reward_beta=settings.reward_beta),
+        "LCM": distil(out / "lcm", world_clip_run(settings, reward_beta=0.0)),
+        "RG-LCM": distil(out / "rg-lcm", world_clip_run(settings, reward_beta=settings.reward_beta)),
     }
 
     prompts = eval_scenes(settings.prompts)
     captions = [scene.caption for scene in prompts]
-    judge = Judge.load(world["judge"])
     reward = build_reward("world-clip", weights=world["clip"])
-    references = torch.from_numpy(
-        np.stack([np.asarray(render(rerender(scene, EVAL_SEED + i))) for i, scene in enumerate(prompts)])
-    ).permute(0, 3, 1, 2).float() / 255  # fmt: skip
-    reference_features = judge.features(references)
+    per_image, per_set = judge_metrics(world["judge"], prompts)
     contenders = [
         Contender("teacher DDIM+CFG", world["teacher"], "teacher", (50, 25), TEACHER_GUIDANCE),
         Contender("LCM", students["LCM"], "lcm", (1, 2, 4), STUDENT_GUIDANCE),
@@ -110,13 +124,8 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         contenders,
         captions,
         out / "eval",
-        per_image_metrics={
-            "reward": lambda images, texts, records: reward(images, texts),
-            "judge_accuracy": lambda images, texts, records: judge.attribute_scores(images, records),
-        },
-        set_metrics={
-            "judge_fd": lambda images, texts, records: frechet_distance(reference_features, judge.features(images))
-        },
+        per_image_metrics={"reward": lambda images, texts, records: reward(images, texts), **per_image},
+        set_metrics=per_set,
         records=prompts,
         seed=settings.seed,
     )
