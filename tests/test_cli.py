@@ -101,8 +101,8 @@ def readme_commands(*sections: str) -> list[str]:
 def test_readme_rglcd_commands_run(tmp_path):
     """Every rglcd command of the README's set-up and quick start runs, in order, in a scratch folder and cache.
 
-    The quickstart runs at a CI size (2 distillation steps, 8 prompts) from the shipped world weights; the
-    full-size quickstart is measured by hand (README) and not run in CI.
+    The quickstart and the over-optimisation experiment run at a CI size (2 distillation steps, 8 prompts) from
+    the shipped world weights; their full sizes are measured by hand (README, docs) and not run in CI.
     """
     commands = [command for command in readme_commands("Set-up", "Quick start") if command.startswith("rglcd ")]
     assert commands[0] == "rglcd quickstart" and len(commands) >= 3
@@ -111,6 +111,8 @@ def test_readme_rglcd_commands_run(tmp_path):
         args = shlex.split(command)[1:]
         if args[0] == "quickstart":
             args += ["--train-steps", "2", "--prompts", "8"]
+        if args[:2] == ["world", "overoptimisation"]:
+            args += ["--train-steps", "2", "--prompts", "8", "--lrm-samples", "128", "--lrm-steps", "2"]
         rglcd(*args, cwd=tmp_path, env=env)
     assert (tmp_path / "runs" / "quickstart" / "report.md").is_file()
     assert (tmp_path / "cache" / "world" / "teacher" / "model_index.json").is_file()
