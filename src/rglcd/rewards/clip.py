@@ -38,6 +38,21 @@ AESTHETIC_HEADS = (
 )
 
 
+def linear_mlp_head(width: int) -> nn.Sequential:
+    """The improved aesthetic predictor's head, which ImageReward reuses: five linear layers without activations
+    (their ReLUs are commented out in both), dropouts between the first four; its indices fix the key names."""
+    return nn.Sequential(
+        nn.Linear(width, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
 # --------------------------------------------------------------------------------------------------- preprocessing
 
 
@@ -251,16 +266,7 @@ class Aesthetic(RewardModel):
         if state.keys() == {"weight", "bias"}:
             self.head = nn.Linear(dim, 1)
         elif "layers.0.weight" in state:
-            self.head = nn.Sequential(
-                nn.Linear(dim, 1024),
-                nn.Dropout(0.2),
-                nn.Linear(1024, 128),
-                nn.Dropout(0.2),
-                nn.Linear(128, 64),
-                nn.Dropout(0.1),
-                nn.Linear(64, 16),
-                nn.Linear(16, 1),
-            )
+            self.head = linear_mlp_head(dim)
             state = {key.removeprefix("layers."): value for key, value in state.items()}
         else:
             raise ValueError(

@@ -34,7 +34,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .base import RewardModel, check_batch, register_reward
-from .clip import ClipPreprocess
+from .clip import ClipPreprocess, linear_mlp_head
 from .weights import load_state_dict, load_strict, resolve_file
 
 SCORE_MEAN = 0.16717362830052426
@@ -145,21 +145,7 @@ class ImageReward(RewardModel):
                 "text_proj": nn.Linear(config.text_width, config.projection_dim),
             }
         )
-        # ImageReward's MLP has no activations (its ReLUs are commented out); the dropouts fix the key indices.
-        self.mlp = nn.ModuleDict(
-            {
-                "layers": nn.Sequential(
-                    nn.Linear(config.text_width, 1024),
-                    nn.Dropout(0.2),
-                    nn.Linear(1024, 128),
-                    nn.Dropout(0.2),
-                    nn.Linear(128, 64),
-                    nn.Dropout(0.1),
-                    nn.Linear(64, 16),
-                    nn.Linear(16, 1),
-                )
-            }
-        )
+        self.mlp = nn.ModuleDict({"layers": linear_mlp_head(config.text_width)})
         # ImageReward's Resize(224, bicubic) of the shorter side, CenterCrop(224), OpenAI CLIP mean/std.
         self.preprocess = ClipPreprocess(config.image_size)
         if checkpoint is not None:
