@@ -87,7 +87,7 @@ def test_proxy_round_trips_and_rejects_other_folders(tmp_path):
         LatentClip.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="resnet tower needs"):
         LatentClipConfig(latent_size=8)
-    with pytest.raises(ValueError, match="2 latents but 1 prompts"):
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
         model(latents, ["a"])
 
 

@@ -78,7 +78,7 @@ def retrieval_accuracy(model: LatentClip, latents: Tensor, captions: list[str], 
     hits = 0
     with torch.no_grad():
         for start in range(0, len(latents) - group + 1, group):
-            image = model.encode_latents(latents[start : start + group])  # [G, D]
+            image = model.encode_images(latents[start : start + group])  # [G, D]
             text = model.encode_prompts(captions[start : start + group])  # [G, D]
             hits += ((image @ text.T).argmax(dim=1) == torch.arange(len(image))).sum().item()
     return hits / (len(latents) // group * group)
@@ -124,7 +124,7 @@ def pretrain_lrm(
     for _ in (bar := tqdm(range(settings.steps), desc="LRM pretrain", disable=not progress)):
         chosen = torch.randint(train_count, (settings.batch_size,), generator=generator)
         latents = mean[chosen] + std[chosen] * torch.randn(mean[chosen].shape, generator=generator)
-        image = model.encode_latents(latents)
+        image = model.encode_images(latents)
         text = model.encode_prompts([captions[i] for i in chosen.tolist()])
         loss = loss_fn(image, text, model.clip.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)

@@ -152,8 +152,32 @@ def _preprocess_from_open_clip(cfg: dict, resize_mode: str | None = None) -> Cli
     return ClipPreprocess(size, cfg["mean"], cfg["std"], resize_mode or cfg["resize_mode"])
 
 
-class OpenClipReward(RewardModel):
-    """``cos(image embedding, prompt embedding)`` of an open_clip CLIP, in [-1, 1]; HPSv2 and CLIPScore are this."""
+class ClipScorer(RewardModel):
+    """``cos(input embedding, prompt embedding)`` of an open_clip CLIP, in [-1, 1]; logits ``exp(logit_scale)·cos``.
+
+    Subclasses set ``self.clip`` and define ``preprocess(inputs)`` (to the image tower's input) and
+    ``tokenize(prompts)``: the pixel rewards here, the world's CLIP and the latent proxy RM, whose inputs are latents.
+    """
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Unit-norm embeddings [B, D] of the inputs (images in [0, 1], or latents for the latent proxy RM)."""
+        return self.clip.encode_image(self.preprocess(images), normalize=True)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Unit-norm text embeddings [B, D]."""
+        return self.clip.encode_text(self.tokenize(prompts), normalize=True)
+
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        check_batch(images, prompts)
+        return (self.encode_images(images) * self.encode_prompts(prompts)).sum(dim=-1)
+
+    def logits(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """``exp(logit_scale) · cosine`` [B]: the scale of the model's contrastive training (RG-LCD's logits)."""
+        return self.clip.logit_scale.exp() * self(images, prompts)
+
+
+class OpenClipReward(ClipScorer):
+    """An open_clip CLIP by name (or config) and weights, preprocessing as its own transform; HPSv2 and CLIPScore."""
 
     def __init__(
         self,
@@ -168,21 +192,8 @@ class OpenClipReward(RewardModel):
         self.preprocess = _preprocess_from_open_clip(preprocess_cfg, resize_mode)
         self.freeze()
 
-    def encode_images(self, images: Tensor) -> Tensor:
-        """[B,3,H,W] in [0, 1] -> unit-norm image embeddings [B, D]."""
-        return self.clip.encode_image(self.preprocess(images), normalize=True)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Unit-norm text embeddings [B, D]."""
-        return self.clip.encode_text(self.tokenizer(list(prompts)).to(self.preprocess.mean.device), normalize=True)
-
-    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        check_batch(images, prompts)
-        return (self.encode_images(images) * self.encode_prompts(prompts)).sum(dim=-1)
-
-    def logits(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        """``exp(logit_scale) · cosine`` [B]: the scale of the model's contrastive training (RG-LCD's logits)."""
-        return self.clip.logit_scale.exp() * self(images, prompts)
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        return self.tokenizer(list(prompts)).to(self.preprocess.mean.device)
 
 
 class HPSv2(OpenClipReward):

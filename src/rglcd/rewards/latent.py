@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .clip import ClipScorer
+
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 KIND = "latent-clip"
@@ -77,8 +79,11 @@ WORLD_LATENT_CLIP = LatentClipConfig(
 )
 
 
-class LatentClip(nn.Module):
-    """score(z, c) = cos(image_tower(z), text_tower(c)) in [-1, 1]; logits = exp(logit_scale) · score."""
+class LatentClip(ClipScorer):
+    """score(z, c) = cos(image_tower(z), text_tower(c)) in [-1, 1]; logits = exp(logit_scale) · score.
+
+    Its "images" are VAE latents ``model_pred / scaling_factor`` [B, C, h, w]; ``encode_images`` embeds them.
+    """
 
     def __init__(self, config: LatentClipConfig):
         super().__init__()
@@ -138,21 +143,9 @@ class LatentClip(nn.Module):
 
         return tokenize(list(prompts), context_length=self.config.context_length).to(self.clip.logit_scale.device)
 
-    def encode_latents(self, latents: Tensor) -> Tensor:
-        """Unit-norm embeddings [B, D] of VAE latents [B, C, h, w] (unscaled)."""
-        return self.clip.encode_image(latents.to(self.clip.logit_scale.dtype), normalize=True)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Unit-norm text embeddings [B, D]."""
-        return self.clip.encode_text(self.tokenize(prompts), normalize=True)
-
-    def forward(self, latents: Tensor, prompts: Sequence[str]) -> Tensor:
-        if len(prompts) != len(latents):
-            raise ValueError(f"{len(latents)} latents but {len(prompts)} prompts")
-        return (self.encode_latents(latents) * self.encode_prompts(prompts)).sum(dim=-1)
-
-    def logits(self, latents: Tensor, prompts: Sequence[str]) -> Tensor:
-        return self.clip.logit_scale.exp() * self(latents, prompts)
+    def preprocess(self, latents: Tensor) -> Tensor:
+        """VAE latents [B, C, h, w] (unscaled) go to the image tower as they are."""
+        return latents.to(self.clip.logit_scale.dtype)
 
     def unlock(self, image_groups: int, text_groups: int) -> LatentClip:
         """Freeze all but the last ``image_groups`` groups of the image tower and ``text_groups`` of the text

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..metrics import high_frequency_share
 from ..rewards.base import RewardModel, register_reward
-from ..rewards.clip import CLIP_MEAN, CLIP_STD
+from ..rewards.clip import CLIP_MEAN, CLIP_STD, ClipScorer
 from ..rewards.pixel import Colorfulness
 from .paths import REWARD_SEED, cache_dir, shipped_dir
 from .render import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, render, scenes
@@ -174,7 +174,7 @@ class WorldClipConfig:
 
 
 @register_reward("world-clip")
-class WorldClip(RewardModel):
+class WorldClip(ClipScorer):
     """A tiny CLIP of the world scoring ``cos(image embedding, caption embedding)`` in [-1, 1], like HPSv2.
 
     ``WorldClip(weights)`` loads a trained folder (see :func:`resolve_weights` for the default);
@@ -218,23 +218,6 @@ class WorldClip(RewardModel):
         from open_clip import tokenize
 
         return tokenize(list(prompts), context_length=self.config.context_length).to(self.mean.device)
-
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Unit-norm image embeddings [B, D] of [0, 1] images."""
-        return self.clip.encode_image(self.preprocess(images), normalize=True)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Unit-norm text embeddings [B, D]."""
-        return self.clip.encode_text(self.tokenize(prompts), normalize=True)
-
-    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return (self.encode_images(images) * self.encode_prompts(prompts)).sum(dim=-1)
-
-    def logits(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        """``exp(logit_scale) · cosine`` [B]: the score on the scale the contrastive loss used."""
-        return self.clip.logit_scale.exp() * self(images, prompts)
 
     def save(self, out: str | Path, training: dict | None = None) -> Path:
         return _save(self, out, "world-clip", self.config, training)
