@@ -1,10 +1,31 @@
-import json
+"""The evaluation machinery: seeded resumable generation, streamed metrics, HPSv2's chunk arithmetic, FID."""
 
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from rglcd.evaluate import Contender, comparison_grid, evaluate, generate, load_contender, markdown_table
+from rglcd.evaluate import (
+    Contender,
+    EvalError,
+    FeatureExtractor,
+    FrechetDistance,
+    Metrics,
+    chunk_statistics,
+    evaluate,
+    generate,
+    group_statistics,
+    image_paths,
+    load_contender,
+    pipeline_kind,
+    read_images,
+    relative_to_teacher,
+)
 from rglcd.models import build_student, load_teacher
+from rglcd.report import comparison_grid, group_tables, markdown_table, write_report
 from rglcd.sampling import export_pipeline
 
 CAPTIONS = ["a red picture", "a blue picture", "a green picture"]
@@ -20,38 +41,111 @@ def contenders(teacher_dirs, tmp_path_factory):
     ]
 
 
+def load_all(folder, count):
+    return torch.cat([images for _, images in read_images(image_paths(folder, count), batch_size=2)])
+
+
 def test_generation_is_seeded_per_prompt_and_resumes(contenders, tmp_path):
     lcm = contenders[1]
     parts = load_contender(lcm)
-    images, ms = generate(lcm, parts, CAPTIONS, 2, tmp_path / "a", seed=4, batch_size=2)
-    assert images.shape == (3, 3, 32, 32) and ms > 0
-    alone, _ = generate(lcm, parts, CAPTIONS[1:2], 2, tmp_path / "b", seed=5, batch_size=1)
-    assert torch.equal(alone[0], images[1])  # prompt 1 got seed 4 + 1 in a batch; alone, seed 5 + 0
+    assert generate(lcm, parts, CAPTIONS, 2, tmp_path / "a", seed=4, batch_size=2) > 0
+    images = load_all(tmp_path / "a", 3)
+    assert images.shape == (3, 3, 32, 32)
+    generate(lcm, parts, CAPTIONS[1:2], 2, tmp_path / "b", seed=5, batch_size=1)
+    assert torch.equal(load_all(tmp_path / "b", 1)[0], images[1])  # prompt 1 got seed 4 + 1 in a batch; alone 5 + 0
     (tmp_path / "a" / "00001.png").unlink()
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.png")}
-    again, ms_again = generate(lcm, parts, CAPTIONS, 2, tmp_path / "a", seed=4, batch_size=2)
-    assert torch.equal(again, images) and ms_again > 0
+    assert generate(lcm, parts, CAPTIONS, 2, tmp_path / "a", seed=4, batch_size=2) > 0
+    assert torch.equal(load_all(tmp_path / "a", 3), images)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.png") if p.name in written} == written
-    _, ms_none = generate(lcm, parts, CAPTIONS, 2, tmp_path / "a", seed=4, batch_size=2)
-    assert ms_none is None  # nothing left to generate
+    assert generate(lcm, parts, CAPTIONS, 2, tmp_path / "a", seed=4, batch_size=2) is None  # nothing left to do
+    assert not list((tmp_path / "a").glob("*.partial.png"))
 
 
-def test_evaluate_rows_table_and_grid(contenders, tmp_path):
-    rows = evaluate(
-        contenders,
-        CAPTIONS,
-        tmp_path,
-        per_image_metrics={"brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3))},
-        set_metrics={"count": lambda images, texts, records: float(len(images))},
+class CountImages:
+    def reset(self):
+        self.count = 0
+
+    def update(self, images, captions, records):
+        self.count += len(images)
+
+    def compute(self):
+        return float(self.count)
+
+
+def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
+    metrics = Metrics(
+        per_image={"brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3))},
+        per_set={"count": CountImages()},
+        benchmark_scales={"brightness": 100.0},
     )
+    rows = evaluate(contenders, CAPTIONS, tmp_path, metrics, groups=["x", "y", "x"], batch_size=2)
     assert [(row["model"], row["steps"]) for row in rows] == [("teacher", 3), ("LCM", 1), ("LCM", 2)]
     for row in rows:
-        assert 0 <= row["brightness"] <= 1 and row["count"] == 3.0 and row["ms_per_image"] > 0
-        assert json.loads((tmp_path / "images" / f"{row['model']}-{row['steps']}" / "timing.json").read_text())
+        scores = json.loads((tmp_path / "images" / f"{row['model']}-{row['steps']}" / "scores.json").read_text())
+        assert row["brightness"] == pytest.approx(np.mean(scores["brightness"]))
+        assert row["count"] == 3.0 and row["ms_per_image"] > 0 and row["images_per_second"] > 0
+        groups = row["groups"]["brightness"]
+        assert list(groups) == ["x", "y", "average"]
+        assert groups["x"]["mean"] == pytest.approx(100 * (scores["brightness"][0] + scores["brightness"][2]) / 2)
+        assert groups["y"] == {"mean": pytest.approx(100 * scores["brightness"][1]), "std": 0.0}
     table = markdown_table(rows, ["brightness", "ms_per_image"])
     assert table.splitlines()[0] == "| model | steps | brightness | ms_per_image |"
     assert len(table.splitlines()) == 2 + len(rows)
-    grid = comparison_grid(rows, [0, 2], tmp_path / "grid.png")
-    from PIL import Image
+    assert "**brightness** by group" in group_tables(rows) and " ± " in group_tables(rows)
+    assert Image.open(comparison_grid(rows, [0, 2], tmp_path / "grid.png")).size == (32 * len(rows), 32 * 2)
+    write_report(tmp_path, "test", rows, ["brightness", "count"], {"rows": rows}, ["a note"], [("count", "brightness")])
+    for name in ("results.json", "report.md", "grid.png", "plot-brightness.png", "plot-brightness-vs-count.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "- a note" in (tmp_path / "report.md").read_text()
 
-    assert Image.open(grid).size == (32 * len(rows), 32 * 2)
+
+def test_hpsv2_chunk_arithmetic_by_hand():
+    # Two chunks of 80: means 39.5 and 119.5 -> mean 79.5, population std 40.
+    assert chunk_statistics(list(range(160))) == (79.5, 40.0)
+    # Chunk means 1, 3, 8 (a shorter last chunk counts as one): mean 4, std √(26/3).
+    mean, std = chunk_statistics([1.0] * 80 + [3.0] * 80 + [8.0] * 40)
+    assert mean == 4.0 and std == pytest.approx(math.sqrt(26 / 3))
+    values = [0.2] * 80 + [0.3] * 80 + [0.25] * 160
+    table = group_statistics(values, ["anime"] * 160 + ["photo"] * 160, scale=100)
+    assert table["anime"] == {"mean": pytest.approx(25.0), "std": pytest.approx(5.0)}
+    assert table["photo"] == {"mean": pytest.approx(25.0), "std": pytest.approx(0.0)}
+    assert table["average"]["mean"] == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="no scores"):
+        chunk_statistics([])
+
+
+def test_frechet_distance_through_torchmetrics_matches_the_closed_form():
+    """One feature (mean brightness): FD = (μ1 − μ2)² + σ1² + σ2² − 2·σ1·σ2, with unbiased variances."""
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 3, 8, 8, generator=generator)
+    fake = (torch.rand(30, 3, 8, 8, generator=generator) * 0.5 + 0.3).clamp(0, 1)
+    extractor = FeatureExtractor(lambda images: images.mean(dim=(1, 2, 3))[:, None].double(), num_features=1)
+    fid = FrechetDistance(extractor, iter([real[:25], real[25:]]))
+    fid.reset()
+    for batch in (fake[:16], fake[16:]):
+        fid.update(batch, [], [])
+    a, b = real.mean(dim=(1, 2, 3)).double(), fake.mean(dim=(1, 2, 3)).double()
+    expected = (a.mean() - b.mean()) ** 2 + a.var() + b.var() - 2 * (a.var() * b.var()).sqrt()
+    assert fid.compute() == pytest.approx(expected.item(), rel=1e-6)
+    fid.reset()  # the references stay: the same set again gives the same distance
+    fid.update(fake, [], [])
+    assert fid.compute() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(EvalError, match="at least 2 reference images"):
+        FrechetDistance(extractor, iter([real[:1]]))
+
+
+def test_relative_to_teacher_uses_the_teacher_with_most_steps():
+    rows = [
+        {"model": "t", "kind": "teacher", "steps": 25, "hf": 0.4},
+        {"model": "t", "kind": "teacher", "steps": 50, "hf": 0.2},
+        {"model": "s", "kind": "lcm", "steps": 2, "hf": 0.3},
+    ]
+    relative_to_teacher(rows, "hf", "hf_ratio")
+    assert [row["hf_ratio"] for row in rows] == [pytest.approx(2.0), 1.0, pytest.approx(1.5)]
+
+
+def test_pipeline_kind_reads_the_scheduler(contenders, tmp_path):
+    assert pipeline_kind(contenders[0].path) == "teacher" and pipeline_kind(contenders[1].path) == "lcm"
+    with pytest.raises(EvalError, match=r"no model_index\.json"):
+        pipeline_kind(tmp_path)

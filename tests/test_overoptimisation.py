@@ -19,7 +19,7 @@ def test_overoptimisation_trains_three_students_and_reports(tiny_world_cache, tm
         (model, steps) for model in ("LCM", "direct", "latent proxy") for steps in (1, 2, 4)
     ]
     for row in results["rows"]:
-        assert 0 <= row["high_frequency"] <= 1 and 0 <= row["judge_accuracy"] <= 1 and row["judge_fd"] >= 0
+        assert 0 <= row["high_frequency"] <= 1 and 0 <= row["judge_accuracy"] <= 1 and row["fid"] >= 0
     assert results["rows"][0]["hf_ratio"] == 1.0
     assert (tiny_world_cache / "world" / "lrm" / "model.safetensors").is_file()  # pretrained once, cached
     latent_config = (out / "latent-proxy" / "config.yaml").read_text()
@@ -27,6 +27,6 @@ def test_overoptimisation_trains_three_students_and_reports(tiny_world_cache, tm
     assert (out / "latent-proxy" / "latent_rm" / "model.safetensors").is_file()
     assert "mode: direct" in (out / "direct" / "config.yaml").read_text()
     report = (out / "report.md").read_text()
-    columns = "aesthetic | colourfulness | judge_accuracy | judge_fd | high_frequency | hf_ratio"
+    columns = "world-aesthetic | colorfulness | judge_accuracy | high_frequency | fid | hf_ratio | ms_per_image"
     assert f"| model | steps | {columns} |" in report
     assert (out / "grid.png").stat().st_size > 0

@@ -25,11 +25,12 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
         (model, steps) for model in ("LCM", "RG-LCM") for steps in (1, 2, 4)
     ]
     for row in results["rows"]:
-        assert 0 <= row["judge_accuracy"] <= 1 and row["judge_fd"] >= 0 and row["ms_per_image"] > 0
-        assert -1 <= row["reward"] <= 1
+        assert 0 <= row["judge_accuracy"] <= 1 and row["fid"] >= 0 and row["ms_per_image"] > 0
+        assert -1 <= row["world-clip"] <= 1
     report = (out / "report.md").read_text()
-    assert "| model | steps | reward | judge_accuracy | judge_fd | ms_per_image |" in report
-    assert report.count("\n| RG-LCM |") == 3
+    assert "| model | steps | world-clip | judge_accuracy | fid | ms_per_image | images_per_second |" in report
+    main_table = report.split("\n\n")[1]
+    assert main_table.count("\n| RG-LCM |") == 3 and "**world-clip** by group" in report
     assert (out / "grid.png").stat().st_size > 0
     rg_config = (out / "rg-lcm" / "config.yaml").read_text()
     assert "world-clip" in rg_config and "name: world-clip" not in (out / "lcm" / "config.yaml").read_text()

@@ -137,6 +137,40 @@ def cmd_world_overoptimisation(args: argparse.Namespace) -> None:
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4,8, got {text!r}") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive step counts like 1,2,4,8, got {text!r}")
+    return values
+
+
+def _reward_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from error
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError('expected {"reward name": {"argument": value, ...}, ...}')
+    return value
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval_command import EvalSettings, run_eval
+
+    settings = EvalSettings(
+        models=args.model, out=Path(args.out), prompts=args.prompts, limit=args.limit, steps=args.steps,
+        teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_guidance=args.teacher_guidance,
+        metrics=[name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None,
+        reward_kwargs=args.reward_kwargs, fid_features=args.fid_features, inception_weights=args.inception_weights,
+        fid_size=args.fid_size, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed,
+    )  # fmt: skip
+    results = run_eval(settings)
+    print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rglcd",
@@ -176,6 +210,52 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
     train.set_defaults(run=cmd_train)
+
+    from .prompts import SPEC_HELP
+
+    evaluation = commands.add_parser(
+        "eval", help="the paper's evaluation: models × step counts × metrics on a prompt set, one report",
+        description="Generate the prompts' images with every model (exported LCM/RG-LCM folders at --steps with "
+        "their LCMScheduler; teacher pipelines with DDIM + CFG at --teacher-steps), the same noise per prompt for "
+        "all, and score them. Writes OUT/results.json, report.md, grid.png and plots; finished images are reused, "
+        "so an interrupted run resumes. Models, prompts and metrics are checked before anything is generated.",
+        epilog="examples:\n  rglcd eval --model runs/quickstart/rg-lcm/student "
+        "--model teacher=$RGLCD_CACHE/world/teacher --prompts world --steps 1,2,4\n"
+        "  rglcd eval --model rg=runs/sd21-rglcd/student --model stabilityai/stable-diffusion-2-1 "
+        "--prompts hpsv2 --metrics hpsv2.1,imagereward --steps 2,4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    evaluation.add_argument(
+        "--model", action="append", required=True, metavar="[LABEL=]PATH",
+        help="a pipeline folder or hub id (repeat); LCM or teacher is read from its scheduler",
+    )  # fmt: skip
+    evaluation.add_argument("--prompts", default="world", help=SPEC_HELP)
+    evaluation.add_argument("--limit", type=int, help="at most this many prompts per group (e.g. style)")
+    evaluation.add_argument("--steps", type=_int_list, default=(1, 2, 4, 8), help="LCM steps (default: 1,2,4,8)")
+    evaluation.add_argument("--teacher-steps", type=_int_list, default=(25, 50), help="DDIM steps (default: 25,50)")
+    evaluation.add_argument("--guidance", type=float, help="LCM guidance scale (default: 6.0 world, else 8.5)")
+    evaluation.add_argument("--teacher-guidance", type=float, default=7.5, help="teacher CFG scale (default: 7.5)")
+    evaluation.add_argument(
+        "--metrics", help="comma-separated: any reward (rglcd.rewards.available_rewards()), judge, fid, hf_ratio "
+        "(default: world-clip,judge,fid,hf_ratio for world; fid,clipscore for coco; else hpsv2.1,hf_ratio)",
+    )  # fmt: skip
+    evaluation.add_argument(
+        "--reward-kwargs", type=_reward_kwargs, default={},
+        help='JSON, e.g. \'{"aesthetic": {"checkpoint": "sa_0_4_vit_l_14_linear.pth"}}\'',
+    )  # fmt: skip
+    evaluation.add_argument(
+        "--fid-features", choices=("inception", "world-judge"), help="default: world-judge for world"
+    )
+    evaluation.add_argument(
+        "--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth (torch-fidelity)"
+    )
+    evaluation.add_argument("--fid-size", type=int, help="centre-crop and resize both sets to this before FID "
+                            "(default: 256 for coco)")  # fmt: skip
+    evaluation.add_argument("--resolution", type=int, help="generation size (default: each model's own)")
+    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--out", default="runs/eval", help="report folder (default: runs/eval)")
+    evaluation.set_defaults(run=cmd_eval)
 
     quickstart = commands.add_parser(
         "quickstart", help="the whole method in the miniature world: distil LCM and RG-LCM, evaluate, report",
@@ -271,11 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .evaluate import EvalError
     from .models import TeacherLoadError
+    from .prompts import PromptSetError
 
     try:
         args.run(args)
-    except (TeacherLoadError, ConfigError) as error:
+    except (TeacherLoadError, ConfigError, EvalError, PromptSetError) as error:
         print(f"rglcd {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

@@ -1,28 +1,42 @@
-"""Generation and metrics for comparing a teacher (DDIM + CFG) with consistency models at several step counts.
+"""Generation and metrics for comparing teachers (DDIM + CFG) with consistency models at several step counts.
 
 Every model sees the same noise for a prompt (prompt i is seeded with seed + i, whatever the batch), images are
-written as PNGs, and a (model, steps) pair whose images are all on disk is not generated again, so an
-interrupted evaluation resumes where it stopped.
+written as PNGs, and an image already on disk is not generated again, so an interrupted evaluation resumes where
+it stopped. Metrics then stream over the written images batch by batch, so memory does not grow with the prompt
+set: per-image metrics (rewards, the judge, spectral energy) give a mean, a standard deviation and, for grouped
+prompt sets, the HPSv2 benchmark's per-group chunk statistics; set metrics (FID) accumulate over the batches.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .sampling import ddim_cfg_sample, lcm_sample, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
-SetMetric = Callable[[Tensor, list[str], list[Any]], float]  # images, captions, records -> one number
+HPSV2_CHUNK = 80  # HPSv2's benchmark: 800 prompts per style in 10 chunks of 80
+
+
+class SetMetric(Protocol):
+    """A metric of a whole image set, accumulated batch by batch (e.g. FID)."""
+
+    def reset(self) -> None: ...
+    def update(self, images: Tensor, captions: list[str], records: list[Any]) -> None: ...
+    def compute(self) -> float: ...
+
+
+class EvalError(ValueError):
+    """The evaluation cannot run as asked (unknown metric, missing files, not a pipeline); raised before generating."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,19 @@ class Contender:
     guidance_scale: float  # CFG scale for a teacher; diffusers' LCM guidance (w + 1) for a consistency model
 
 
+def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
+    """``lcm`` for a pipeline whose scheduler is an LCMScheduler (an exported student), else ``teacher``."""
+    from .models import TeacherLoadError, read_pipeline_index
+
+    try:
+        index = read_pipeline_index(str(path), revision=None)
+    except TeacherLoadError as error:
+        raise EvalError(str(error)) from error
+    if "unet" not in index or "scheduler" not in index:
+        raise EvalError(f"{path} is not a UNet diffusion pipeline (model_index.json has {sorted(index)})")
+    return "lcm" if index["scheduler"][-1] == "LCMScheduler" else "teacher"
+
+
 def load_contender(contender: Contender):
     """The pipeline parts a contender is sampled with (frozen, CPU or the first GPU)."""
     from .models import load_teacher
@@ -47,8 +74,13 @@ def load_contender(contender: Contender):
     return load_lcm(contender.path, device)
 
 
-def _sample(contender: Contender, parts, captions: list[str], steps: int, generators: list[torch.Generator]) -> Tensor:
-    common = dict(prompts=captions, num_steps=steps, guidance_scale=contender.guidance_scale, generator=generators)
+def _sample(
+    contender: Contender, parts, captions: list[str], steps: int, generators: list, resolution: int | None
+) -> Tensor:
+    common = dict(
+        prompts=captions, num_steps=steps, guidance_scale=contender.guidance_scale, generator=generators,
+        resolution=resolution,
+    )  # fmt: skip
     if contender.kind == "teacher":
         return ddim_cfg_sample(
             parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config, **common
@@ -56,96 +88,213 @@ def _sample(contender: Contender, parts, captions: list[str], steps: int, genera
     return lcm_sample(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, **common)
 
 
-def generate(
-    contender: Contender, parts, captions: list[str], steps: int, folder: Path, seed: int = 0, batch_size: int = 32
-) -> tuple[Tensor, float | None]:
-    """Images [N,3,H,W] in [0,1] for all captions, and ms/image (None when every image was already on disk)."""
-    from PIL import Image
+def image_paths(folder: Path, count: int) -> list[Path]:
+    return [folder / f"{index:05d}.png" for index in range(count)]
 
+
+def generate(
+    contender: Contender,
+    parts,
+    captions: list[str],
+    steps: int,
+    folder: Path,
+    seed: int = 0,
+    batch_size: int = 32,
+    resolution: int | None = None,
+) -> float | None:
+    """Write the missing images of ``captions`` to ``folder``; ms/image of those (None if none was missing)."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{index:05d}.png" for index in range(len(captions))]
-    missing = [index for index, path in enumerate(paths) if not path.exists()]
+    missing = [index for index, path in enumerate(image_paths(folder, len(captions))) if not path.exists()]
     elapsed = 0.0
     batches = range(0, len(missing), batch_size)
     for start in tqdm(batches, desc=f"{contender.label} · {steps} steps", leave=False, disable=not missing):
         indices = missing[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + index) for index in indices]
         began = time.perf_counter()
-        images = _sample(contender, parts, [captions[index] for index in indices], steps, generators)
+        images = _sample(contender, parts, [captions[index] for index in indices], steps, generators, resolution)
         elapsed += time.perf_counter() - began
         for index, image in zip(indices, to_pil(images), strict=True):
-            image.save(paths[index])
-    loaded = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])  # [N, H, W, 3]
-    images = torch.from_numpy(loaded).permute(0, 3, 1, 2).float() / 255
-    return images, (1000 * elapsed / len(missing) if missing else None)
+            partial = folder / f"{index:05d}.partial.png"
+            image.save(partial)
+            partial.rename(folder / f"{index:05d}.png")  # a kill mid-write never leaves a truncated image
+    return 1000 * elapsed / len(missing) if missing else None
+
+
+def read_images(paths: Sequence[Path], batch_size: int) -> Iterator[tuple[int, Tensor]]:
+    """(start index, images [b,3,H,W] in [0,1]) batch by batch, from PNG/JPEG files."""
+    from PIL import Image
+
+    for start in range(0, len(paths), batch_size):
+        arrays = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths[start : start + batch_size]])
+        yield start, torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255  # [b, 3, H, W]
+
+
+def chunk_statistics(scores: Sequence[float], chunk: int = HPSV2_CHUNK) -> tuple[float, float]:
+    """HPSv2's benchmark arithmetic for one style: the means of consecutive chunks of ``chunk`` scores (in prompt
+    order; a shorter last chunk counts as one), then the mean and the population std (ddof 0) of those means."""
+    if not scores:
+        raise ValueError("no scores")
+    means = [float(np.mean(scores[start : start + chunk])) for start in range(0, len(scores), chunk)]
+    return float(np.mean(means)), float(np.std(means))
+
+
+def group_statistics(
+    values: Sequence[float], groups: Sequence[str], scale: float = 1.0, chunk: int = HPSV2_CHUNK
+) -> dict[str, dict[str, float]]:
+    """Per group (in order of appearance): the chunk mean and std of ``scale · value``; ``average``: the mean over
+    every image, which HPSv2 reports as its overall score."""
+    scaled = [scale * value for value in values]
+    table = {}
+    for group in dict.fromkeys(groups):
+        mean, std = chunk_statistics([v for v, g in zip(scaled, groups, strict=True) if g == group], chunk)
+        table[group] = {"mean": mean, "std": std}
+    table["average"] = {"mean": float(np.mean(scaled)), "std": float("nan")}
+    return table
+
+
+class FeatureExtractor(nn.Module):
+    """Any function of [0, 1] images to features [N, d] as the module torchmetrics' FID takes."""
+
+    def __init__(self, extract: Callable[[Tensor], Tensor], num_features: int):
+        super().__init__()
+        self.extract, self.num_features = extract, num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.extract(images)
+
+
+def fit_square(images: Tensor, size: int) -> Tensor:
+    """Centre-crop to a square and resize to ``size``² (antialiased bicubic): FID's common preparation of
+    reference and generated images alike (as GigaGAN's and DMD2's COCO evaluations, there at 256)."""
+    height, width = images.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    images = images[..., top : top + side, left : left + side]
+    if side != size:
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+    return images.clamp(0, 1)
+
+
+class FrechetDistance:
+    """FID through torchmetrics against fixed reference images, with Inception (``features`` = 2048; weights from
+    a local file, which needs torch-fidelity) or any :class:`FeatureExtractor`. With ``size``, references and
+    generated images are both fitted to ``size``² first (:func:`fit_square`)."""
+
+    def __init__(
+        self,
+        features: int | nn.Module,
+        references: Iterator[Tensor],
+        inception_weights: str | Path | None = None,
+        size: int | None = None,
+    ):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        options = {} if isinstance(features, nn.Module) else {"feature_extractor_weights_path": inception_weights}
+        # normalize: inputs are floats in [0, 1]; the real statistics survive reset() between models.
+        self.fid = FrechetInceptionDistance(features, normalize=True, reset_real_features=False, **options)
+        self.size = size
+        count = 0
+        for batch in references:
+            self.fid.update(self._fit(batch), real=True)
+            count += len(batch)
+        if count < 2:
+            raise EvalError(f"FID needs at least 2 reference images, got {count}")
+
+    def _fit(self, images: Tensor) -> Tensor:
+        return images if self.size is None else fit_square(images, self.size)
+
+    def reset(self) -> None:
+        self.fid.reset()
+
+    def update(self, images: Tensor, captions: list[str], records: list[Any]) -> None:
+        self.fid.update(self._fit(images), real=False)
+
+    def compute(self) -> float:
+        return float(self.fid.compute())
+
+
+@dataclass
+class Metrics:
+    """What to measure on every (model, steps): per-image metrics (with the factor that puts each on its
+    benchmark's scale in group tables) and set metrics."""
+
+    per_image: dict[str, PerImageMetric]
+    per_set: dict[str, SetMetric]
+    benchmark_scales: dict[str, float]
 
 
 def evaluate(
     contenders: Sequence[Contender],
     captions: list[str],
     out: Path,
-    per_image_metrics: dict[str, PerImageMetric],
-    set_metrics: dict[str, SetMetric] | None = None,
+    metrics: Metrics,
     records: list[Any] | None = None,
+    groups: list[str] | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    resolution: int | None = None,
 ) -> list[dict]:
-    """One row per (model, steps): every metric's mean (and std for per-image metrics), and ms/image."""
-    set_metrics = set_metrics or {}
+    """One row per (model, steps): every per-image metric's mean and std (and per-group statistics when the
+    prompts have groups), every set metric, ms/image and images/s. Per-image values go to ``scores.json``
+    beside the images."""
     records = records if records is not None else list(captions)
     rows = []
     for contender in contenders:
         parts = load_contender(contender)
         for steps in contender.steps:
             folder = out / "images" / f"{contender.label}-{steps}"
-            images, ms = generate(contender, parts, captions, steps, folder, seed, batch_size)
-            row: dict[str, Any] = {"model": contender.label, "steps": steps, "images": str(folder)}
-            for name, metric in per_image_metrics.items():
-                with torch.no_grad():
-                    values = metric(images, captions, records).float()
-                row[name] = values.mean().item()
-                row[f"{name}_std"] = values.std().item() if len(values) > 1 else 0.0
-            for name, metric in set_metrics.items():
-                with torch.no_grad():
-                    row[name] = float(metric(images, captions, records))
+            ms = generate(contender, parts, captions, steps, folder, seed, batch_size, resolution)
             timing_file = folder / "timing.json"
             if ms is not None:
                 timing_file.write_text(json.dumps({"ms_per_image": ms}))
-            row["ms_per_image"] = json.loads(timing_file.read_text())["ms_per_image"] if timing_file.exists() else None
+            ms = json.loads(timing_file.read_text())["ms_per_image"] if timing_file.exists() else None
+            values = _measure(image_paths(folder, len(captions)), captions, records, metrics, batch_size)
+            (folder / "scores.json").write_text(json.dumps(values))
+            row: dict[str, Any] = {
+                "model": contender.label, "kind": contender.kind, "steps": steps,
+                "guidance_scale": contender.guidance_scale, "images": str(folder),
+            }  # fmt: skip
+            for name in metrics.per_image:
+                row[name] = float(np.mean(values[name]))
+                row[f"{name}_std"] = float(np.std(values[name], ddof=1)) if len(values[name]) > 1 else 0.0
+            for name in metrics.per_set:
+                row[name] = values[name]
+            if groups and any(groups):
+                row["groups"] = {
+                    name: group_statistics(values[name], groups, metrics.benchmark_scales.get(name, 1.0))
+                    for name in metrics.per_image
+                }
+            row["ms_per_image"] = ms
+            row["images_per_second"] = 1000 / ms if ms else None
             rows.append(row)
     return rows
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    header = "| model | steps | " + " | ".join(columns) + " |"
-    rule = "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"
-    lines = [header, rule]
+def _measure(
+    paths: list[Path], captions: list[str], records: list[Any], metrics: Metrics, batch_size: int
+) -> dict[str, Any]:
+    """Per-image metric values (lists) and set metric values over the images at ``paths``."""
+    values: dict[str, Any] = {name: [] for name in metrics.per_image}
+    for metric in metrics.per_set.values():
+        metric.reset()
+    with torch.no_grad():
+        for start, images in read_images(paths, batch_size):
+            texts, batch_records = captions[start : start + len(images)], records[start : start + len(images)]
+            for name, metric in metrics.per_image.items():
+                values[name] += metric(images, texts, batch_records).float().cpu().tolist()
+            for metric in metrics.per_set.values():
+                metric.update(images, texts, batch_records)
+    for name, metric in metrics.per_set.items():
+        values[name] = metric.compute()
+    return values
+
+
+def relative_to_teacher(rows: list[dict], metric: str, name: str) -> None:
+    """``row[name] = row[metric] / teacher's`` for every row, against the teacher row with the most steps (the
+    high-frequency energy ratio, an over-optimisation monitor); nothing when there is no teacher row."""
+    teachers = [row for row in rows if row.get("kind") == "teacher"]
+    if not teachers:
+        return
+    reference = max(teachers, key=lambda row: row["steps"])[metric]
     for row in rows:
-        cells = [_format(row.get(column)) for column in columns]
-        lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _format(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
-
-
-def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> Path:
-    """A PNG with one row per prompt and one column per (model, steps), read from the written images."""
-    from PIL import Image
-
-    tiles = [
-        [Image.open(Path(row["images"]) / f"{index:05d}.png").convert("RGB") for row in rows]
-        for index in prompt_indices
-    ]
-    width, height = tiles[0][0].size
-    grid = Image.new("RGB", (width * len(rows), height * len(prompt_indices)), "white")
-    for r, tile_row in enumerate(tiles):
-        for c, tile in enumerate(tile_row):
-            grid.paste(tile, (c * width, r * height))
-    grid.save(path)
-    return path
+        row[name] = row[metric] / reference if reference else None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import write_shards
 from .paths import EVAL_SEED, TEACHER_SEED
-from .render import Scene, render, scenes
+from .render import Scene, render, rerender, scenes
 
 
 def write_world_shards(
@@ -24,6 +27,13 @@ def write_world_shards(
 def eval_scenes(count: int = 128, seed: int = EVAL_SEED) -> list[Scene]:
     """Held-out prompts: drawn from their own seed (the attribute space is small, so combinations recur)."""
     return scenes(seed, count)
+
+
+def reference_images(drawn: list[Scene], seed: int = EVAL_SEED) -> Tensor:
+    """Fresh renders of the prompts' scenes (new background and jitter) as [N, 3, 32, 32] in [0, 1]: the real
+    images the generated ones are compared with (the FID analog)."""
+    pixels = np.stack([np.asarray(render(rerender(scene, seed + i))) for i, scene in enumerate(drawn)])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
 
 
 def write_prompt_list(path: str | Path, drawn: list[Scene]) -> Path:

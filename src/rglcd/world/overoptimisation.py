@@ -17,16 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from ..evaluate import Contender, comparison_grid, evaluate, markdown_table
-from ..metrics import high_frequency_share
-from .data import eval_scenes
-from .paths import cache_dir
-from .quickstart import STUDENT_GUIDANCE, TEACHER_GUIDANCE, distil, judge_metrics, prepare_world, world_asset
-
-COLUMNS = ["aesthetic", "colourfulness", "judge_accuracy", "judge_fd", "high_frequency", "hf_ratio"]
-TEACHER_LABEL = "teacher DDIM+CFG"
+from .quickstart import TEACHER_LABEL, distil, prepare_world, world_asset
 
 
 @dataclass
@@ -83,9 +74,7 @@ def student_runs(settings: OveroptimisationSettings, lrm: Path) -> dict[str, lis
 
 
 def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
-    from ..rewards import build_reward
-    from ..rewards.pixel import Colorfulness
-    from .rewards import COLOURFULNESS_SCALE
+    from ..eval_command import EvalSettings, run_eval
 
     started = time.perf_counter()
     out = Path(settings.out)
@@ -94,64 +83,28 @@ def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
     lrm = world_lrm(settings, world)
     runs = student_runs(settings, lrm)
     students = {label: distil(out / label.replace(" ", "-"), overrides) for label, overrides in runs.items()}
-
-    prompts = eval_scenes(settings.prompts)
-    aesthetic = build_reward("world-aesthetic", weights=world["aesthetic"])
-    colourfulness = Colorfulness()
-    per_image, per_set = judge_metrics(world["judge"], prompts)
-    contenders = [
-        Contender(TEACHER_LABEL, world["teacher"], "teacher", (50,), TEACHER_GUIDANCE),
-        *(Contender(label, path, "lcm", settings.steps, STUDENT_GUIDANCE) for label, path in students.items()),
-    ]
-    rows = evaluate(
-        contenders,
-        [scene.caption for scene in prompts],
-        out / "eval",
-        per_image_metrics={
-            "aesthetic": lambda images, texts, records: aesthetic(images, texts),
-            "colourfulness": lambda images, texts, records: colourfulness(images, texts) / COLOURFULNESS_SCALE,
-            "high_frequency": lambda images, texts, records: high_frequency_share(images),
-            **per_image,
-        },
-        set_metrics=per_set,
-        records=prompts,
+    evaluation = EvalSettings(
+        models=[f"{TEACHER_LABEL}={world['teacher']}", *(f"{label}={path}" for label, path in students.items())],
+        out=out,
+        prompts=f"world:{settings.prompts}",
+        steps=settings.steps,
+        teacher_steps=(50,),
+        metrics=["world-aesthetic", "colorfulness", "judge", "fid", "hf_ratio"],
+        batch_size=32,
         seed=settings.seed,
     )
-    teacher_share = next(row["high_frequency"] for row in rows if row["model"] == TEACHER_LABEL)
-    for row in rows:
-        row["hf_ratio"] = row["high_frequency"] / teacher_share
-    results = {
-        "settings": {key: str(value) for key, value in vars(settings).items()},
+    notes = [
+        f"Students distilled for {settings.train_steps} steps from the world teacher: **LCM** (β = 0), **direct** "
+        f"(world-aesthetic through the VAE decoder, β = {settings.direct_beta}), **latent proxy** (the same expert "
+        f"through a latent proxy RM fitted online, β = {settings.latent_beta} on its cosine).",
+        "**world-aesthetic**: the expert, a CNN trained to predict colorfulness / 0.25; **colorfulness**: the true "
+        "Hasler–Süsstrunk colourfulness; **judge_accuracy** / **fid**: the independent judge's attribute accuracy "
+        "and Fréchet distance on its features to fresh renders; **high_frequency**: share of spectral energy "
+        "above half Nyquist; **hf_ratio**: that share relative to the teacher's (50-step DDIM + CFG).",
+    ]
+    context = {
+        "overoptimisation": {key: str(value) for key, value in vars(settings).items()},
         "runs": runs,
         "lrm": json.loads((lrm / "config.json").read_text())["training"],
-        "rows": rows,
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    write_report(out, rows, results)
-    return results
-
-
-def write_report(out: Path, rows: list[dict], results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    grid = comparison_grid(rows, list(range(8)), out / "grid.png")
-    table = markdown_table(rows, COLUMNS)
-    settings = results["settings"]
-    text = f"""# Reward over-optimisation in the miniature world
-
-{table}
-
-- Students distilled for {settings["train_steps"]} steps from the world teacher: **LCM** (β = 0), **direct**
-  (world-aesthetic through the VAE decoder, β = {settings["direct_beta"]}), **latent proxy** (the same expert
-  through a latent proxy RM fitted online, β = {settings["latent_beta"]} on its cosine).
-- **aesthetic**: the expert world-aesthetic score; **colourfulness**: the true Hasler–Süsstrunk colourfulness it
-  was trained to predict (same units); **judge_accuracy** / **judge_fd**: the independent judge's attribute
-  accuracy and Fréchet distance to fresh renders; **high_frequency**: share of spectral energy above half
-  Nyquist; **hf_ratio**: that share relative to the teacher's (50-step DDIM + CFG).
-- {settings["prompts"]} held-out prompts, the same noise for every model. Columns of `{grid.name}`:
-  {", ".join(f"{row['model']} {row['steps']}" for row in rows)}; rows: the first 8 prompts.
-- Whole run: {results["seconds"]:.0f} s (cache: {cache_dir()}).
-
-![samples]({grid.name})
-"""
-    (out / "report.md").write_text(text)
-    tqdm.write(table)
+    return run_eval(evaluation, "Reward over-optimisation in the miniature world", notes, context, started)

@@ -8,26 +8,17 @@ judge: the teacher's DDIM + CFG at 50 and 25 steps against both students at 1, 2
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm.auto import tqdm
-
 from ..config import load_config
-from ..evaluate import Contender, comparison_grid, evaluate, markdown_table
-from .data import eval_scenes, write_world_shards
-from .paths import EVAL_SEED, cache_dir, shipped_dir
-from .render import render, rerender
+from .data import write_world_shards
+from .paths import cache_dir, shipped_dir
 
-TEACHER_GUIDANCE = 7.5  # diffusers' default CFG scale for the DDIM baseline
-STUDENT_GUIDANCE = 6.0  # LCM pipelines' guidance (the student sees w = guidance − 1, inside [w_min, w_max])
-COLUMNS = ["reward", "judge_accuracy", "judge_fd", "ms_per_image"]
+TEACHER_LABEL = "teacher DDIM+CFG"
 
 
 @dataclass
@@ -84,23 +75,8 @@ def world_clip_run(settings: QuickstartSettings, reward_beta: float) -> list[str
     return [f"optim.max_train_steps={settings.train_steps}", f"seed={settings.seed}", f"reward.terms={terms}"]
 
 
-def judge_metrics(judge_folder: Path, prompts: list) -> tuple[dict, dict]:
-    """The judge's metrics for held-out scenes: per image, the fraction of prompted attributes found; per set,
-    the Fréchet distance of the judge's features to those of fresh renders of the same prompts."""
-    from .judge import Judge, frechet_distance
-
-    judge = Judge.load(judge_folder)
-    references = torch.from_numpy(
-        np.stack([np.asarray(render(rerender(scene, EVAL_SEED + i))) for i, scene in enumerate(prompts)])
-    ).permute(0, 3, 1, 2).float() / 255  # fmt: skip
-    reference_features = judge.features(references)
-    per_image = {"judge_accuracy": lambda images, texts, records: judge.attribute_scores(images, records)}
-    per_set = {"judge_fd": lambda images, texts, records: frechet_distance(reference_features, judge.features(images))}
-    return per_image, per_set
-
-
 def run_quickstart(settings: QuickstartSettings) -> dict:
-    from ..rewards import build_reward
+    from ..eval_command import EvalSettings, run_eval
 
     started = time.perf_counter()
     out = Path(settings.out)
@@ -110,52 +86,27 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         "LCM": distil(out / "lcm", world_clip_run(settings, reward_beta=0.0)),
         "RG-LCM": distil(out / "rg-lcm", world_clip_run(settings, reward_beta=settings.reward_beta)),
     }
-
-    prompts = eval_scenes(settings.prompts)
-    captions = [scene.caption for scene in prompts]
-    reward = build_reward("world-clip", weights=world["clip"])
-    per_image, per_set = judge_metrics(world["judge"], prompts)
-    contenders = [
-        Contender("teacher DDIM+CFG", world["teacher"], "teacher", (50, 25), TEACHER_GUIDANCE),
-        Contender("LCM", students["LCM"], "lcm", (1, 2, 4), STUDENT_GUIDANCE),
-        Contender("RG-LCM", students["RG-LCM"], "lcm", (1, 2, 4), STUDENT_GUIDANCE),
-    ]
-    rows = evaluate(
-        contenders,
-        captions,
-        out / "eval",
-        per_image_metrics={"reward": lambda images, texts, records: reward(images, texts), **per_image},
-        set_metrics=per_set,
-        records=prompts,
+    evaluation = EvalSettings(
+        models=[f"{TEACHER_LABEL}={world['teacher']}", *(f"{label}={path}" for label, path in students.items())],
+        out=out,
+        prompts=f"world:{settings.prompts}",
+        steps=(1, 2, 4),
+        teacher_steps=(50, 25),
+        metrics=["world-clip", "judge", "fid"],
+        batch_size=32,
         seed=settings.seed,
     )
-    results = {
-        "settings": {key: str(value) for key, value in vars(settings).items()},
+    notes = [
+        "**world-clip**: the reward (cosine of image and prompt embeddings); **judge_accuracy**: fraction of the "
+        "prompt's attributes the independent judge finds; **fid**: Fréchet distance between the judge's features "
+        "of the generated images and of fresh renders of the same prompts (lower is better); **ms_per_image**: "
+        "generation time, batch of 32, this machine.",
+        f"Students distilled for {settings.train_steps} steps; the RG-LCM with β = {settings.reward_beta} on "
+        "world-clip.",
+    ]
+    context = {
+        "quickstart": {key: str(value) for key, value in vars(settings).items()},
         "world": {key: str(value) for key, value in world.items()},
-        "rows": rows,
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    write_report(out, rows, results)
-    return results
-
-
-def write_report(out: Path, rows: list[dict], results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    grid = comparison_grid(rows, list(range(8)), out / "grid.png")
-    table = markdown_table(rows, COLUMNS)
-    text = f"""# rglcd quickstart: RG-LCD in the miniature world
-
-{table}
-
-- **reward**: world-clip score (cosine) of the image and its prompt; **judge_accuracy**: fraction of the
-  prompt's attributes the independent judge finds; **judge_fd**: Fréchet distance between the judge's
-  features of the generated images and of fresh renders of the same prompts (lower is better);
-  **ms_per_image**: generation time, batch of 32, this machine.
-- {results["settings"]["prompts"]} held-out prompts, the same noise for every model.
-- Columns of `{grid.name}`: {", ".join(f"{row['model']} {row['steps']}" for row in rows)}; rows: the first 8 prompts.
-- Whole run: {results["seconds"]:.0f} s.
-
-![samples]({grid.name})
-"""
-    (out / "report.md").write_text(text)
-    tqdm.write(table)
+    title = "rglcd quickstart: RG-LCD in the miniature world"
+    return run_eval(evaluation, title, notes, context, started)

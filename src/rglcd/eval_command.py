@@ -1,0 +1,217 @@
+"""``rglcd eval``: the paper's evaluation protocol as one command.
+
+Models (exported LCM/RG-LCM folders, sampled with their LCMScheduler at ``steps``; teachers, sampled with
+DDIM + CFG at ``teacher_steps``) generate the images of a prompt set (the HPSv2 benchmark, PartiPrompts, COCO
+captions, a text file, the miniature's held-out prompts) with the same noise per prompt, and are scored by any
+registered reward, the HPSv2 protocol per style, FID, the world's judge and the high-frequency energy ratio.
+Everything is checked (models, prompt files, metric names, weights) before the first image is generated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .evaluate import (
+    Contender,
+    EvalError,
+    FeatureExtractor,
+    FrechetDistance,
+    Metrics,
+    evaluate,
+    pipeline_kind,
+    read_images,
+    relative_to_teacher,
+)
+from .metrics import high_frequency_share
+from .prompts import Prompt, load_prompts
+from .report import write_report
+
+SPECIAL_METRICS = {
+    "judge": "the miniature's judge: fraction of the prompt's attributes found (world prompts only)",
+    "fid": "Fréchet distance to the reference images (COCO images, or fresh world renders) via torchmetrics",
+    "hf_ratio": "share of spectral energy above half Nyquist, relative to the teacher's (over-optimisation monitor)",
+}
+WORLD_LCM_GUIDANCE = 6.0  # the world students' training range is w ∈ [2, 8]; 6.0 is w = 5
+LCM_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
+COCO_FID_SIZE = 256  # GigaGAN's and DMD2's COCO protocol: centre crop, 256²
+
+
+@dataclass
+class EvalSettings:
+    models: list[str]  # "PATH" or "LABEL=PATH": exported LCM folders or teacher pipelines (folders or hub ids)
+    out: Path = Path("runs/eval")
+    prompts: str = "world"
+    limit: int | None = None  # at most this many prompts per group
+    steps: tuple[int, ...] = (1, 2, 4, 8)
+    teacher_steps: tuple[int, ...] = (25, 50)
+    guidance: float | None = None  # LCM guidance; None: 6.0 for world prompts, else 8.5
+    teacher_guidance: float = 7.5
+    metrics: list[str] | None = None  # None: the prompt set's defaults (default_metrics)
+    reward_kwargs: dict[str, dict] = field(default_factory=dict)  # per reward name: constructor arguments
+    fid_features: str | None = None  # "inception" or "world-judge"; None: world-judge for world prompts
+    inception_weights: str | None = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    fid_size: int | None = None  # None: 256 for COCO, the images' own size otherwise
+    resolution: int | None = None  # None: each model's native size
+    batch_size: int = 16
+    seed: int = 0
+
+
+def default_metrics(prompts_spec: str) -> list[str]:
+    kind = prompts_spec.split(":", 1)[0]
+    if kind == "world":
+        return ["world-clip", "judge", "fid", "hf_ratio"]
+    if kind == "coco":
+        return ["fid", "clipscore"]
+    return ["hpsv2.1", "hf_ratio"]
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    """``LABEL=PATH`` or ``PATH`` (labelled by its folder name)."""
+    label, _, path = text.rpartition("=")
+    path = path.strip()
+    return (label.strip() or Path(path).name or path), path
+
+
+def build_contenders(settings: EvalSettings, world: bool) -> list[Contender]:
+    contenders, labels = [], set()
+    lcm_guidance = settings.guidance or (WORLD_LCM_GUIDANCE if world else LCM_GUIDANCE)
+    for text in settings.models:
+        label, path = parse_model(text)
+        if label in labels:
+            raise EvalError(f"two models are labelled {label!r}: name them with --model LABEL=PATH")
+        labels.add(label)
+        kind = pipeline_kind(path)
+        if kind == "lcm":
+            contenders.append(Contender(label, Path(path), "lcm", settings.steps, lcm_guidance))
+        else:
+            contenders.append(
+                Contender(label, Path(path), "teacher", settings.teacher_steps, settings.teacher_guidance)
+            )
+    if not contenders:
+        raise EvalError("no model to evaluate: pass --model PATH (an exported LCM folder or a teacher pipeline)")
+    return contenders
+
+
+def build_metrics(names: list[str], prompts: list[Prompt], settings: EvalSettings, world: bool) -> Metrics:
+    """Every metric, built (weights loaded, references read) before anything is generated."""
+    from .rewards import available_rewards, build_reward
+
+    unknown = [name for name in names if name not in SPECIAL_METRICS and name not in available_rewards()]
+    if unknown:
+        choices = ", ".join([*available_rewards(), *SPECIAL_METRICS])
+        raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {choices}")
+    metrics = Metrics(per_image={}, per_set={}, benchmark_scales={})
+    for name in names:
+        if name in available_rewards():
+            reward = build_reward(name, **settings.reward_kwargs.get(name, {}))
+            metrics.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
+            metrics.benchmark_scales[name] = reward.benchmark_scale
+        elif name == "judge":
+            if not world:
+                raise EvalError("the judge metric needs the world prompts (--prompts world)")
+            judge = _world_judge()
+            metrics.per_image["judge_accuracy"] = lambda images, texts, records, judge=judge: judge.attribute_scores(
+                images, records
+            )
+        elif name == "hf_ratio":
+            metrics.per_image["high_frequency"] = lambda images, texts, records: high_frequency_share(images)
+        elif name == "fid":
+            metrics.per_set["fid"] = _fid(prompts, settings, world)
+    return metrics
+
+
+def _world_judge():
+    from .world.judge import Judge, train_judge
+    from .world.quickstart import world_asset
+
+    return Judge.load(world_asset("judge", train_judge))
+
+
+def _fid(prompts: list[Prompt], settings: EvalSettings, world: bool) -> FrechetDistance:
+    features = settings.fid_features or ("world-judge" if world else "inception")
+    if features == "world-judge":
+        if not world:
+            raise EvalError("--fid-features world-judge needs the world prompts (--prompts world)")
+        from .world.data import reference_images
+
+        judge = _world_judge()
+        extractor = FeatureExtractor(judge.features, judge.feature_dim)
+        references = reference_images([prompt.record for prompt in prompts])
+        batches = (references[i : i + settings.batch_size] for i in range(0, len(references), settings.batch_size))
+        return FrechetDistance(extractor, batches, size=settings.fid_size)
+    if features != "inception":
+        raise EvalError(f"--fid-features must be inception or world-judge, not {features!r}")
+    paths = [prompt.reference for prompt in prompts if prompt.reference is not None]
+    if not paths:
+        raise EvalError("fid needs reference images: use --prompts coco:CAPTIONS_JSON:IMAGES_DIR (or world)")
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise EvalError(f"{len(missing)} reference images are missing, e.g. {missing[0]}")
+    if not settings.inception_weights or not Path(settings.inception_weights).is_file():
+        raise EvalError(
+            "fid with Inception needs its weights as a local file: --inception-weights "
+            "weights-inception-2015-12-05-6726825d.pth (torch-fidelity's release file; `pip install rglcd[fid]`)"
+        )
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError as error:
+        raise EvalError("fid with Inception needs torch-fidelity: pip install 'rglcd[fid]'") from error
+    batches = (batch for _, batch in read_images(paths, settings.batch_size))
+    return FrechetDistance(2048, batches, settings.inception_weights, size=settings.fid_size or COCO_FID_SIZE)
+
+
+def run_eval(
+    settings: EvalSettings,
+    title: str = "rglcd eval",
+    notes: list[str] = (),
+    context: dict | None = None,
+    started: float | None = None,
+) -> dict:
+    """Check everything, generate what is missing, measure, and write the report folder. ``notes`` open the
+    report's list; ``context`` is stored in results.json; ``started`` (a perf_counter) dates the whole run."""
+    started = time.perf_counter() if started is None else started
+    world = settings.prompts.split(":", 1)[0] == "world"
+    prompts = load_prompts(settings.prompts, settings.limit)
+    contenders = build_contenders(settings, world)
+    names = settings.metrics or default_metrics(settings.prompts)
+    metrics = build_metrics(names, prompts, settings, world)
+
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = evaluate(
+        contenders,
+        [prompt.text for prompt in prompts],
+        out,
+        metrics,
+        records=[prompt.record for prompt in prompts],
+        groups=[prompt.group for prompt in prompts],
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        resolution=settings.resolution,
+    )
+    if "high_frequency" in metrics.per_image:
+        relative_to_teacher(rows, "high_frequency", "hf_ratio")
+    columns = [*metrics.per_image, *metrics.per_set, *(["hf_ratio"] if "high_frequency" in metrics.per_image else [])]
+    plotted = [*columns, "ms_per_image"]
+    columns += ["ms_per_image", "images_per_second"]
+    results = {
+        **(context or {}),
+        "settings": {key: str(value) for key, value in asdict(settings).items()},
+        "prompts": {"spec": settings.prompts, "count": len(prompts), "groups": sorted({p.group for p in prompts})},
+        "contenders": [{**asdict(c), "path": str(c.path)} for c in contenders],
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    notes = [
+        *notes,
+        f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded with {settings.seed} + i for every model.",
+        "Per-image metrics: mean over the prompts (the `_std` fields of results.json hold the spread); group tables "
+        "follow HPSv2's benchmark arithmetic on each reward's benchmark scale (HPSv2: 100 × cosine).",
+        f"Whole run: {results['seconds']:.0f} s.",
+    ]
+    rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]
+    tradeoffs = [("fid", name) for name in rewards] if "fid" in metrics.per_set else []
+    write_report(out, title, rows, columns, results, notes, tradeoffs, plotted)
+    return results

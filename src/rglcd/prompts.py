@@ -1,0 +1,219 @@
+"""Prompt sets for ``rglcd eval``: the HPSv2 benchmark, PartiPrompts, COCO captions, the miniature world, or a file.
+
+A prompt set is named by a spec string:
+
+``hpsv2`` / ``hpsv2:DIR``
+    The HPSv2 benchmark (Wu et al., 2023): 800 prompts in each of four styles, read from the files
+    ``benchmark/{anime,concept-art,paintings,photo}.json`` of the hub dataset ``zhwang/HPDv2`` (each a JSON list of
+    prompt strings), or from a local folder holding those four files, such as the ``~/.cache/hpsv2/datasets/benchmark``
+    that the ``hpsv2`` package fills. Prompts come style by style in that order, each in file order; the group is
+    the style. Source: github.com/tgxs002/HPSv2, ``hpsv2/utils.py`` (``hps_prompt_files``,
+    ``download_benchmark_prompts``) and ``hpsv2/__init__.py`` (``benchmark_prompts``).
+``parti`` / ``parti:FILE``
+    PartiPrompts (Yu et al., 2022): ``PartiPrompts.tsv`` of the hub dataset ``nateraw/parti-prompts`` (a copy of
+    github.com/google-research/parti), or a local copy. Tab-separated with the header ``Prompt Category Challenge
+    Note``; fields are split on tabs only, since prompts hold unbalanced ``"``. The group is the category.
+``coco:CAPTIONS_JSON`` / ``coco:CAPTIONS_JSON:IMAGES_DIR``
+    A COCO captions file (``captions_val2014.json``, ``captions_val2017.json``: ``{"images": [{"id", "file_name",
+    ...}], "annotations": [{"image_id", "caption", ...}]}``): one prompt per image, images by increasing id, each with
+    its first caption in annotation order. With IMAGES_DIR, each prompt's reference is ``IMAGES_DIR/file_name`` (for
+    FID); the images themselves are opened, and so checked, by whoever uses them.
+``world`` / ``world:N``
+    The miniature world's first N held-out scenes (default 64); the record is the scene, for the world's judge, and the
+    group is ``"one shape"`` or ``"two shapes"``.
+any other spec
+    A text file with one prompt per line (blank lines and lines starting with ``#`` skipped), or a ``.jsonl`` file of
+    objects with a ``"prompt"`` (or ``"caption"``) field, such as the ``eval_prompts.jsonl`` of ``rglcd world data``.
+
+The hub files are downloaded once and then read from the hub cache; offline and uncached, the error says what to
+download and which local form to pass instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HPSV2_REPO = "zhwang/HPDv2"
+HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+PARTI_REPO = "nateraw/parti-prompts"
+PARTI_FILE = "PartiPrompts.tsv"
+WORLD_PROMPTS = 64
+
+SPEC_HELP = f"""prompt set: 'hpsv2' (HPSv2 benchmark, 4 styles x 800, from the hub dataset {HPSV2_REPO}) or 'hpsv2:DIR'
+(a folder holding {", ".join(style + ".json" for style in HPSV2_STYLES)}); 'parti' (PartiPrompts, 1632 prompts, from
+the hub dataset {PARTI_REPO}) or 'parti:FILE' (a local {PARTI_FILE}); 'coco:CAPTIONS_JSON' or
+'coco:CAPTIONS_JSON:IMAGES_DIR' (a COCO captions file: the first caption of each image; the images are FID
+references); 'world' or 'world:N' (the miniature world's first N held-out prompts, default {WORLD_PROMPTS}); or the
+path of a text file (one prompt per line, '#' comments) or of a .jsonl file with a "prompt" or "caption" field"""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    group: str = ""  # HPSv2 style, Parti category, world scene kind; "" for ungrouped sets
+    reference: Path | None = None  # a real image for FID (COCO)
+    record: Any = None  # the miniature world's Scene (for its judge)
+
+
+class PromptSetError(ValueError):
+    """A prompt set that cannot be read; the message says how to fix the spec or the file."""
+
+
+def load_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
+    """The prompts named by ``spec`` (see the module docstring), at most ``limit`` per group, in order."""
+    if limit is not None and limit < 1:
+        raise PromptSetError(f"the prompt limit must be at least 1, not {limit}")
+    kind, _, argument = spec.partition(":")
+    if kind == "hpsv2":
+        prompts = _hpsv2(argument)
+    elif kind == "parti":
+        prompts = _parti(Path(argument).expanduser() if argument else _hub_file(PARTI_REPO, PARTI_FILE))
+    elif kind == "coco":
+        prompts = _coco(*argument.partition(":")[::2])
+    elif kind == "world":
+        prompts = _world(argument)
+    elif Path(spec).expanduser().is_file():
+        prompts = _lines(Path(spec).expanduser())
+    else:
+        raise PromptSetError(f"{spec!r} is neither a known prompt set nor an existing file; {SPEC_HELP}")
+    if not prompts:
+        raise PromptSetError(f"the prompt set {spec!r} holds no prompts")
+    if limit is None:
+        return prompts
+    taken: dict[str, int] = {}
+    kept = []
+    for prompt in prompts:
+        if taken.get(prompt.group, 0) < limit:
+            taken[prompt.group] = taken.get(prompt.group, 0) + 1
+            kept.append(prompt)
+    return kept
+
+
+def _hub_file(repo: str, filename: str, subfolder: str | None = None) -> Path:
+    """A file of a hub dataset, from the hub cache or downloaded into it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, subfolder=subfolder, repo_type="dataset"))
+    except (OSError, ValueError) as error:  # offline and uncached, no network, unknown repo or file
+        in_repo = f"{subfolder}/{filename}" if subfolder else filename
+        if repo == HPSV2_REPO:
+            files = " ".join(f"benchmark/{style}.json" for style in HPSV2_STYLES)
+            local = "hpsv2:DIR/benchmark"
+        else:
+            files, local = in_repo, f"parti:DIR/{in_repo}"
+        raise PromptSetError(
+            f"{in_repo} of the hub dataset {repo} is not available ({type(error).__name__}: {error}); download it "
+            f"with `hf download {repo} {files} --repo-type dataset --local-dir DIR` (or from "
+            f"https://huggingface.co/datasets/{repo}) and pass {local}"
+        ) from error
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise PromptSetError(f"no file {path}") from error
+    except json.JSONDecodeError as error:
+        raise PromptSetError(f"{path} is not valid JSON (line {error.lineno}: {error.msg})") from error
+
+
+def _hpsv2(folder: str) -> list[Prompt]:
+    if folder:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise PromptSetError(f"no folder {root}; hpsv2:DIR needs a folder holding the four HPSv2 style files")
+        files = [root / f"{style}.json" for style in HPSV2_STYLES]
+        for path in files:
+            if not path.is_file():
+                raise PromptSetError(
+                    f"no file {path}; get it from benchmark/{path.name} of the hub dataset {HPSV2_REPO}"
+                )
+    else:
+        files = [_hub_file(HPSV2_REPO, f"{style}.json", subfolder="benchmark") for style in HPSV2_STYLES]
+    prompts = []
+    for style, path in zip(HPSV2_STYLES, files, strict=True):
+        texts = _read_json(path)
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise PromptSetError(f"{path} is not an HPSv2 style file: expected a JSON list of prompt strings")
+        prompts += [Prompt(text, group=style) for text in texts]
+    return prompts
+
+
+def _parti(path: Path) -> list[Prompt]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError as error:
+        raise PromptSetError(f"no file {path}; parti:FILE needs a local {PARTI_FILE}") from error
+    header = lines[0].split("\t") if lines else []
+    if "Prompt" not in header or "Category" not in header:
+        raise PromptSetError(f"{path}, line 1: expected a PartiPrompts header with Prompt and Category columns")
+    text_column, group_column = header.index("Prompt"), header.index("Category")
+    prompts = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) <= max(text_column, group_column) or not fields[text_column].strip():
+            raise PromptSetError(f"{path}, line {number}: expected tab-separated fields under {header}, got {line!r}")
+        prompts.append(Prompt(fields[text_column].strip(), group=fields[group_column].strip()))
+    return prompts
+
+
+def _coco(captions: str, images: str) -> list[Prompt]:
+    if not captions:
+        raise PromptSetError("coco needs a captions file: coco:CAPTIONS_JSON or coco:CAPTIONS_JSON:IMAGES_DIR")
+    path = Path(captions).expanduser()
+    folder = Path(images).expanduser() if images else None
+    if folder is not None and not folder.is_dir():
+        raise PromptSetError(f"no image folder {folder} (coco:CAPTIONS_JSON:IMAGES_DIR)")
+    data = _read_json(path)
+    try:
+        first_caption: dict[int, str] = {}
+        for annotation in data["annotations"]:
+            first_caption.setdefault(annotation["image_id"], annotation["caption"].strip())
+        entries = sorted((image["id"], image["file_name"]) for image in data["images"])
+    except (KeyError, TypeError, AttributeError) as error:
+        raise PromptSetError(
+            f"{path} is not a COCO captions file: expected {{'images': [{{'id', 'file_name'}}], "
+            f"'annotations': [{{'image_id', 'caption'}}]}} ({type(error).__name__}: {error})"
+        ) from error
+    return [
+        Prompt(first_caption[image_id], reference=folder / file_name if folder else None)
+        for image_id, file_name in entries
+        if image_id in first_caption
+    ]
+
+
+def _world(count: str) -> list[Prompt]:
+    if count and not (count.isdigit() and int(count) > 0):
+        raise PromptSetError(f"world:N needs a positive number of prompts, not {count!r}")
+    from .world.data import eval_scenes
+
+    scenes = eval_scenes(int(count) if count else WORLD_PROMPTS)
+    return [
+        Prompt(scene.caption, group="one shape" if len(scene.objects) == 1 else "two shapes", record=scene)
+        for scene in scenes
+    ]
+
+
+def _lines(path: Path) -> list[Prompt]:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    if path.suffix != ".jsonl":
+        return [Prompt(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptSetError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+        text = entry.get("prompt", entry.get("caption")) if isinstance(entry, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise PromptSetError(f'{path}, line {number}: expected an object with a "prompt" or "caption" string')
+        prompts.append(Prompt(text.strip()))
+    return prompts

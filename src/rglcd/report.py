@@ -1,0 +1,162 @@
+"""Evaluation reports: ``results.json``, ``report.md`` (tables), a sample grid and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """One line per (model, steps), one column per metric."""
+    header = "| model | steps | " + " | ".join(columns) + " |"
+    rule = "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"
+    lines = [header, rule]
+    for row in rows:
+        cells = [_format(row.get(column)) for column in columns]
+        lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_tables(rows: list[dict]) -> str:
+    """Per metric, a table of mean ± std per prompt group (HPSv2's chunk statistics) and the overall average."""
+    if not rows or "groups" not in rows[0]:
+        return ""
+    sections = []
+    for metric, first in rows[0]["groups"].items():
+        groups = list(first)
+        lines = [f"**{metric}** by group (mean ± std over chunks of the group's prompts)", ""]
+        lines.append("| model | steps | " + " | ".join(groups) + " |")
+        lines.append("| --- | ---: | " + " | ".join("---:" for _ in groups) + " |")
+        for row in rows:
+            cells = []
+            for group in groups:
+                stats = row["groups"][metric][group]
+                spread = "" if math.isnan(stats["std"]) else f" ± {_format(stats['std'])}"
+                cells.append(_format(stats["mean"]) + spread)
+            lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> Path:
+    """A PNG with one row per prompt and one column per (model, steps), read from the written images."""
+    from PIL import Image
+
+    tiles = [
+        [Image.open(Path(row["images"]) / f"{index:05d}.png").convert("RGB") for row in rows]
+        for index in prompt_indices
+    ]
+    width, height = tiles[0][0].size
+    grid = Image.new("RGB", (width * len(rows), height * len(prompt_indices)), "white")
+    for r, tile_row in enumerate(tiles):
+        for c, tile in enumerate(tile_row):
+            grid.paste(tile, (c * width, r * height))
+    grid.save(path)
+    return path
+
+
+def plot_metrics(rows: list[dict], metrics: list[str], out: Path) -> list[Path]:
+    """``plot-<metric>.png``: the metric against the number of steps, one line per model (log-2 step axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    paths = []
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    for metric in metrics:
+        figure, axes = plt.subplots(figsize=(5, 3.5))
+        for model in models:
+            points = sorted(
+                (row["steps"], row[metric]) for row in rows if row["model"] == model and row.get(metric) is not None
+            )
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", label=model)
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("sampling steps")
+        axes.set_ylabel(metric)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = out / f"plot-{metric}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def plot_tradeoff(rows: list[dict], x_metric: str, y_metric: str, out: Path) -> Path:
+    """``plot-<y>-vs-<x>.png``: one point per (model, steps), labelled with the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for model in dict.fromkeys(row["model"] for row in rows):
+        chosen = [row for row in rows if row["model"] == model]
+        axes.scatter([row[x_metric] for row in chosen], [row[y_metric] for row in chosen], label=model)
+        for row in chosen:
+            axes.annotate(str(row["steps"]), (row[x_metric], row[y_metric]), fontsize=7)
+    axes.set_xlabel(x_metric)
+    axes.set_ylabel(y_metric)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = out / f"plot-{y_metric}-vs-{x_metric}.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_report(
+    out: Path,
+    title: str,
+    rows: list[dict],
+    columns: list[str],
+    results: dict,
+    notes: list[str],
+    tradeoffs: list[tuple[str, str]] = (),
+    plotted: list[str] | None = None,
+    grid_prompts: int = 8,
+) -> str:
+    """``results.json``, ``grid.png`` (the first prompts × every (model, steps)), plots of the ``plotted`` columns
+    against steps and of the ``tradeoffs`` (x, y) pairs, and ``report.md``; returns the main table (also printed)."""
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    count = min(grid_prompts, len(list(Path(rows[0]["images"]).glob("[0-9]*.png"))))
+    grid = comparison_grid(rows, list(range(count)), out / "grid.png")
+    if plotted is None:  # every numeric column
+        plotted = [column for column in columns if any(isinstance(row.get(column), float) for row in rows)]
+    plots = plot_metrics(rows, plotted, out) + [plot_tradeoff(rows, x, y, out) for x, y in tradeoffs]
+    table = markdown_table(rows, columns)
+    bullets = "\n".join(f"- {note}" for note in notes)
+    columns_of_grid = ", ".join(f"{row['model']} {row['steps']}" for row in rows)
+    figures = "\n".join(f"![{path.stem}]({path.name})" for path in plots)
+    text = f"""# {title}
+
+{table}
+
+{group_tables(rows)}
+
+{bullets}
+- Columns of `{grid.name}`: {columns_of_grid}; rows: the first {count} prompts.
+
+![samples]({grid.name})
+
+{figures}
+"""
+    (out / "report.md").write_text(text.replace("\n\n\n\n", "\n\n"))
+    tqdm.write(table)
+    return table

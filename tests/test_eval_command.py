@@ -1,0 +1,91 @@
+"""`rglcd eval` on tiny models: the report files, resume, and errors before any generation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rglcd.models import build_student, load_teacher
+from rglcd.sampling import export_pipeline
+
+
+@pytest.fixture(scope="module")
+def models(teacher_dirs, tmp_path_factory):
+    teacher = load_teacher(teacher_dirs["epsilon"])
+    student = export_pipeline(tmp_path_factory.mktemp("lcm") / "student", build_student(teacher.unet), teacher)
+    return teacher_dirs["epsilon"], student
+
+
+def rglcd_eval(*args, cache, expect=0):
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", "eval", *map(str, args)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "RGLCD_CACHE": str(cache)},
+    )  # fmt: skip
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+def test_world_evaluation_writes_the_report_and_resumes(models, tmp_path):
+    teacher, student = models
+    out = tmp_path / "eval"
+    args = ["--model", f"teacher={teacher}", "--model", f"lcm={student}", "--prompts", "world:6", "--steps", "1,2",
+            "--teacher-steps", "2", "--batch-size", "4", "--out", out]  # fmt: skip
+    rglcd_eval(*args, cache=tmp_path / "cache")
+    results = json.loads((out / "results.json").read_text())
+    assert [(row["model"], row["steps"]) for row in results["rows"]] == [("teacher", 2), ("lcm", 1), ("lcm", 2)]
+    assert results["prompts"] == {"spec": "world:6", "count": 6, "groups": ["one shape", "two shapes"]}
+    for row in results["rows"]:
+        assert -1 <= row["world-clip"] <= 1 and 0 <= row["judge_accuracy"] <= 1 and row["fid"] >= 0
+        assert row["ms_per_image"] > 0 and list(row["groups"]["world-clip"]) == ["one shape", "two shapes", "average"]
+    assert results["rows"][0]["hf_ratio"] == 1.0  # the teacher is the reference
+    report = (out / "report.md").read_text()
+    columns = "world-clip | judge_accuracy | high_frequency | fid | hf_ratio | ms_per_image | images_per_second"
+    assert f"| model | steps | {columns} |" in report and "**world-clip** by group" in report
+    for name in ("grid.png", "plot-world-clip.png", "plot-fid.png", "plot-world-clip-vs-fid.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    # Resume: nothing is generated again; a deleted image is the only one made anew, the same as before.
+    image = out / "images" / "lcm-2" / "00003.png"
+    kept = out / "images" / "lcm-2" / "00000.png"
+    before, kept_time = image.read_bytes(), kept.stat().st_mtime_ns
+    image.unlink()
+    rglcd_eval(*args, cache=tmp_path / "cache")
+    assert image.read_bytes() == before and kept.stat().st_mtime_ns == kept_time
+    again = json.loads((out / "results.json").read_text())
+    assert [row["world-clip"] for row in again["rows"]] == [row["world-clip"] for row in results["rows"]]
+
+
+def test_a_text_prompt_file_with_a_pixel_metric(models, tmp_path):
+    student = models[1]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n# a comment\na blue circle\n")
+    out = tmp_path / "eval"
+    rglcd_eval("--model", student, "--prompts", prompts, "--steps", "1", "--metrics", "colorfulness",
+               "--out", out, cache=tmp_path / "cache")  # fmt: skip
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["model"] == "student" and row["colorfulness"] >= 0 and "groups" not in row
+    assert sorted(p.name for p in (out / "images" / "student-1").glob("*.png")) == ["00000.png", "00001.png"]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--metrics", "hpsv9"], "unknown metric(s) hpsv9; choose from"),
+        (["--prompts", "missing.txt"], "prompt set"),
+        (["--metrics", "judge", "--prompts", "PROMPTS"], "the judge metric needs the world prompts"),
+        (["--metrics", "fid", "--prompts", "PROMPTS"], "fid needs reference images"),
+        (["--model", "NOT_A_PIPELINE"], "no model_index.json"),
+    ],
+)
+def test_bad_input_fails_before_generating(models, tmp_path, change, message):
+    teacher, _ = models
+    (tmp_path / "prompts.txt").write_text("a red square\n")
+    (tmp_path / "empty").mkdir()
+    change = [str(tmp_path / "prompts.txt") if c == "PROMPTS" else str(tmp_path / "empty") if c == "NOT_A_PIPELINE"
+              else c for c in change]  # fmt: skip
+    out = tmp_path / "eval"
+    result = rglcd_eval("--model", teacher, "--prompts", "world:2", *change, "--out", out, cache=tmp_path, expect=2)
+    assert message in result.stderr
+    assert not (out / "images").exists()
