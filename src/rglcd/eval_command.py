@@ -207,8 +207,9 @@ def run_eval(
     notes = [
         *notes,
         f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded with {settings.seed} + i for every model.",
-        "Per-image metrics: mean over the prompts (the `_std` fields of results.json hold the spread); group tables "
-        "follow HPSv2's benchmark arithmetic on each reward's benchmark scale (HPSv2: 100 × cosine).",
+        "Per-image metrics: mean over the prompts (the `_std` fields of results.json hold the spread), rewards on "
+        "their benchmark's scale (HPSv2 and CLIP score: 100 × cosine); group tables follow HPSv2's benchmark "
+        "arithmetic: per group, the mean and std of the means of consecutive chunks of 80 prompts.",
         f"Whole run: {results['seconds']:.0f} s.",
     ]
     rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]

@@ -234,9 +234,9 @@ def evaluate(
     batch_size: int = 32,
     resolution: int | None = None,
 ) -> list[dict]:
-    """One row per (model, steps): every per-image metric's mean and std (and per-group statistics when the
-    prompts have groups), every set metric, ms/image and images/s. Per-image values go to ``scores.json``
-    beside the images."""
+    """One row per (model, steps): every per-image metric's mean and std on its benchmark scale (and per-group
+    statistics when the prompts have groups), every set metric, ms/image and images/s. Per-image values (unscaled)
+    go to ``scores.json`` beside the images."""
     records = records if records is not None else list(captions)
     rows = []
     for contender in contenders:
@@ -255,8 +255,9 @@ def evaluate(
                 "guidance_scale": contender.guidance_scale, "images": str(folder),
             }  # fmt: skip
             for name in metrics.per_image:
-                row[name] = float(np.mean(values[name]))
-                row[f"{name}_std"] = float(np.std(values[name], ddof=1)) if len(values[name]) > 1 else 0.0
+                scaled = metrics.benchmark_scales.get(name, 1.0) * np.asarray(values[name])
+                row[name] = float(scaled.mean())
+                row[f"{name}_std"] = float(scaled.std(ddof=1)) if len(scaled) > 1 else 0.0
             for name in metrics.per_set:
                 row[name] = values[name]
             if groups and any(groups):

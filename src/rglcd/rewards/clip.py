@@ -230,6 +230,8 @@ class CLIPScore(OpenClipReward):
     CLIPScore as Hessel et al. (2021, arXiv:2104.08718) report it is ``2.5 · max(cosine, 0)``, a rescaling of this.
     """
 
+    benchmark_scale = 100.0  # CLIP score as torchmetrics and most papers report it: 100 × cosine
+
     def __init__(
         self,
         model: str | dict = "ViT-H-14",
