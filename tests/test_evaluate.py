@@ -135,6 +135,55 @@ def test_frechet_distance_through_torchmetrics_matches_the_closed_form():
         FrechetDistance(extractor, iter([real[:1]]))
 
 
+def fd_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FrechetDistance on given [N, D] features, passed through as [N, D, 1, 1] "images"."""
+    extractor = FeatureExtractor(lambda images: images.flatten(1), num_features=real.shape[1])
+    fid = FrechetDistance(extractor, iter([real[:, :, None, None]]))
+    fid.update(fake[:, :, None, None], [], [])
+    return fid.compute()
+
+
+def separated(mean: list[float], spread: list[float]) -> torch.Tensor:
+    """Points mean ± spread_i·e_i: sample mean ``mean``, unbiased covariance diag(2·spread²/(2D − 1))."""
+    mean_t, spread_t = torch.tensor(mean, dtype=torch.float64), torch.tensor(spread, dtype=torch.float64)
+    return torch.cat([mean_t + torch.diag(spread_t), mean_t - torch.diag(spread_t)])
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_frechet_distance_matches_the_closed_form_in_three_dimensions(rotate):
+    mean1, spread1, mean2, spread2 = [0.0, 1.0, -2.0], [1.0, 2.0, 0.5], [0.5, 1.0, 1.0], [3.0, 0.2, 0.5]
+    real, fake = separated(mean1, spread1), separated(mean2, spread2)
+    if rotate:  # FD is invariant under a common rotation, which makes both covariances non-diagonal
+        rotation, _ = torch.linalg.qr(
+            torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        )
+        real, fake = real @ rotation, fake @ rotation
+    var1, var2 = ([2 * s**2 / 5 for s in spread] for spread in (spread1, spread2))
+    expected = sum((a - b) ** 2 for a, b in zip(mean1, mean2, strict=True)) + sum(
+        v1 + v2 - 2 * math.sqrt(v1 * v2) for v1, v2 in zip(var1, var2, strict=True)
+    )
+    assert fd_of_features(real, fake) == pytest.approx(expected, rel=1e-6)
+    assert fd_of_features(fake, real) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_with_non_commuting_covariances():
+    # In 2-D, tr (Σ₁Σ₂)^½ = sqrt(tr Σ₁Σ₂ + 2 sqrt(det Σ₁ det Σ₂)).
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(50, 2, dtype=torch.float64, generator=generator) @ torch.tensor(
+        [[2.0, 0.0], [1.5, 0.5]], dtype=torch.float64
+    )
+    fake = (
+        torch.randn(60, 2, dtype=torch.float64, generator=generator)
+        @ torch.tensor([[0.3, -1.0], [0.0, 1.0]], dtype=torch.float64)
+        + 1
+    )
+    cov_real, cov_fake = torch.cov(real.T), torch.cov(fake.T)
+    assert not torch.allclose(cov_real @ cov_fake, cov_fake @ cov_real)
+    cross = torch.sqrt((cov_real @ cov_fake).trace() + 2 * torch.sqrt(cov_real.det() * cov_fake.det()))
+    expected = (real.mean(0) - fake.mean(0)).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * cross
+    assert fd_of_features(real, fake) == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_relative_to_teacher_uses_the_teacher_with_most_steps():
     rows = [
         {"model": "t", "kind": "teacher", "steps": 25, "hf": 0.4},

@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from rglcd.world.judge import (
     WEIGHTS_FILE,
     Judge,
     augment,
-    frechet_distance,
     judge_loss,
     judge_targets,
     pair_index,
@@ -182,77 +180,6 @@ def test_augment_is_seeded_bounded_and_mild():
     assert not torch.equal(first, augment(images, torch.Generator().manual_seed(2)))
     assert first.min() >= 0 and first.max() <= 1
     assert (first - images.float() / 255).abs().mean() < 0.15
-
-
-def separated(mean: list[float], spread: list[float]) -> torch.Tensor:
-    """Points mean ± spread_i·e_i: sample mean ``mean``, unbiased covariance diag(2·spread²/(2D − 1))."""
-    mean_t, spread_t = torch.tensor(mean, dtype=torch.float64), torch.tensor(spread, dtype=torch.float64)
-    offsets = torch.diag(spread_t)
-    return torch.cat([mean_t + offsets, mean_t - offsets])
-
-
-def closed_form(mean1, spread1, mean2, spread2) -> float:
-    rows = 2 * len(mean1) - 1
-    var1 = [2 * s**2 / rows for s in spread1]
-    var2 = [2 * s**2 / rows for s in spread2]
-    return sum((a - b) ** 2 for a, b in zip(mean1, mean2, strict=True)) + sum(
-        v1 + v2 - 2 * math.sqrt(v1 * v2) for v1, v2 in zip(var1, var2, strict=True)
-    )
-
-
-def test_frechet_distance_is_zero_for_identical_sets():
-    features = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
-    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6 * features.var(0).sum().item())
-    assert frechet_distance(features, features.flip(0)) == pytest.approx(0.0, abs=1e-9)  # order does not matter
-    assert frechet_distance(features, features + 1) == pytest.approx(16.0)  # a shift costs ‖Δμ‖²
-
-
-@pytest.mark.parametrize("rotate", [False, True])
-def test_frechet_distance_matches_the_closed_form(rotate):
-    mean1, spread1 = [0.0, 1.0, -2.0], [1.0, 2.0, 0.5]
-    mean2, spread2 = [0.5, 1.0, 1.0], [3.0, 0.2, 0.5]
-    real, fake = separated(mean1, spread1), separated(mean2, spread2)
-    if rotate:  # FD is invariant under a common rotation, which makes both covariances non-diagonal
-        rotation, _ = torch.linalg.qr(
-            torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        )
-        real, fake = real @ rotation, fake @ rotation
-    expected = closed_form(mean1, spread1, mean2, spread2)
-    assert frechet_distance(real, fake) == pytest.approx(expected, rel=1e-9)
-    assert frechet_distance(fake, real) == pytest.approx(expected, rel=1e-9)
-
-
-def test_frechet_distance_with_non_commuting_covariances():
-    # In 2-D, tr (Σ₁Σ₂)^½ = sqrt(tr Σ₁Σ₂ + 2 sqrt(det Σ₁ det Σ₂)): Σ₁Σ₂ has the eigenvalues of a PSD matrix.
-    generator = torch.Generator().manual_seed(0)
-    real = torch.randn(50, 2, dtype=torch.float64, generator=generator) @ torch.tensor(
-        [[2.0, 0.0], [1.5, 0.5]], dtype=torch.float64
-    )
-    fake = (
-        torch.randn(60, 2, dtype=torch.float64, generator=generator)
-        @ torch.tensor([[0.3, -1.0], [0.0, 1.0]], dtype=torch.float64)
-        + 1
-    )
-    cov_real, cov_fake = torch.cov(real.T), torch.cov(fake.T)
-    assert not torch.allclose(cov_real @ cov_fake, cov_fake @ cov_real)
-    cross = torch.sqrt((cov_real @ cov_fake).trace() + 2 * torch.sqrt(cov_real.det() * cov_fake.det()))
-    mean_gap = (real.mean(0) - fake.mean(0)).square().sum()
-    expected = mean_gap + cov_real.trace() + cov_fake.trace() - 2 * cross
-    assert frechet_distance(real, fake) == pytest.approx(expected.item(), rel=1e-9)
-    assert frechet_distance(real.float(), fake.float()) == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_frechet_distance_in_one_dimension():
-    real = torch.tensor([[0.0], [2.0]])  # mean 1, variance 2
-    fake = torch.tensor([[4.0], [12.0]])  # mean 8, variance 32
-    assert frechet_distance(real, fake) == pytest.approx(49 + 2 + 32 - 2 * 8)
-
-
-def test_frechet_distance_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="same D"):
-        frechet_distance(torch.zeros(4, 3), torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="at least 2"):
-        frechet_distance(torch.zeros(1, 3), torch.zeros(4, 3))
 
 
 def test_short_training_lowers_the_loss_and_is_deterministic(tmp_path):

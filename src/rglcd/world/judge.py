@@ -68,7 +68,7 @@ class Judge(nn.Module):
         return self.config["feature_dim"]
 
     def features(self, images: Tensor) -> Tensor:
-        """Pooled features [B, feature_dim], e.g. for :func:`frechet_distance`."""
+        """Pooled features [B, feature_dim]: the space of the world's FID analog (``rglcd eval --metrics fid``)."""
         batch, _, height, width = images.shape
         ys = torch.linspace(-1, 1, height, device=images.device).view(1, 1, height, 1).expand(batch, 1, height, width)
         xs = torch.linspace(-1, 1, width, device=images.device).view(1, 1, 1, width).expand(batch, 1, height, width)
@@ -252,33 +252,3 @@ def train_judge(
     if progress:
         tqdm.write(f"judge: held-out attribute accuracy {accuracy:.4f}, saved to {out}")
     return judge
-
-
-def frechet_distance(real_features: Tensor, fake_features: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to [N, D] and [M, D] features (the FID formula).
-
-    ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½, in float64, with unbiased covariances.
-    """
-    if real_features.ndim != 2 or fake_features.ndim != 2 or real_features.shape[1] != fake_features.shape[1]:
-        shapes = f"{tuple(real_features.shape)} and {tuple(fake_features.shape)}"
-        raise ValueError(f"features must be [N, D] and [M, D] with the same D, got {shapes}")
-    if min(real_features.shape[0], fake_features.shape[0]) < 2:
-        raise ValueError("each feature set needs at least 2 rows to fit a covariance")
-    real, fake = real_features.detach().double(), fake_features.detach().double()
-    mean_real, mean_fake = real.mean(0), fake.mean(0)
-    cov_real, cov_fake = _covariance(real, mean_real), _covariance(fake, mean_fake)
-    # tr (Σ₁Σ₂)^½ = tr (Σ₁^½ Σ₂ Σ₁^½)^½, and the right side is symmetric PSD: eigvalsh gives real, stable roots.
-    root_real = _psd_sqrt(cov_real)
-    cross = torch.linalg.eigvalsh(root_real @ cov_fake @ root_real).clamp(min=0).sqrt().sum()
-    distance = (mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace() - 2 * cross
-    return max(distance.item(), 0.0)  # rounding can leave -1e-15 for identical sets
-
-
-def _covariance(x: Tensor, mean: Tensor) -> Tensor:
-    centred = x - mean
-    return centred.T @ centred / (x.shape[0] - 1)
-
-
-def _psd_sqrt(matrix: Tensor) -> Tensor:
-    values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
