@@ -89,3 +89,25 @@ def test_bad_input_fails_before_generating(models, tmp_path, change, message):
     result = rglcd_eval("--model", teacher, "--prompts", "world:2", *change, "--out", out, cache=tmp_path, expect=2)
     assert message in result.stderr
     assert not (out / "images").exists()
+
+
+def test_coco_fid_names_the_inception_weights_it_needs(models, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for index in (1, 2):
+        Image.new("RGB", (40, 30), (index * 60, 0, 0)).save(images / f"COCO_val2014_{index:012d}.jpg")
+    captions = {
+        "images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (1, 2)],
+        "annotations": [{"id": 10 + i, "image_id": i, "caption": f"a picture number {i}"} for i in (1, 2)],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    spec = f"coco:{tmp_path / 'captions.json'}:{images}"
+    result = rglcd_eval("--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
+                        cache=tmp_path, expect=2)  # fmt: skip
+    assert "--inception-weights weights-inception-2015-12-05-6726825d.pth" in result.stderr
+    (images / "COCO_val2014_000000000002.jpg").unlink()
+    result = rglcd_eval("--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
+                        cache=tmp_path, expect=2)  # fmt: skip
+    assert "1 reference images are missing" in result.stderr
