@@ -48,7 +48,7 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         if abs(value) >= 100:
             return f"{value:.1f}"
-        return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+        return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.4f}"
     return str(value)
 
 
