@@ -58,7 +58,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from .data import TrainStream
 
     out = Path(config.logging.output_dir)
+    # Without an accelerator device, several processes (torchrun / accelerate launch) must be told to use
+    # the CPU, or each would run alone instead of joining one gloo process group.
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=config.precision.mixed_precision,
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         log_with=None if config.logging.tracker == "none" else config.logging.tracker,
@@ -247,6 +251,10 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
+    trained = {"student": accelerator.unwrap_model(student), "target": target}
+    if proxy is not None:
+        trained["latent_rm"] = accelerator.unwrap_model(proxy)
+    checksums = ranks_in_step(accelerator, trained)
     student_dir = out / "student"
     if accelerator.is_main_process:
         teacher.vae.float()
@@ -262,6 +270,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             json.dumps(
                 {
                     "global_step": global_step,
+                    "processes": accelerator.num_processes,
+                    "parameter_checksums": checksums,
                     "skipped_samples": stream.stats.skipped,
                     "skip_reasons": stream.stats.reasons,
                 },
@@ -270,6 +280,25 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         )
     accelerator.end_training()
     return student_dir
+
+
+def ranks_in_step(accelerator, modules: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Each module's parameter checksum (Σ p + Σ p², float64); with several processes, gathered from every rank
+    and required to be equal (DDP keeps the student in step; the EMA target and the proxy follow from it)."""
+    local = torch.tensor(
+        [
+            sum(p.double().sum() + p.double().square().sum() for p in module.parameters()).item()
+            for module in modules.values()
+        ],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
+    every_rank = accelerator.gather(local[None]).cpu()  # [processes, modules]
+    if not torch.equal(every_rank, every_rank[:1].expand_as(every_rank)):
+        raise TrainingError(
+            f"the processes' parameters diverged: checksums per rank {every_rank.tolist()} for {list(modules)}"
+        )
+    return dict(zip(modules, local.tolist(), strict=True))
 
 
 def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:

@@ -1,0 +1,80 @@
+"""Several processes on the CPU (gloo), launched as users launch them: torchrun (accelerate launch is the same)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rglcd.demo import tiny_setup
+
+HERE = Path(__file__).parent
+
+
+def torchrun(processes: int, *args, cwd=None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    ranks_said = "\n".join(line for line in result.stderr.splitlines() if line.startswith("[rank"))
+    assert result.returncode == 0, ranks_said[-6000:] or result.stderr[-4000:]
+    return result
+
+
+def test_two_processes_average_to_the_whole_batch(epsilon_teacher_dir, tmp_path):
+    """DDP's gradient average over two half-batches is the whole batch's gradient: two ranks agree exactly with
+    each other and, within float rounding, with one process that took the whole batch (3 SGD steps)."""
+    for processes in (1, 2):
+        torchrun(processes, str(HERE / "distributed_step.py"), str(epsilon_teacher_dir), str(tmp_path))
+    single = load_file(tmp_path / "rank0-of-1.safetensors")
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}-of-2.safetensors") for r in (0, 1))
+    assert rank0.keys() == single.keys() and any(key.startswith("grad.") for key in single)
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    largest_gradient = max(single[key].abs().max() for key in single if key.startswith("grad."))
+    for key in single:
+        tolerance = 1e-5 * largest_gradient if key.startswith("grad.") else 1e-6
+        torch.testing.assert_close(rank0[key], single[key], atol=tolerance, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), samples=64)
+
+
+def train_two_processes(tiny, out, steps, *extra):
+    overrides = [
+        f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
+        "optim.batch_size=4", f"optim.max_train_steps={steps}", "logging.checkpointing_steps=2",
+        "logging.validation_steps=2", "logging.log_every=1",
+    ]  # fmt: skip
+    return torchrun(2, "-m", "rglcd", "train", "tiny", *overrides, *extra)
+
+
+def test_two_process_training_stays_in_step_and_resumes_exactly(tiny, tmp_path):
+    straight = tmp_path / "straight"
+    train_two_processes(tiny, straight, 4)
+    summary = json.loads((straight / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_step"] == 4  # the ranks' checksums were checked equal
+    checkpoint = straight / "checkpoints" / "checkpoint-4"
+    assert {"generator-0.pt", "generator-1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    data_states = json.loads((checkpoint / "trainer_state.json").read_text())["data"]
+    assert [(state["order"]["rank"], state["order"]["world_size"]) for state in data_states] == [(0, 2), (1, 2)]
+    # The main process alone writes validation grids and logs.
+    assert sorted(path.name for path in (straight / "validation").iterdir()) == [
+        "step-00000002.png",
+        "step-00000004.png",
+    ]
+    writers = {path.name.split(".")[-2] for path in (straight / "logs").rglob("events.out.tfevents.*")}
+    assert len(writers) == 1  # event files are named ...<host>.<pid>.<n>: one process wrote them all
+
+    resumed = tmp_path / "resumed"
+    train_two_processes(tiny, resumed, 2)
+    train_two_processes(tiny, resumed, 4, "--resume", "latest")
+    weights = "student/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(straight / weights), load_file(resumed / weights)
+    assert all(torch.equal(a[key], b[key]) for key in a)
