@@ -18,6 +18,8 @@ def test_presets_ship_and_parse():
         assert config.distill.num_ddim_timesteps == 50 and config.distill.ema_decay == 0.95
         assert config.optim.learning_rate == 1e-6 and config.distill.loss == "huber"
     assert load_config("sd21-768").data.resolution == 768
+    lora = load_config("sd15-512-lora")
+    assert lora.lora.rank == 64 and lora.optim.learning_rate == 1e-4 and "to_q" in lora.lora.target_modules
 
 
 def test_defaults_follow_the_paper():

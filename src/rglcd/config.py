@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .lora import LCM_LORA_TARGETS
 from .losses import DISTANCE_KINDS
 
 
@@ -29,6 +30,17 @@ class ModelConfig:
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weights files
     time_cond_proj_dim: int = 256  # size of the student's guidance-scale embedding
+
+
+@dataclass
+class LoraOptions:
+    """LoRA RG-LCD: peft adapters on the teacher's UNet instead of training all of it (see rglcd.lora)."""
+
+    rank: int = 0  # 0: train the whole UNet (with a guidance embedding); > 0: adapters of this rank (LCM-LoRA: 64)
+    alpha: float | None = None  # None: the rank (LCM-LoRA's alpha = rank)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
+    fuse_on_export: bool = False  # also write OUTPUT_DIR/student: the teacher pipeline with the adapters fused
 
 
 @dataclass
@@ -125,6 +137,7 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -279,6 +292,16 @@ def validate(config: TrainConfig) -> None:
         f"model.teacher: {c.model.teacher} does not exist; give an existing folder or a hub id (owner/name)",
     )
     check(c.model.time_cond_proj_dim > 0, "model.time_cond_proj_dim: must be > 0 (256 is LCM's)")
+    check(c.lora.rank >= 0, "lora.rank: must be >= 0 (0 trains the whole UNet; LCM-LoRA uses 64)")
+    check(c.lora.alpha is None or c.lora.alpha > 0, "lora.alpha: must be > 0, or null for the rank")
+    check(0.0 <= c.lora.dropout < 1.0, "lora.dropout: must be in [0, 1)")
+    check(not c.lora.rank or bool(c.lora.target_modules), "lora.target_modules: name at least one module")
+    if c.lora.rank:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            errors.append("lora.rank: LoRA needs peft; `pip install peft` or set lora.rank=0")
+    check(not c.lora.fuse_on_export or c.lora.rank > 0, "lora.fuse_on_export: only for LoRA runs (lora.rank > 0)")
     check(bool(c.data.source), "data.source: required; webdataset shards (path, {000..009} pattern, pipe:) or a folder")
     check(
         c.data.resolution > 0 and c.data.resolution % vae_scale_factor == 0,

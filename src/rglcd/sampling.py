@@ -62,8 +62,9 @@ def lcm_sample(
     """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps.
 
     ``guidance_scale`` is the CFG scale as in diffusers' pipelines; the model sees emb(guidance_scale − 1),
-    the LCM-convention w it was distilled with. Noise is drawn in the same order as diffusers'
-    LatentConsistencyModelPipeline, so for one generator both give the same images.
+    the LCM-convention w it was distilled with (a LoRA student has no such input and ignores it). Noise is
+    drawn in the same order as diffusers' LatentConsistencyModelPipeline, so for one generator both give the
+    same images.
     """
     device = next(unet.parameters()).device
     prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
@@ -72,8 +73,10 @@ def lcm_sample(
     )
 
     scheduler.set_timesteps(num_steps, device=device)
-    w = torch.full((len(prompts),), guidance_scale - 1.0)
-    w_embedding = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(device, latents.dtype)
+    w_embedding = None  # a LoRA student (no guidance input) samples as diffusers does at guidance_scale ≤ 1
+    if unet.config.time_cond_proj_dim is not None:
+        w = torch.full((len(prompts),), guidance_scale - 1.0)
+        w_embedding = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(device, latents.dtype)
     denoised = latents
     for timestep in scheduler.timesteps:
         model_output = unet(latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample

@@ -39,7 +39,7 @@ class Distillation:
     distance: ConsistencyDistance = field(default_factory=ConsistencyDistance)
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
-    time_cond_proj_dim: int = 256
+    time_cond_proj_dim: int = 256  # the student's guidance embedding; 0 for a LoRA student, which has none
 
     def __post_init__(self) -> None:
         if self.w_min > self.w_max:
@@ -86,7 +86,7 @@ def consistency_function(
     unet: nn.Module,
     z_t: Tensor,
     timesteps: Tensor,
-    w_embedding: Tensor,
+    w_embedding: Tensor | None,
     prompt_embeds: Tensor,
     distillation: Distillation,
 ) -> Tensor:
@@ -165,7 +165,10 @@ def rglcd_step(
     previous = (start - distillation.skip).clamp(min=0)  # t_n
     # The step works in the noise's dtype (float32 in training; float64 in the exactness tests).
     z_start = schedule.add_noise(latents.to(noise.noise.dtype), noise.noise, start)
-    w_embedding = guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim).to(z_start)
+    # A LoRA student has no guidance input (time_cond_proj_dim 0): w acts only through the teacher's CFG.
+    w_embedding = None
+    if distillation.time_cond_proj_dim:
+        w_embedding = guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim).to(z_start)
     model_pred = consistency_function(student, z_start, start, w_embedding, cond_embeds, distillation)
 
     z_previous = teacher_ddim_cfg_step(

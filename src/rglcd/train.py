@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .lora import STUDENT, TARGET, AdaptersOff, AdapterView, adapter_pairs, add_lora, export_fused, save_lora
 from .losses import ConsistencyDistance
 from .models import build_student, build_target, encode_prompts, load_teacher, update_ema
 from .rewards import build_reward
@@ -50,7 +51,8 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def train(config: TrainConfig, resume: str | None = None) -> Path:
-    """Run (or resume) a distillation; returns the exported student pipeline folder."""
+    """Run (or resume) a distillation; returns the exported student: a pipeline folder, or for a LoRA run the
+    LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -74,11 +76,24 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         (out / "config.yaml").write_text(config.to_yaml())
 
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
-    student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
-    target = build_target(student).to(accelerator.device)
+    teacher_dtype = DTYPES[config.precision.teacher_dtype]
+    lora = config.lora
+    if lora.rank:
+        # LoRA: adapters on the teacher's own UNet; with them off it is the teacher, the EMA adapter is the target.
+        student = add_lora(teacher.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        student.to(accelerator.device)  # float32: its base weights are shared with the teacher
+        teacher_unet, target = AdaptersOff(student), AdapterView(student)
+        ema_target, ema_online = adapter_pairs(student)
+        for frozen in (teacher.vae, teacher.text_encoder):
+            frozen.to(accelerator.device, teacher_dtype)
+    else:
+        student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
+        target = build_target(student).to(accelerator.device)
+        teacher.to(accelerator.device, teacher_dtype)
+        teacher_unet = teacher.unet
+        ema_target, ema_online = list(target.parameters()), list(student.parameters())
     if config.precision.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    teacher.to(accelerator.device, DTYPES[config.precision.teacher_dtype])
 
     distillation = Distillation(
         teacher.schedule,
@@ -88,7 +103,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         distance=ConsistencyDistance(config.distill.loss, config.distill.distance_c),
         sigma_data=config.distill.sigma_data,
         timestep_scaling=config.distill.timestep_scaling,
-        time_cond_proj_dim=student.config.time_cond_proj_dim,
+        time_cond_proj_dim=student.config.time_cond_proj_dim or 0,
     )
     # The reward(s): maximised directly (Alg. 3), or the expert the latent proxy is fitted to (Alg. 4).
     expert = None
@@ -103,7 +118,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
     optimizer = optimizer_class(
-        student.parameters(),
+        [param for param in student.parameters() if param.requires_grad],
         lr=optim.learning_rate,
         betas=(optim.adam_beta1, optim.adam_beta2),
         eps=optim.adam_epsilon,
@@ -116,7 +131,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         num_training_steps=optim.max_train_steps * accelerator.num_processes,
     )
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(target)
+    if not lora.rank:  # a LoRA target is an adapter inside the student, saved with it
+        accelerator.register_for_checkpointing(target)
     proxy = proxy_optimizer = None
     if config.reward.mode == "latent":
         latent = config.reward.latent
@@ -187,7 +203,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 proxy.eval()
             with accelerator.autocast():
                 output = rglcd_step(
-                    student=student, target=target, teacher_unet=teacher.unet, vae=vae, distillation=distillation,
+                    student=student, target=target, teacher_unet=teacher_unet, vae=vae, distillation=distillation,
                     latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds[: len(latents)],
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
                     reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
@@ -222,7 +238,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 )
             continue
         nan_streak = 0
-        update_ema(target.parameters(), accelerator.unwrap_model(student).parameters(), config.distill.ema_decay)
+        update_ema(ema_target, ema_online, config.distill.ema_decay)
         global_step += 1
         progress.update(1)
 
@@ -251,7 +267,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
-    trained = {"student": accelerator.unwrap_model(student), "target": target}
+    trained = {"student": accelerator.unwrap_model(student)}  # a LoRA student holds its target adapter
+    if not lora.rank:
+        trained["target"] = target
     if proxy is not None:
         trained["latent_rm"] = accelerator.unwrap_model(proxy)
     checksums = ranks_in_step(accelerator, trained)
@@ -260,10 +278,19 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         teacher.vae.float()
         teacher.text_encoder.float()
         final_student = accelerator.unwrap_model(student)
-        export_pipeline(
-            student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
-        )
-        target.save_pretrained(out / "target_unet")
+        if lora.rank:
+            lora_dir = save_lora(final_student, out / "lora", STUDENT)
+            save_lora(final_student, out / "target_lora", TARGET)
+            if lora.fuse_on_export:
+                export_fused(
+                    config.model.teacher, lora_dir, student_dir, distillation.num_ddim_timesteps,
+                    distillation.timestep_scaling,
+                )  # fmt: skip
+        else:
+            export_pipeline(
+                student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
+            )
+            target.save_pretrained(out / "target_unet")
         if proxy is not None:
             accelerator.unwrap_model(proxy).save_pretrained(out / "latent_rm", {"fitted_steps": global_step})
         (out / "train_summary.json").write_text(
@@ -279,6 +306,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             )
         )
     accelerator.end_training()
+    if lora.rank and not lora.fuse_on_export:
+        return out / "lora"
     return student_dir
 
 
