@@ -34,6 +34,7 @@ def test_overrides_are_typed_and_round_trip(tiny_paths, tmp_path):
         "tiny", [*tiny_paths, "optim.learning_rate=3e-5", "optim.batch_size=4", "data.random_flip=true"]
     )
     assert config.optim.learning_rate == 3e-5 and config.optim.batch_size == 4 and config.data.random_flip is True
+    assert load_config("tiny", [*tiny_paths, "precision.mixed_precision=no"]).precision.mixed_precision == "no"
     assert config.reward.terms[0].name == "colorfulness"
     saved = tmp_path / "config.yaml"
     saved.write_text(config.to_yaml())

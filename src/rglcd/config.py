@@ -120,6 +120,7 @@ class PrecisionConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     teacher_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # frozen teacher, VAE and text encoder
     gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "eager"] = "sdpa"  # torch's scaled_dot_product_attention, or plain matmuls
 
 
 @dataclass
@@ -187,6 +188,8 @@ def _convert(hint: Any, value: Any, where: str, errors: list[str]) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, where, errors)
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads a bare `no` (e.g. precision.mixed_precision=no) as false
         if value not in args:
             errors.append(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

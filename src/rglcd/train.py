@@ -94,6 +94,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         ema_target, ema_online = list(target.parameters()), list(student.parameters())
     if config.precision.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    if config.precision.attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for unet in [student] if lora.rank else [student, target, teacher.unet]:
+            unet.set_attn_processor(AttnProcessor())
 
     distillation = Distillation(
         teacher.schedule,
