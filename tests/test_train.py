@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rglcd.config import load_config
+from rglcd.data import DataError
 from rglcd.demo import colour_samples, tiny_setup
 from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
@@ -165,9 +166,27 @@ def test_bad_samples_are_skipped_and_counted(tiny, tmp_path):
 
 
 def test_missing_teacher_and_empty_data_are_clear_errors(tiny, tmp_path):
-    from rglcd.data import DataError
-
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match=str(empty)):
         train(load_config("tiny", overrides(tiny, tmp_path / "run", data__source=empty)))
+
+
+def test_training_from_a_cache_matches_training_from_the_images(tiny, tmp_path):
+    """`rglcd cache` then `rglcd train` on it: the same latents (up to the VAE's batch-size rounding), embeddings
+    and order as from the images, so the same student, without the VAE encoder or text encoder per step."""
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", "cache", "--teacher", str(tiny / "teacher"), "--data", str(tiny / "data"),
+         "--out", str(cache), "--resolution", "32"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = dict(logging__validation_steps=0, data__shuffle_buffer=0)
+    train(load_config("tiny", overrides(tiny, tmp_path / "images", **settings)))
+    train(load_config("tiny", overrides(tiny, tmp_path / "cached", **settings, data__source=cache)))
+    from_images, from_cache = unet_weights(tmp_path / "images"), unet_weights(tmp_path / "cached")
+    for key in from_images:
+        torch.testing.assert_close(from_cache[key], from_images[key], atol=1e-5, rtol=0)
+    with pytest.raises(DataError, match="holds centre crops without flips"):
+        train(load_config("tiny", overrides(tiny, tmp_path / "flip", data__source=cache, data__random_flip=True)))

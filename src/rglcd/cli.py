@@ -56,8 +56,21 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from .train import train
 
-    student_dir = train(config, resume=args.resume)
-    print(f"student pipeline: {student_dir}")
+    exported = train(config, resume=args.resume)
+    print(f"exported: {exported}")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .data import write_cache
+    from .data.cache import read_cache_info
+
+    out = write_cache(
+        args.teacher, args.data, args.out, resolution=args.resolution, samples=args.samples,
+        batch_size=args.batch_size, samples_per_shard=args.samples_per_shard, dtype=args.dtype,
+        device=_device(args.device),
+    )  # fmt: skip
+    info = read_cache_info(out)
+    print(f"cached {info['samples']} samples in {len(info['shards'])} shards: {out}  (train with data.source={out})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -211,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
     train.set_defaults(run=cmd_train)
 
+    cache = commands.add_parser(
+        "cache", help="encode a dataset once (VAE latents, text embeddings) so training skips both encoders",
+        description="Read DATA once in order (centre crop, no flip), encode every usable sample with the teacher's "
+        "VAE (posterior mean and log-variance) and text encoder (caption embedding), and write webdataset shards, "
+        "cache_info.json and the empty prompt's embedding to OUT. Train from it with data.source=OUT; it is checked "
+        "against the run's teacher and resolution.",
+    )  # fmt: skip
+    cache.add_argument("--teacher", required=True, help="the teacher pipeline (folder or hub id)")
+    cache.add_argument("--data", required=True, help="webdataset shards or a captioned folder, as data.source")
+    cache.add_argument("--out", required=True, help="the cache folder (must not exist)")
+    cache.add_argument("--resolution", type=int, required=True, help="image size before encoding, as data.resolution")
+    cache.add_argument("--samples", type=int, help="encode at most this many (default: one pass over DATA)")
+    cache.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default: 32)")
+    cache.add_argument("--samples-per-shard", type=int, default=1000)
+    cache.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16"), help="on disk (float16 halves the size)"
+    )
+    cache.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    cache.set_defaults(run=cmd_cache)
+
     from .prompts import SPEC_HELP
 
     evaluation = commands.add_parser(
@@ -351,13 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .data import DataError
     from .evaluate import EvalError
     from .models import TeacherLoadError
     from .prompts import PromptSetError
 
     try:
         args.run(args)
-    except (TeacherLoadError, ConfigError, EvalError, PromptSetError) as error:
+    except (TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError) as error:
         print(f"rglcd {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

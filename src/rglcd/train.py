@@ -58,6 +58,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from diffusers.optimization import get_scheduler
 
     from .data import TrainStream
+    from .data.cache import CachedStream, check_cache, is_cache, sample_posterior, teacher_fingerprint
 
     out = Path(config.logging.output_dir)
     # Without an accelerator device, several processes (torchrun / accelerate launch) must be told to use
@@ -76,6 +77,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         (out / "config.yaml").write_text(config.to_yaml())
 
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
+    cached = is_cache(config.data.source)
+    if cached:  # made by this teacher's VAE and text encoder, at this resolution? (before any cast)
+        check_cache(
+            config.data.source, teacher_fingerprint(teacher), config.data.resolution,
+            center_crop=config.data.center_crop, random_flip=config.data.random_flip,
+        )  # fmt: skip
     teacher_dtype = DTYPES[config.precision.teacher_dtype]
     lora = config.lora
     if lora.rank:
@@ -153,18 +160,17 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     if proxy is not None:
         reward_fn, reward_beta = accelerator.unwrap_model(proxy), config.reward.latent.beta
 
-    stream = TrainStream(
-        config.data.source,
-        resolution=config.data.resolution,
-        batch_size=optim.batch_size,
-        center_crop=config.data.center_crop,
-        random_flip=config.data.random_flip,
-        caption_dropout=config.data.caption_dropout,
-        seed=config.seed,
-        shuffle_buffer=config.data.shuffle_buffer,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
+    order = dict(
+        batch_size=optim.batch_size, caption_dropout=config.data.caption_dropout, seed=config.seed,
+        shuffle_buffer=config.data.shuffle_buffer, rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )  # fmt: skip
+    if cached:  # `rglcd cache`: latent distributions and text embeddings, no VAE encoder or text encoder per step
+        stream = CachedStream(config.data.source, **order)
+    else:
+        stream = TrainStream(
+            config.data.source, resolution=config.data.resolution, center_crop=config.data.center_crop,
+            random_flip=config.data.random_flip, **order,
+        )  # fmt: skip
     # The step's randomness (noise, grid indices, w, VAE posterior samples) comes from one generator per rank.
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     global_step, nan_streak = 0, 0
@@ -186,7 +192,10 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     tokenizer, text_encoder, vae = teacher.tokenizer, teacher.text_encoder, teacher.vae
     with torch.no_grad():
-        uncond_embeds = encode_prompts(tokenizer, text_encoder, [""] * optim.batch_size).float()
+        if cached:
+            uncond_embeds = stream.uncond_embeds.to(accelerator.device).expand(optim.batch_size, -1, -1)
+        else:
+            uncond_embeds = encode_prompts(tokenizer, text_encoder, [""] * optim.batch_size).float()
     batches = iter(stream)
     progress = tqdm(
         total=optim.max_train_steps, initial=global_step, desc="RG-LCD", disable=not accelerator.is_local_main_process
@@ -197,11 +206,14 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         with accelerator.accumulate(student):
             batch = next(batches)
             with torch.no_grad():
-                pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
-                posterior = vae.encode(pixels).latent_dist
-                noise_for_vae = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-                latents = (posterior.mean + posterior.std * noise_for_vae).float() * vae.config.scaling_factor
-                cond_embeds = encode_prompts(tokenizer, text_encoder, batch["captions"]).float()
+                if cached:
+                    parameters = batch["latent_parameters"].to(accelerator.device)  # [B, 2C, h, w]
+                    cond_embeds = batch["prompt_embeds"].to(accelerator.device)
+                else:
+                    pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
+                    parameters = vae.encode(pixels).latent_dist.parameters.float()  # [B, 2C, h, w]: mean, logvar
+                    cond_embeds = encode_prompts(tokenizer, text_encoder, batch["captions"]).float()
+                latents = sample_posterior(parameters, generator) * vae.config.scaling_factor
             noise = StepNoise.draw(latents, distillation, generator)
             if proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
                 _set_trainable(proxy_params, False)

@@ -1,7 +1,7 @@
 """Where training samples come from: webdataset tar shards or a folder of captioned images.
 
 A source is resolved once, up front, into a list of shards. Each shard reads its samples as
-:class:`RawSample` (image still encoded, caption already text) so that skipping samples is cheap.
+:class:`RawSample` (payload still encoded, caption already text) so that skipping samples is cheap.
 """
 
 from __future__ import annotations
@@ -44,10 +44,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RawSample:
-    """One sample as read: the encoded image (bytes, or a file path), its caption, or why it is unusable."""
+    """One sample as read: its encoded payload, its caption, or why it is unusable.
+
+    The payload is the encoded image (bytes, or a file path), or for a tar read with other payload extensions
+    (e.g. the latent cache's ``safetensors``) that member's bytes.
+    """
 
     key: str
-    image: bytes | Path | None
+    payload: bytes | Path | None
     caption: str | None
     problem: str | None = None
 
@@ -61,11 +65,13 @@ class TarShard:
 
     The members are grouped into samples here rather than by ``webdataset.tarfile_samples``, which on a cut
     archive reports one error twice and can pass on the half-read sample. Here a read error ends the shard,
-    drops the sample being assembled and is reported once.
+    drops the sample being assembled and is reported once. A sample's payload is its first member with one of
+    the ``payload_extensions``.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, payload_extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
         self.url = url
+        self.payload_extensions = payload_extensions
 
     def samples(self, on_error: OnError) -> Iterator[RawSample]:
         try:
@@ -82,12 +88,12 @@ class TarShard:
                         continue
                     if member_key != key:  # the previous sample is complete: hand it on before reading further
                         if parts:
-                            yield _from_parts(f"{self.url}:{key}", parts)
+                            yield _from_parts(f"{self.url}:{key}", parts, self.payload_extensions)
                         key, parts = member_key, {}
                     parts[extension.lower()] = tar.extractfile(member).read()
                     tar.members = []  # a streaming TarFile keeps every header otherwise
                 if parts:
-                    yield _from_parts(f"{self.url}:{key}", parts)
+                    yield _from_parts(f"{self.url}:{key}", parts, self.payload_extensions)
         except (tarfile.TarError, EOFError) as exn:
             on_error(_TAR_ERRORS.get(str(exn), "corrupt tar"), f"{self.url}: {exn!r}")
         except OSError as exn:  # an I/O error, or a pipe: command that failed
@@ -99,13 +105,13 @@ class TarShard:
                 pass
 
 
-def _from_parts(key: str, parts: dict[str, bytes]) -> RawSample:
-    image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
+def _from_parts(key: str, parts: dict[str, bytes], payload_extensions: tuple[str, ...]) -> RawSample:
+    payload = next((parts[ext] for ext in payload_extensions if ext in parts), None)
     try:
         caption = _caption_from_parts(parts)
     except ValueError:  # bad UTF-8 or bad JSON
-        return RawSample(key, image, None, problem="undecodable caption")
-    return RawSample(key, image, caption)
+        return RawSample(key, payload, None, problem="undecodable caption")
+    return RawSample(key, payload, caption)
 
 
 def _caption_from_parts(parts: dict[str, bytes]) -> str | None:
@@ -228,6 +234,25 @@ def write_shards(
     Each sample becomes ``{key}.png`` and ``{key}.txt`` (and ``{key}.json`` with the metadata), keyed by its
     running number. Returns the shard paths in order; no samples, no shards.
     """
+    records = (
+        {"png": image, "txt": caption, **({"json": metadata[0]} if metadata else {})}
+        for image, caption, *metadata in samples
+    )
+    return write_records(records, out_dir, samples_per_shard, prefix)
+
+
+def write_records(
+    records: Iterable[dict[str, object]],
+    out_dir: str | os.PathLike[str],
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+) -> list[Path]:
+    """Write samples, each a ``{extension: value}`` dict of its members, as tars ``{prefix}-{index:06d}.tar``.
+
+    Members are named ``{key}.{extension}`` with the key the sample's running number (``000000042``); values
+    are encoded by webdataset's ``TarWriter`` (bytes as they are, str as UTF-8, PIL images by extension, dicts
+    as JSON). ``records`` is consumed lazily. Returns the shard paths in order; no records, no shards.
+    """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     out = Path(out_dir)
@@ -235,16 +260,13 @@ def write_shards(
     paths: list[Path] = []
     writer = None
     try:
-        for index, (image, caption, *metadata) in enumerate(samples):
+        for index, record in enumerate(records):
             if index % samples_per_shard == 0:
                 if writer is not None:
                     writer.close()
                 paths.append(out / f"{prefix}-{len(paths):06d}.tar")
                 writer = wds.TarWriter(str(paths[-1]))
-            record = {"__key__": f"{index:09d}", "png": image, "txt": caption}
-            if metadata:
-                record["json"] = metadata[0]
-            writer.write(record)
+            writer.write({"__key__": f"{index:09d}", **record})
     finally:
         if writer is not None:
             writer.close()

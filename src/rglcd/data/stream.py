@@ -7,14 +7,14 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .images import load_rgb, to_training_tensor
-from .sources import DataError, RawSample, open_source
+from .sources import DataError, RawSample, Shard, open_source
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -43,6 +43,15 @@ class DataStats:
 
 class _Unusable(Exception):
     """A sample that is skipped; the message is the reason counted in :class:`DataStats`."""
+
+
+class SampleDraws(NamedTuple):
+    """A sample's own random numbers in [0, 1), drawn from its (seed, epoch, rank, index) generator."""
+
+    flip: float  # < 0.5: mirror (with random_flip)
+    drop: float  # < caption_dropout: drop the caption
+    crop_x: float  # the crop's offsets as fractions of the slack (without center_crop)
+    crop_y: float
 
 
 class TrainStream:
@@ -79,7 +88,16 @@ class TrainStream:
 
     Samples are read and decoded in the calling process (no DataLoader workers), which keeps the order, and
     so the resume, simple. Use one iterator at a time: a new ``iter(stream)`` continues from the current state.
+
+    Subclasses reuse the order, seeding, rank split and resume for other samples by overriding
+    :meth:`_open_shards` (where the samples are) and :meth:`_decode_sample` (what one becomes).
     """
+
+    # The end of the error for a source that gives no usable sample: what a usable sample needs.
+    _sample_requirements = (
+        "Each sample needs an image (jpg, jpeg, png or webp) and a non-empty caption (a .txt or .caption member, "
+        'or a .json with "caption" or "text")'
+    )
 
     def __init__(
         self,
@@ -120,7 +138,7 @@ class TrainStream:
         self.world_size = world_size
         self.stats = DataStats()
 
-        shards = open_source(source)
+        shards = self._open_shards()
         self._split_by_shard = len(shards) >= world_size
         self._shards = shards[rank::world_size] if self._split_by_shard else shards
         self._epoch = 0
@@ -128,14 +146,15 @@ class TrainStream:
         self._replaying = False
 
     def __iter__(self) -> Iterator[dict]:
-        pixels: list[torch.Tensor] = []
+        samples: list[dict[str, torch.Tensor]] = []
         captions: list[str] = []
-        for image, caption in self._samples():
-            pixels.append(image)
+        for tensors, caption in self._samples():
+            samples.append(tensors)
             captions.append(caption)
             if len(captions) == self.batch_size:
-                yield {"pixel_values": torch.stack(pixels), "captions": captions}
-                pixels, captions = [], []
+                batch = {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
+                yield {**batch, "captions": captions}
+                samples, captions = [], []
 
     def state_dict(self) -> dict:
         """The position (epoch, samples consumed in it) and the stats, JSON-serialisable."""
@@ -167,7 +186,7 @@ class TrainStream:
             "world_size": self.world_size,
         }
 
-    def _samples(self) -> Iterator[tuple[torch.Tensor, str]]:
+    def _samples(self) -> Iterator[tuple[dict[str, torch.Tensor], str]]:
         while True:
             epoch, resume_at = self._epoch, self._consumed
             order = self._epoch_order(epoch)
@@ -208,31 +227,38 @@ class TrainStream:
             self.stats.seen += 1
             self.stats.drop(reason)
 
-    def _prepare(self, raw: RawSample, epoch: int, index: int) -> tuple[torch.Tensor, str] | None:
+    def _open_shards(self) -> list[Shard]:
+        """All shards of the source, in order (before the rank split)."""
+        return open_source(self.source)
+
+    def _prepare(self, raw: RawSample, epoch: int, index: int) -> tuple[dict[str, torch.Tensor], str] | None:
         self.stats.seen += 1
+        # Always the same four draws, so that e.g. turning flips on does not change which captions are dropped.
+        draws = SampleDraws(*_rng(self.seed, epoch, _SAMPLE, self.rank, index).random(4))
         try:
-            image, caption = _decode(raw)
+            return self._decode_sample(raw, draws)
         except _Unusable as unusable:
             logger.debug("skipping %s: %s", raw.key, unusable)
             self.stats.drop(str(unusable))
             return None
-        # Always the same four draws, so that e.g. turning flips on does not change which captions are dropped.
-        flip, drop, crop_x, crop_y = _rng(self.seed, epoch, _SAMPLE, self.rank, index).random(4)
+
+    def _decode_sample(self, raw: RawSample, draws: SampleDraws) -> tuple[dict[str, torch.Tensor], str]:
+        """The sample's batch tensors by name, and its caption; :class:`_Unusable` if it is skipped."""
+        image, caption = _decode(raw)
         pixels = to_training_tensor(
             image,
             self.resolution,
-            crop_at=None if self.center_crop else (crop_x, crop_y),
-            flip=self.random_flip and flip < 0.5,
+            crop_at=None if self.center_crop else (draws.crop_x, draws.crop_y),
+            flip=self.random_flip and draws.flip < 0.5,
         )
-        return pixels, "" if drop < self.caption_dropout else caption
+        return {"pixel_values": pixels}, "" if draws.drop < self.caption_dropout else caption
 
     def _no_usable_sample(self) -> DataError:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.stats.reasons.items()))
         ranks = f" for rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
         return DataError(
             f"{self.source!r} gave no usable sample in a whole pass{ranks} ({self.stats.seen} read so far, "
-            f"dropped: {reasons or 'none'}). Each sample needs an image (jpg, jpeg, png or webp) and a non-empty "
-            'caption (a .txt or .caption member, or a .json with "caption" or "text")'
+            f"dropped: {reasons or 'none'}). {self._sample_requirements}"
             + (", and every rank needs at least one sample" if self.world_size > 1 else "")
         )
 
@@ -241,14 +267,14 @@ def _decode(raw: RawSample) -> tuple[Image.Image, str]:
     """The sample's RGB image and caption, or :class:`_Unusable` with the reason it is skipped."""
     if raw.problem is not None:
         raise _Unusable(raw.problem)
-    if raw.image is None:
+    if raw.payload is None:
         raise _Unusable("missing image")
     if raw.caption is None:
         raise _Unusable("missing caption")
     if not raw.caption.strip():
         raise _Unusable("empty caption")
     try:
-        return load_rgb(raw.image), raw.caption
+        return load_rgb(raw.payload), raw.caption
     except FileNotFoundError:
         raise _Unusable("missing image") from None
     except Exception:

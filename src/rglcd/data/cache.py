@@ -1,0 +1,381 @@
+"""Cached latents and text embeddings: encode a dataset once, then train without the VAE encoder and text encoder.
+
+Writing: ``rglcd cache --teacher T --data SRC --out DIR --resolution R`` (or :func:`write_cache`) reads SRC once in
+source order (centre crop, no flip, every usable sample once), encodes it with the teacher's VAE and text encoder,
+and writes DIR atomically (``DIR.partial`` is renamed when complete)::
+
+    DIR/cache_info.json        teacher, fingerprint, resolution, scaling_factor, latent_shape [C, h, w],
+                               prompt_embeds_shape [L, D], samples, dtype, shards, ...
+    DIR/uncond.safetensors     {"prompt_embeds": float32 [L, D]}: the empty prompt's embedding
+    DIR/cache-000000.tar ...   webdataset shards; per sample {key}.safetensors holding
+                               "latent_parameters" [2C, h, w] (the VAE posterior's mean and logvar, as
+                               ``vae.encode(pixels).latent_dist.parameters``) and "prompt_embeds" [L, D]
+                               (``encode_prompts`` of the caption), in ``dtype`` (float32, or float16 to halve
+                               the size); and {key}.txt, the caption
+
+Reading, e.g. in the trainer (the fingerprint is of the teacher as :func:`rglcd.models.load_teacher` returns it,
+before any cast to half precision)::
+
+    from rglcd.data.cache import CachedStream, check_cache, is_cache, sample_posterior, teacher_fingerprint
+
+    if is_cache(source):
+        check_cache(source, teacher_fingerprint(teacher), resolution, center_crop=..., random_flip=...)
+        stream = CachedStream(source, batch_size=B, caption_dropout=p, seed=s, shuffle_buffer=n, rank=r,
+                              world_size=w)
+        uncond_embeds = stream.uncond_embeds.expand(B, -1, -1)  # [B, L, D]
+    ...
+    batch = next(batches)  # {"latent_parameters": [B, 2C, h, w], "prompt_embeds": [B, L, D], "captions": [B]}
+    latents = sample_posterior(batch["latent_parameters"], generator) * vae.config.scaling_factor
+    cond_embeds = batch["prompt_embeds"]
+
+:class:`CachedStream` is a :class:`~rglcd.data.TrainStream` over the cache's shards, with the same order,
+seeding, rank split, exact resume and :attr:`stats`; its tensors are float32 whatever the dtype on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import torch as safetensors_torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models import Teacher, encode_prompts, load_teacher
+from .sources import DataError, RawSample, Shard, TarShard, write_records
+from .stream import SampleDraws, TrainStream, _Unusable
+
+INFO_FILE = "cache_info.json"
+UNCOND_FILE = "uncond.safetensors"
+SAMPLE_MEMBER = "safetensors"  # the tar member of a sample's tensors; the caption is the .txt member
+SHARD_PREFIX = "cache"
+FORMAT = "rglcd-cache"
+VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+INFO_KEYS = (
+    "teacher", "fingerprint", "resolution", "scaling_factor", "latent_shape", "prompt_embeds_shape", "samples",
+    "dtype", "shards",
+)  # fmt: skip
+# Config entries (besides the "_"-prefixed ones) that say with what a model was saved, not how it computes.
+_UNSTABLE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype"}
+
+
+def write_cache(
+    teacher: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    resolution: int,
+    samples: int | None = None,
+    batch_size: int = 32,
+    samples_per_shard: int = 1000,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Encode one pass over ``source`` (at most ``samples``) with ``teacher``'s encoders into the cache ``out``.
+
+    The images are prepared as :class:`~rglcd.data.TrainStream` prepares them with ``center_crop`` and without
+    flips or caption dropout, and encoded ``batch_size`` at a time on ``device`` in float32; unusable samples
+    are skipped. Raises :class:`DataError` if ``out`` exists or the source is unusable; an interrupted write
+    leaves no ``out`` (only ``out.partial``, removed by the next attempt). Returns ``out``.
+    """
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("batch_size", batch_size), ("samples_per_shard", samples_per_shard), ("samples", samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if out.exists():
+        raise DataError(f"{out} already exists; remove it or choose another output folder")
+    stream = TrainStream(source, resolution=resolution, batch_size=1)  # source order, centre crop, no flip
+    model = load_teacher(teacher).to(device)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        tally = _Tally()
+        with tqdm(total=samples, desc="rglcd cache", unit="sample", disable=not progress) as bar:
+            records = _encoded_records(model, _one_pass(stream, samples), batch_size, DTYPES[dtype], tally, bar)
+            shards = write_records(records, partial, samples_per_shard, prefix=SHARD_PREFIX)
+        with torch.no_grad():
+            uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])[0].float().cpu()  # [L, D]
+        safetensors_torch.save_file({"prompt_embeds": uncond.contiguous()}, partial / UNCOND_FILE)
+        channels_2c, *latent_size = tally.shapes["latent_parameters"]
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "teacher": os.fspath(teacher),
+            "fingerprint": teacher_fingerprint(model),
+            "resolution": resolution,
+            "center_crop": True,
+            "random_flip": False,
+            "scaling_factor": model.vae.config.scaling_factor,
+            "latent_shape": [channels_2c // 2, *latent_size],
+            "prompt_embeds_shape": tally.shapes["prompt_embeds"],
+            "samples": tally.samples,
+            "dtype": dtype,
+            "shards": [path.name for path in shards],
+            "source": os.fspath(source),
+        }
+        (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class _Tally:
+    """What :func:`_encoded_records` has written so far: the sample count and one sample's tensor shapes."""
+
+    samples: int = 0
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _one_pass(stream: TrainStream, limit: int | None) -> Iterator[tuple[Tensor, str]]:
+    """(pixels [3, R, R], caption) of the usable samples of ``stream``'s first epoch, at most ``limit``."""
+    for batch in itertools.islice(stream, limit):  # batches of one
+        if stream.state_dict()["epoch"] > 0:  # the first sample of the second pass
+            return
+        yield batch["pixel_values"][0], batch["captions"][0]
+
+
+def _encoded_records(
+    teacher: Teacher,
+    samples: Iterator[tuple[Tensor, str]],
+    batch_size: int,
+    dtype: torch.dtype,
+    tally: _Tally,
+    bar: tqdm,
+) -> Iterator[dict[str, bytes | str]]:
+    """The cache's tar records of ``samples``, encoded ``batch_size`` at a time."""
+    device = next(teacher.vae.parameters()).device
+    while chunk := list(itertools.islice(samples, batch_size)):
+        pixels = torch.stack([image for image, _ in chunk]).to(device)  # [b, 3, R, R]
+        captions = [caption for _, caption in chunk]
+        with torch.no_grad():
+            latent_parameters = teacher.vae.encode(pixels).latent_dist.parameters  # [b, 2C, h, w]: mean, logvar
+            prompt_embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, captions)  # [b, L, D]
+        for parameters, embeds, caption in zip(latent_parameters, prompt_embeds, captions, strict=True):
+            tensors = {  # compact copies: the rows of the batch may be strided views
+                "latent_parameters": parameters.to("cpu", dtype).clone(memory_format=torch.contiguous_format),
+                "prompt_embeds": embeds.to("cpu", dtype).clone(memory_format=torch.contiguous_format),
+            }
+            yield {SAMPLE_MEMBER: safetensors_torch.save(tensors), "txt": caption}
+        tally.samples += len(chunk)
+        tally.shapes = {name: list(tensor.shape) for name, tensor in tensors.items()}
+        bar.update(len(chunk))
+
+
+class CachedStream(TrainStream):
+    """:class:`~rglcd.data.TrainStream`'s batches, order, seeding, rank split and resume, over a cache.
+
+    Each batch is ``{"latent_parameters": float32 [B, 2C, h, w], "prompt_embeds": float32 [B, L, D],
+    "captions": list of B str}``. A sample's caption dropout is decided by the same draw as in TrainStream; a
+    dropped sample gets the cached empty-prompt embedding (:attr:`uncond_embeds`) and the caption "". With the
+    same shard layout (e.g. a cache written with the source's ``samples_per_shard``) and a source without
+    unusable samples, the captions come in exactly the order TrainStream gives for the same arguments.
+
+    A missing or damaged ``cache_info.json``, ``uncond.safetensors`` or shard raises :class:`DataError` here; a
+    damaged sample is skipped and counted in :attr:`stats`, like an undecodable image.
+    """
+
+    _sample_requirements = (
+        "Each cached sample needs a .safetensors member with latent_parameters and prompt_embeds of the shapes in "
+        f"{INFO_FILE}, and a .txt caption: the cache is damaged, make it again with `rglcd cache`"
+    )
+
+    def __init__(
+        self,
+        cache: str | os.PathLike[str],
+        *,
+        batch_size: int,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.info = read_cache_info(cache)
+        self.uncond_embeds = _load_uncond(Path(cache), self.info)  # float32 [L, D]
+        channels, *latent_size = self.info["latent_shape"]
+        self._shapes = {
+            "latent_parameters": [2 * channels, *latent_size],
+            "prompt_embeds": self.info["prompt_embeds_shape"],
+        }
+        super().__init__(
+            cache,
+            resolution=self.info["resolution"],
+            batch_size=batch_size,
+            caption_dropout=caption_dropout,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _open_shards(self) -> list[Shard]:
+        return [
+            TarShard(str(Path(self.source) / name), payload_extensions=(SAMPLE_MEMBER,)) for name in self.info["shards"]
+        ]
+
+    def _decode_sample(self, raw: RawSample, draws: SampleDraws) -> tuple[dict[str, Tensor], str]:
+        if raw.problem is not None:
+            raise _Unusable(raw.problem)
+        if raw.payload is None:
+            raise _Unusable("missing tensors")
+        if raw.caption is None:
+            raise _Unusable("missing caption")
+        try:
+            stored = safetensors_torch.load(raw.payload)
+            tensors = {name: stored[name].float() for name in self._shapes}
+        except Exception:
+            raise _Unusable("undecodable tensors") from None
+        if any(list(tensors[name].shape) != shape for name, shape in self._shapes.items()):
+            raise _Unusable("wrong tensor shape")
+        if draws.drop < self.caption_dropout:
+            return {**tensors, "prompt_embeds": self.uncond_embeds}, ""
+        return tensors, raw.caption
+
+
+def is_cache(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` is a folder written by :func:`write_cache` (it holds ``cache_info.json``)."""
+    return (Path(os.fspath(source)) / INFO_FILE).is_file()
+
+
+def read_cache_info(cache: str | os.PathLike[str]) -> dict:
+    """The cache's ``cache_info.json``, after checking that it and every file it names are there."""
+    folder = Path(os.fspath(cache))
+    info_file = folder / INFO_FILE
+    if not info_file.is_file():
+        interrupted = folder.with_name(folder.name + ".partial").exists()
+        raise DataError(
+            f"{str(folder)!r} is not an rglcd cache: it has no {INFO_FILE}"
+            + (" (its write was interrupted)" if interrupted else "")
+            + f". Make one with `rglcd cache --teacher TEACHER --data SOURCE --out {folder} --resolution R`"
+        )
+    try:
+        info = json.loads(info_file.read_text())
+        missing_keys = [key for key in INFO_KEYS if key not in info]
+        if info.get("format") != FORMAT or missing_keys:
+            raise ValueError(
+                f"not an {FORMAT} file" + (f", it lacks {', '.join(missing_keys)}" if missing_keys else "")
+            )
+    except (ValueError, AttributeError) as error:
+        raise DataError(f"{info_file} is damaged ({error}); make the cache again with `rglcd cache`") from None
+    missing = [name for name in (*info["shards"], UNCOND_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise DataError(
+            f"the cache {str(folder)!r} is incomplete: {len(missing)} of its files are missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); make it again with `rglcd cache`"
+        )
+    return info
+
+
+def check_cache(
+    source: str | os.PathLike[str],
+    teacher_fingerprint: Mapping[str, str],
+    resolution: int,
+    *,
+    center_crop: bool = True,
+    random_flip: bool = False,
+) -> dict:
+    """Raise :class:`DataError` unless the cache at ``source`` fits a run with these settings; return its info.
+
+    ``teacher_fingerprint`` is :func:`teacher_fingerprint` of the run's teacher: the cache fits any teacher whose
+    VAE and text encoder (with tokenizer) are the ones it was made with, whatever its UNet. The cache holds
+    centre crops without flips, so a run asking for random crops or flips does not fit.
+    """
+    info = read_cache_info(source)
+    problems = []
+    differing = [part for part in ("vae", "text_encoder") if info["fingerprint"].get(part) != teacher_fingerprint[part]]
+    if differing:
+        names = " and ".join(part.replace("_", " ") for part in differing)
+        problems.append(
+            f"it was made with the teacher {info['teacher']!r}, whose {names} differ from this run's teacher's "
+            f"(fingerprints {', '.join(info['fingerprint'].get(part, '?')[:12] for part in differing)} vs "
+            f"{', '.join(teacher_fingerprint[part][:12] for part in differing)})"
+        )
+    if info["resolution"] != resolution:
+        problems.append(f"it holds {info['resolution']} px images, this run trains at {resolution} px")
+    if not center_crop or random_flip:
+        problems.append("it holds centre crops without flips, this run asks for random crops or flips")
+    if problems:
+        raise DataError(
+            f"the cache {os.fspath(source)!r} does not fit this run: {'; '.join(problems)}. Make a cache for this "
+            "run with `rglcd cache --teacher TEACHER --data SOURCE --out DIR --resolution R`, or train from the "
+            "images"
+        )
+    return info
+
+
+def teacher_fingerprint(teacher: Teacher) -> dict[str, str]:
+    """SHA-256 of what the cached tensors depend on: ``{"vae": ..., "text_encoder": ...}``.
+
+    Each covers the module's config (without the entries naming where and with which library version it was
+    saved) and every weight as float32, so a fine-tuned VAE with the original's config is told apart; the
+    text encoder's also covers the tokenizer's vocabulary, special tokens and length. Hashing SD's encoders
+    reads about 0.8 GB of weights. Take it of the teacher as ``load_teacher`` returns it (before a cast).
+    """
+    tokenizer = teacher.tokenizer
+    tokenizer_settings = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special_tokens": tokenizer.special_tokens_map,
+        "model_max_length": tokenizer.model_max_length,
+    }
+    return {
+        "vae": _module_fingerprint(dict(teacher.vae.config), teacher.vae),
+        "text_encoder": _module_fingerprint(
+            {**teacher.text_encoder.config.to_dict(), "tokenizer": tokenizer_settings}, teacher.text_encoder
+        ),
+    }
+
+
+def _module_fingerprint(config: Mapping, module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    settings = {
+        key: value for key, value in config.items() if not key.startswith("_") and key not in _UNSTABLE_CONFIG_KEYS
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _load_uncond(folder: Path, info: dict) -> Tensor:
+    try:
+        uncond = safetensors_torch.load_file(folder / UNCOND_FILE)["prompt_embeds"].float()
+    except Exception as error:
+        raise DataError(
+            f"{folder / UNCOND_FILE} is damaged ({error}); make the cache again with `rglcd cache`"
+        ) from None
+    if list(uncond.shape) != info["prompt_embeds_shape"]:
+        raise DataError(
+            f"{folder / UNCOND_FILE} holds an embedding of shape {list(uncond.shape)}, not the "
+            f"{info['prompt_embeds_shape']} of {INFO_FILE}; make the cache again with `rglcd cache`"
+        )
+    return uncond
+
+
+def sample_posterior(latent_parameters: Tensor, generator: torch.Generator) -> Tensor:
+    """A sample of the VAE posterior from its parameters: [B, 2C, h, w] -> [B, C, h, w], not yet scaled.
+
+    As diffusers' ``DiagonalGaussianDistribution(parameters).sample(generator)``: mean + std·ε with the logvar
+    clamped to [-30, 20]. ε is drawn in float32 on the generator's device and then moved to the parameters'
+    device and dtype, so a CPU generator gives the same latents whatever device the parameters are on.
+    Multiply by ``vae.config.scaling_factor`` for the diffusion latents.
+    """
+    mean, logvar = latent_parameters.chunk(2, dim=1)  # [B, C, h, w] each
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32).to(mean)
+    return mean + std * noise
