@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .sampling import ddim_cfg_sample, lcm_sample, to_pil
+from .sampling import ddim_cfg_sample, lcm_sample, second_text_encoder, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
 HPSV2_CHUNK = 80  # HPSv2's benchmark: 800 prompts per style in 10 chunks of 80
@@ -79,7 +79,7 @@ def _sample(
 ) -> Tensor:
     common = dict(
         prompts=captions, num_steps=steps, guidance_scale=contender.guidance_scale, generator=generators,
-        resolution=resolution,
+        resolution=resolution, **second_text_encoder(parts),
     )  # fmt: skip
     if contender.kind == "teacher":
         return ddim_cfg_sample(

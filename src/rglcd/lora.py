@@ -95,16 +95,18 @@ class AdapterView:
             self.unet.set_adapter(STUDENT)
 
 
-def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT) -> Path:
-    """One adapter as diffusers LoRA weights (``folder/pytorch_lora_weights.safetensors``)."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl: bool = False) -> Path:
+    """One adapter as diffusers LoRA weights (``folder/pytorch_lora_weights.safetensors``), for an SD or SDXL
+    pipeline's ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")  # renamed into place when complete
     shutil.rmtree(partial, ignore_errors=True)
     state = get_peft_model_state_dict(unet, adapter_name=adapter)  # PEFT keys, which load_lora_weights reads
-    StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipeline_class.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder

@@ -33,13 +33,23 @@ class Teacher:
     scheduler_config: dict  # the checkpoint's own scheduler config, kept for the exported LCMScheduler
     schedule: NoiseSchedule
     source: str
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder (with projection), and its tokenizer
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def encoders(self) -> list[nn.Module]:
+        """The VAE and the text encoder(s)."""
+        return [module for module in (self.vae, self.text_encoder, self.text_encoder_2) if module is not None]
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, *self.encoders()):
             module.to(device)
             if dtype is not None and module.dtype != dtype:
                 module.to(dtype)
@@ -71,7 +81,7 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
     All parts are returned frozen (``requires_grad_(False)``, eval mode) in float32 on the CPU.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     source = str(source)
     index = read_pipeline_index(source, revision)
@@ -95,8 +105,15 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
     text_encoder = load("text_encoder", lambda s, **kw: CLIPTextModel.from_pretrained(s, **kw, variant=variant))
     tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
     scheduler_config = load("scheduler", _load_scheduler_config)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval()
+    text_encoder_2 = tokenizer_2 = None
+    if index.get("text_encoder_2") and index["text_encoder_2"] != [None, None]:  # SDXL
+        text_encoder_2 = load(
+            "text_encoder_2", lambda s, **kw: CLIPTextModelWithProjection.from_pretrained(s, **kw, variant=variant)
+        )
+        tokenizer_2 = load("tokenizer_2", AutoTokenizer.from_pretrained)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
     return Teacher(
         unet=unet,
         vae=vae,
@@ -105,6 +122,8 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
         scheduler_config=scheduler_config,
         schedule=NoiseSchedule.from_config(scheduler_config),
         source=source,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
 
 
@@ -167,6 +186,42 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) 
     )
     device = next(text_encoder.parameters()).device
     return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def encode_sdxl_prompts(tokenizers: tuple, text_encoders: tuple, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """SDXL's text conditioning as its pipelines make it: both encoders' penultimate hidden states concatenated
+    [B, L, D1 + D2], and the second (projection) encoder's pooled text embedding [B, P]."""
+    hidden = []
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        output = text_encoder(tokens.input_ids.to(next(text_encoder.parameters()).device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), output[0]
+
+
+def sdxl_time_ids(batch_size: int, height: int, width: int) -> Tensor:
+    """SDXL's micro-conditioning [B, 6]: original size, crop top-left, target size; here an uncropped square
+    image at the training resolution (what the pipelines pass by default)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch_size, 6)
+
+
+def text_conditioning(parts: Any, prompts: list[str], resolution: int) -> tuple[Tensor, dict[str, Tensor] | None]:
+    """(embeddings [B, L, D], the UNet's ``added_cond_kwargs`` or None) of ``prompts`` for a pipeline's parts
+    (a :class:`Teacher` or a loaded diffusers pipeline): SD's single encoder, or SDXL's two plus the pooled
+    embedding and size conditioning. SDXL's empty prompt is all zeros (``force_zeros_for_empty_prompt``), as
+    its pipelines and LCM-SDXL's distillation use."""
+    if getattr(parts, "text_encoder_2", None) is None:
+        return encode_prompts(parts.tokenizer, parts.text_encoder, prompts), None
+    embeds, pooled = encode_sdxl_prompts(
+        (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), prompts
+    )
+    empty = [index for index, prompt in enumerate(prompts) if not prompt]
+    if empty:
+        embeds[empty], pooled[empty] = 0.0, 0.0
+    time_ids = sdxl_time_ids(len(prompts), resolution, resolution).to(embeds)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 0) -> Tensor:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .models import Teacher, decode_latents, encode_prompts
+from .models import Teacher, decode_latents, text_conditioning
 from .schedules import guidance_scale_embedding
 
 
@@ -20,12 +21,34 @@ def _scheduler_from(scheduler_class, scheduler_config: dict, **overrides):
     return scheduler_class.from_config({k: v for k, v in scheduler_config.items() if k in accepted}, **overrides)
 
 
+def image_size(unet, vae, resolution: int | None) -> int:
+    """The requested resolution, else the UNet's native one (its sample size × the VAE's factor)."""
+    return resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def second_text_encoder(parts: Any) -> dict:
+    """SDXL's second text encoder and tokenizer of a pipeline or teacher (None for SD), as sampler arguments."""
+    return {
+        "text_encoder_2": getattr(parts, "text_encoder_2", None),
+        "tokenizer_2": getattr(parts, "tokenizer_2", None),
+    }
+
+
+def _conditioning(tokenizer, text_encoder, tokenizer_2, text_encoder_2, prompts: list[str], size: int, dtype):
+    """Prompt embeddings and SDXL's added conditions (or None), in the UNet's dtype."""
+    parts = SimpleNamespace(
+        tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2
+    )
+    embeds, added = text_conditioning(parts, prompts, size)
+    return embeds.to(dtype), None if added is None else {key: value.to(dtype) for key, value in added.items()}
+
+
 def _initial_latents(unet, vae, batch_size: int, resolution: int | None, generator, dtype, init_noise_sigma: float):
     """Gaussian latents [B, C, R/f, R/f] drawn as diffusers' pipelines draw them (same generator order)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = (resolution or unet.config.sample_size * vae_scale_factor) // vae_scale_factor
+    size = image_size(unet, vae, resolution) // vae_scale_factor
     shape = (batch_size, unet.config.in_channels, size, size)
     device = next(unet.parameters()).device
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * init_noise_sigma
@@ -58,8 +81,10 @@ def lcm_sample(
     guidance_scale: float = 8.5,
     generator: torch.Generator | None = None,
     resolution: int | None = None,
+    text_encoder_2: nn.Module | None = None,
+    tokenizer_2: Any = None,
 ) -> Tensor:
-    """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps.
+    """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps (SDXL: with ``text_encoder_2``).
 
     ``guidance_scale`` is the CFG scale as in diffusers' pipelines; the model sees emb(guidance_scale − 1),
     the LCM-convention w it was distilled with (a LoRA student has no such input and ignores it). Noise is
@@ -67,7 +92,9 @@ def lcm_sample(
     same images.
     """
     device = next(unet.parameters()).device
-    prompt_embeds = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
+    prompt_embeds, added = _conditioning(
+        tokenizer, text_encoder, tokenizer_2, text_encoder_2, prompts, image_size(unet, vae, resolution), unet.dtype
+    )
     latents = _initial_latents(
         unet, vae, len(prompts), resolution, generator, prompt_embeds.dtype, scheduler.init_noise_sigma
     )
@@ -79,7 +106,9 @@ def lcm_sample(
         w_embedding = guidance_scale_embedding(w, unet.config.time_cond_proj_dim).to(device, latents.dtype)
     denoised = latents
     for timestep in scheduler.timesteps:
-        model_output = unet(latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+        model_output = unet(
+            latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding, added_cond_kwargs=added
+        ).sample
         # The scheduler applies c_skip/c_out (the consistency function) and, between steps, re-noises
         # the denoised estimate to the next timestep of the grid.
         latents, denoised = scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)
@@ -98,6 +127,8 @@ def ddim_cfg_sample(
     guidance_scale: float = 7.5,
     generator: torch.Generator | list[torch.Generator] | None = None,
     resolution: int | None = None,
+    text_encoder_2: nn.Module | None = None,
+    tokenizer_2: Any = None,
 ) -> Tensor:
     """The teacher's baseline: DDIM (η = 0) with classifier-free guidance, images [B,3,H,W] in [0,1].
 
@@ -108,14 +139,18 @@ def ddim_cfg_sample(
     # The checkpoint's own schedule and spacing, as a diffusers pipeline would run it; latents are never clipped.
     scheduler = _scheduler_from(DDIMScheduler, scheduler_config, clip_sample=False)
     device = next(unet.parameters()).device
-    cond = encode_prompts(tokenizer, text_encoder, prompts).to(unet.dtype)
-    uncond = encode_prompts(tokenizer, text_encoder, [""] * len(prompts)).to(unet.dtype)
+    size = image_size(unet, vae, resolution)
+    encoders = (tokenizer, text_encoder, tokenizer_2, text_encoder_2)
+    cond, added = _conditioning(*encoders, prompts, size, unet.dtype)
+    uncond, uncond_added = _conditioning(*encoders, [""] * len(prompts), size, unet.dtype)
+    both_added = None if added is None else {key: torch.cat([uncond_added[key], added[key]]) for key in added}
     latents = _initial_latents(unet, vae, len(prompts), resolution, generator, cond.dtype, scheduler.init_noise_sigma)
     scheduler.set_timesteps(num_steps, device=device)
     for timestep in scheduler.timesteps:
         output_uncond, output_cond = unet(
-            torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([uncond, cond])
-        ).sample.chunk(2)
+            torch.cat([latents, latents]), timestep, encoder_hidden_states=torch.cat([uncond, cond]),
+            added_cond_kwargs=both_added,
+        ).sample.chunk(2)  # fmt: skip
         output = output_uncond + guidance_scale * (output_cond - output_uncond)
         latents = scheduler.step(output, timestep, latents).prev_sample
     return decode_latents(vae, latents)
@@ -128,24 +163,32 @@ def export_pipeline(
     num_ddim_timesteps: int = 50,
     timestep_scaling: float = 10.0,
 ) -> Path:
-    """Write a LatentConsistencyModelPipeline folder: ``DiffusionPipeline.from_pretrained(out_dir)`` loads it.
+    """Write a LatentConsistencyModelPipeline folder (a StableDiffusionXLPipeline with an LCMScheduler for an SDXL
+    teacher): ``DiffusionPipeline.from_pretrained(out_dir)`` loads it.
 
     Written to a sibling temporary folder first and renamed into place, so a crash never leaves a
     half-written pipeline at ``out_dir``.
     """
-    from diffusers import LatentConsistencyModelPipeline
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
-    pipeline = LatentConsistencyModelPipeline(
-        vae=teacher.vae,
-        text_encoder=teacher.text_encoder,
-        tokenizer=teacher.tokenizer,
-        unet=student,
-        scheduler=lcm_scheduler(teacher.scheduler_config, num_ddim_timesteps, timestep_scaling),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = lcm_scheduler(teacher.scheduler_config, num_ddim_timesteps, timestep_scaling)
+    if teacher.is_sdxl:  # diffusers' SDXL pipeline feeds a guidance embedding to a UNet that has one
+        pipeline = StableDiffusionXLPipeline(
+            vae=teacher.vae, text_encoder=teacher.text_encoder, text_encoder_2=teacher.text_encoder_2,
+            tokenizer=teacher.tokenizer, tokenizer_2=teacher.tokenizer_2, unet=student, scheduler=scheduler,
+        )  # fmt: skip
+    else:
+        pipeline = LatentConsistencyModelPipeline(
+            vae=teacher.vae,
+            text_encoder=teacher.text_encoder,
+            tokenizer=teacher.tokenizer,
+            unet=student,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial)

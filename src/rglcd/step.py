@@ -89,10 +89,16 @@ def consistency_function(
     w_embedding: Tensor | None,
     prompt_embeds: Tensor,
     distillation: Distillation,
+    added_cond: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """f(z_t, w, c, t) = c_skip(t)·z_t + c_out(t)·x̂0(UNet(z_t, t, c, emb(w))): the LCM parameterisation."""
+    """f(z_t, w, c, t) = c_skip(t)·z_t + c_out(t)·x̂0(UNet(z_t, t, c, emb(w))): the LCM parameterisation.
+
+    ``added_cond``: SDXL's pooled text embedding and size conditioning (``added_cond_kwargs``), else None.
+    """
     schedule = distillation.schedule
-    output = unet(z_t, timesteps, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample.to(z_t.dtype)
+    output = unet(
+        z_t, timesteps, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding, added_cond_kwargs=added_cond
+    ).sample.to(z_t.dtype)
     alpha, sigma = schedule.alpha_sigma(timesteps, z_t.ndim)
     x0 = predicted_x0(output, z_t, alpha, sigma, schedule.prediction_type)
     c_skip, c_out = boundary_scalings(timesteps, distillation.sigma_data, distillation.timestep_scaling)
@@ -109,6 +115,8 @@ def teacher_ddim_cfg_step(
     cond_embeds: Tensor,
     uncond_embeds: Tensor,
     distillation: Distillation,
+    added_cond: dict[str, Tensor] | None = None,
+    uncond_added_cond: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """ẑ_{t_n}: one DDIM step of the teacher's CFG-guided PF-ODE from z_{t_{n+k}} (LCM's augmented ODE)."""
     schedule = distillation.schedule
@@ -117,10 +125,14 @@ def teacher_ddim_cfg_step(
     previous = (start - distillation.skip).clamp(min=0)
     dtype = next(teacher_unet.parameters()).dtype
     # One batched pass for cond and uncond: [2B, C, h, w].
+    both_added = None
+    if added_cond is not None:  # SDXL: the pooled embedding and size conditioning of each half
+        both_added = {key: torch.cat([added_cond[key], uncond_added_cond[key]]).to(dtype) for key in added_cond}
     output = teacher_unet(
         torch.cat([z_t, z_t]).to(dtype),
         torch.cat([start, start]),
         encoder_hidden_states=torch.cat([cond_embeds, uncond_embeds]).to(dtype),
+        added_cond_kwargs=both_added,
     ).sample.to(z_t.dtype)
     alpha, sigma = schedule.alpha_sigma(torch.cat([start, start]), z_t.ndim)
     z_pair = torch.cat([z_t, z_t])
@@ -149,6 +161,8 @@ def rglcd_step(
     reward_beta: float = 0.0,
     reward_on_latents: bool = False,
     decode_batch_size: int = 0,
+    added_cond: dict[str, Tensor] | None = None,
+    uncond_added_cond: dict[str, Tensor] | None = None,
 ) -> StepOutput:
     """The RG-LCD loss for one batch of clean latents z [B,C,h,w] (already × VAE scaling factor).
 
@@ -156,6 +170,7 @@ def rglcd_step(
     prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss. The reward scores the decoded
     one-step prediction (Alg. 3; ``decode_batch_size`` > 0 decodes in micro-batches) or, with
     ``reward_on_latents``, the latent ``model_pred / scaling_factor`` itself (Alg. 4's latent proxy RM).
+    ``added_cond`` / ``uncond_added_cond``: SDXL's added conditions of the captions and of the empty prompt.
     """
     if reward_beta != 0 and reward_fn is None:
         raise ValueError("reward_beta is non-zero but no reward_fn was given")
@@ -169,13 +184,16 @@ def rglcd_step(
     w_embedding = None
     if distillation.time_cond_proj_dim:
         w_embedding = guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim).to(z_start)
-    model_pred = consistency_function(student, z_start, start, w_embedding, cond_embeds, distillation)
+    model_pred = consistency_function(student, z_start, start, w_embedding, cond_embeds, distillation, added_cond)
 
     z_previous = teacher_ddim_cfg_step(
-        teacher_unet, z_start, noise.indices, noise.guidance, cond_embeds, uncond_embeds, distillation
-    )
+        teacher_unet, z_start, noise.indices, noise.guidance, cond_embeds, uncond_embeds, distillation,
+        added_cond, uncond_added_cond,
+    )  # fmt: skip
     with torch.no_grad():
-        target_pred = consistency_function(target, z_previous, previous, w_embedding, cond_embeds, distillation)
+        target_pred = consistency_function(
+            target, z_previous, previous, w_embedding, cond_embeds, distillation, added_cond
+        )
 
     distill_loss = distillation.distance(model_pred, target_pred).mean()
     reward = None

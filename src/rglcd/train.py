@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .lora import STUDENT, TARGET, AdaptersOff, AdapterView, adapter_pairs, add_lora, export_fused, save_lora
 from .losses import ConsistencyDistance
-from .models import build_student, build_target, encode_prompts, load_teacher, update_ema
+from .models import build_student, build_target, load_teacher, text_conditioning, update_ema
 from .rewards import build_reward
 from .rewards.latent import LatentClip, proxy_fit
-from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid
+from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid, second_text_encoder
 from .step import Distillation, StepNoise, rglcd_step
 
 logger = logging.getLogger("rglcd.train")
@@ -57,7 +57,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from .data import TrainStream
+    from .data import DataError, TrainStream
     from .data.cache import CachedStream, check_cache, is_cache, sample_posterior, teacher_fingerprint
 
     out = Path(config.logging.output_dir)
@@ -78,6 +78,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
     cached = is_cache(config.data.source)
+    if cached and teacher.is_sdxl:
+        raise DataError("a cache holds one text encoder's embeddings; SDXL teachers train from the images")
     if cached:  # made by this teacher's VAE and text encoder, at this resolution? (before any cast)
         check_cache(
             config.data.source, teacher_fingerprint(teacher), config.data.resolution,
@@ -91,7 +93,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         student.to(accelerator.device)  # float32: its base weights are shared with the teacher
         teacher_unet, target = AdaptersOff(student), AdapterView(student)
         ema_target, ema_online = adapter_pairs(student)
-        for frozen in (teacher.vae, teacher.text_encoder):
+        for frozen in teacher.encoders():
             frozen.to(accelerator.device, teacher_dtype)
     else:
         student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
@@ -190,12 +192,13 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     def save_checkpoint() -> Path:
         return _save_checkpoint(accelerator, out, global_step, nan_streak, stream, generator, config)
 
-    tokenizer, text_encoder, vae = teacher.tokenizer, teacher.text_encoder, teacher.vae
+    vae = teacher.vae
     with torch.no_grad():
+        uncond_added = None
         if cached:
             uncond_embeds = stream.uncond_embeds.to(accelerator.device).expand(optim.batch_size, -1, -1)
         else:
-            uncond_embeds = encode_prompts(tokenizer, text_encoder, [""] * optim.batch_size).float()
+            uncond_embeds, uncond_added = text_conditioning(teacher, [""] * optim.batch_size, config.data.resolution)
     batches = iter(stream)
     progress = tqdm(
         total=optim.max_train_steps, initial=global_step, desc="RG-LCD", disable=not accelerator.is_local_main_process
@@ -206,13 +209,14 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         with accelerator.accumulate(student):
             batch = next(batches)
             with torch.no_grad():
+                added = None  # SDXL's pooled embedding and size conditioning
                 if cached:
                     parameters = batch["latent_parameters"].to(accelerator.device)  # [B, 2C, h, w]
                     cond_embeds = batch["prompt_embeds"].to(accelerator.device)
                 else:
                     pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
                     parameters = vae.encode(pixels).latent_dist.parameters.float()  # [B, 2C, h, w]: mean, logvar
-                    cond_embeds = encode_prompts(tokenizer, text_encoder, batch["captions"]).float()
+                    cond_embeds, added = text_conditioning(teacher, batch["captions"], config.data.resolution)
                 latents = sample_posterior(parameters, generator) * vae.config.scaling_factor
             noise = StepNoise.draw(latents, distillation, generator)
             if proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
@@ -221,7 +225,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             with accelerator.autocast():
                 output = rglcd_step(
                     student=student, target=target, teacher_unet=teacher_unet, vae=vae, distillation=distillation,
-                    latents=latents, cond_embeds=cond_embeds, uncond_embeds=uncond_embeds[: len(latents)],
+                    latents=latents, cond_embeds=cond_embeds.float(),
+                    uncond_embeds=uncond_embeds[: len(latents)].float(),
+                    added_cond=_to_float(added), uncond_added_cond=_to_float(uncond_added, len(latents)),
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
                     reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
@@ -292,12 +298,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     checksums = ranks_in_step(accelerator, trained)
     student_dir = out / "student"
     if accelerator.is_main_process:
-        teacher.vae.float()
-        teacher.text_encoder.float()
+        for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
+            frozen.float()
         final_student = accelerator.unwrap_model(student)
         if lora.rank:
-            lora_dir = save_lora(final_student, out / "lora", STUDENT)
-            save_lora(final_student, out / "target_lora", TARGET)
+            lora_dir = save_lora(final_student, out / "lora", STUDENT, teacher.is_sdxl)
+            save_lora(final_student, out / "target_lora", TARGET, teacher.is_sdxl)
             if lora.fuse_on_export:
                 export_fused(
                     config.model.teacher, lora_dir, student_dir, distillation.num_ddim_timesteps,
@@ -345,6 +351,11 @@ def ranks_in_step(accelerator, modules: dict[str, torch.nn.Module]) -> dict[str,
             f"the processes' parameters diverged: checksums per rank {every_rank.tolist()} for {list(modules)}"
         )
     return dict(zip(modules, local.tolist(), strict=True))
+
+
+def _to_float(added: dict | None, batch: int | None = None) -> dict | None:
+    """SDXL's added conditions in float32 (the first ``batch`` rows), or None."""
+    return None if added is None else {key: value[:batch].float() for key, value in added.items()}
 
 
 def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
@@ -419,7 +430,7 @@ def validate_samples(accelerator, config: TrainConfig, teacher, student, distill
         images = lcm_sample(
             student, teacher.vae, teacher.text_encoder, teacher.tokenizer, scheduler,
             list(config.logging.validation_prompts), num_steps=num_steps,
-            generator=torch.Generator(accelerator.device).manual_seed(config.seed),
+            generator=torch.Generator(accelerator.device).manual_seed(config.seed), **second_text_encoder(teacher),
             resolution=config.data.resolution,
         )  # fmt: skip
         rows.append(torch.cat(list(images.float().cpu()), dim=2))  # [3, H, P·W]

@@ -97,6 +97,8 @@ def write_cache(
         raise DataError(f"{out} already exists; remove it or choose another output folder")
     stream = TrainStream(source, resolution=resolution, batch_size=1)  # source order, centre crop, no flip
     model = load_teacher(teacher).to(device)
+    if model.is_sdxl:
+        raise DataError(f"{teacher} is an SDXL pipeline: caching its two text encoders is not supported yet")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

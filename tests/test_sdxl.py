@@ -1,0 +1,91 @@
+"""SDXL teachers: two text encoders, the pooled embedding and size conditioning, in the step, training and sampling."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rglcd.config import load_config
+from rglcd.demo import tiny_setup
+from rglcd.losses import ConsistencyDistance
+from rglcd.models import build_student, build_target, load_teacher, sdxl_time_ids, text_conditioning
+from rglcd.rewards import build_reward
+from rglcd.sampling import lcm_sample, second_text_encoder
+from rglcd.step import Distillation, StepNoise, rglcd_step
+from rglcd.tiny import save_tiny_pipeline
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "teacher", sdxl=True)
+
+
+def test_sdxl_conditioning_matches_the_pipelines(sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    teacher = load_teacher(sdxl_dir)
+    assert teacher.is_sdxl
+    embeds, added = text_conditioning(teacher, [*PROMPTS, ""], resolution=32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    reference, _, pooled, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    torch.testing.assert_close(embeds[:2], reference)  # [B, 16, 32 + 32]
+    torch.testing.assert_close(added["text_embeds"][:2], pooled)  # [B, 24]
+    assert not embeds[2].any() and not added["text_embeds"][2].any()  # the empty prompt is zeros, as SDXL's
+    assert added["time_ids"].tolist() == sdxl_time_ids(3, 32, 32).tolist() == [[32, 32, 0, 0, 32, 32]] * 3
+
+
+def test_sdxl_step_uses_the_added_conditions_and_trains_the_student(sdxl_dir):
+    teacher = load_teacher(sdxl_dir)
+    student = build_student(teacher.unet)
+    target = build_target(student)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    cond, added = text_conditioning(teacher, PROMPTS, 32)
+    uncond, uncond_added = text_conditioning(teacher, ["", ""], 32)
+    distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"))
+    noise = StepNoise.draw(latents, distillation, generator)
+    common = dict(
+        student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+        latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
+        reward_fn=build_reward("colorfulness"), reward_beta=0.5, uncond_added_cond=uncond_added,
+    )  # fmt: skip
+    output = rglcd_step(**common, added_cond=added)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and student.add_embedding.linear_1.weight.grad is not None
+    moved = {**added, "time_ids": added["time_ids"] * 2}  # another size conditioning changes the prediction
+    assert not torch.allclose(rglcd_step(**common, added_cond=moved).model_pred, output.model_pred)
+
+
+def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path):
+    from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
+
+    tiny = tiny_setup(tmp_path / "tiny", samples=16)
+    out = tmp_path / "run"
+    overrides = [
+        f"model.teacher={sdxl_dir}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
+        "optim.batch_size=2", "optim.max_train_steps=2", "logging.validation_steps=2", "logging.tracker=none",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_config(out / "config.yaml").model.teacher == str(sdxl_dir)
+    pipe = DiffusionPipeline.from_pretrained(out / "student")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    # diffusers' SDXL pipeline feeds the guidance embedding and no CFG to such a UNet: the same images as ours.
+    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=6.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    ours = lcm_sample(
+        pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, PROMPTS, num_steps=2,
+        guidance_scale=6.0, generator=torch.Generator().manual_seed(1), **second_text_encoder(pipe),
+    )  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert (out / "validation" / "step-00000002.png").is_file()
+
+
+def test_sdxl_preset_parses():
+    config = load_config("sdxl-1024")
+    assert config.data.resolution == 1024 and config.model.teacher == "stabilityai/stable-diffusion-xl-base-1.0"
