@@ -89,3 +89,25 @@ def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path)
 def test_sdxl_preset_parses():
     config = load_config("sdxl-1024")
     assert config.data.resolution == 1024 and config.model.teacher == "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_sdxl_lora_loads_onto_the_sdxl_pipeline(sdxl_dir, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    tiny = tiny_setup(tmp_path / "tiny", samples=16)
+    out = tmp_path / "run"
+    overrides = [
+        f"model.teacher={sdxl_dir}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}", "lora.rank=4",
+        "optim.batch_size=2", "optim.max_train_steps=2", "logging.validation_steps=0", "logging.tracker=none",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    before = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    pipe.load_lora_weights(out / "lora")
+    after = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    assert torch.isfinite(after).all() and not torch.equal(before, after)  # the trained adapters took effect
