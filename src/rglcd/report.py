@@ -69,56 +69,53 @@ def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> 
     return path
 
 
-def plot_metrics(rows: list[dict], metrics: list[str], out: Path) -> list[Path]:
-    """``plot-<metric>.png``: the metric against the number of steps, one line per model (log-2 step axis)."""
+def _axes():
+    """A small matplotlib figure and its axes, drawn off screen."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(5, 3.5))
+
+
+def _save(figure, axes, x_label: str, y_label: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_metrics(rows: list[dict], metrics: list[str], out: Path) -> list[Path]:
+    """``plot-<metric>.png``: the metric against the number of steps, one line per model (log-2 step axis)."""
     paths = []
     models = list(dict.fromkeys(row["model"] for row in rows))
     for metric in metrics:
-        figure, axes = plt.subplots(figsize=(5, 3.5))
+        figure, axes = _axes()
         for model in models:
-            points = sorted(
-                (row["steps"], row[metric]) for row in rows if row["model"] == model and row.get(metric) is not None
-            )
+            chosen = [row for row in rows if row["model"] == model and row.get(metric) is not None]
+            points = sorted((row["steps"], row[metric]) for row in chosen)
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=model)
         axes.set_xscale("log", base=2)
-        axes.set_xlabel("sampling steps")
-        axes.set_ylabel(metric)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = out / f"plot-{metric}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(_save(figure, axes, "sampling steps", metric, out / f"plot-{metric}.png"))
     return paths
 
 
 def plot_tradeoff(rows: list[dict], x_metric: str, y_metric: str, out: Path) -> Path:
     """``plot-<y>-vs-<x>.png``: one point per (model, steps), labelled with the steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.5))
+    figure, axes = _axes()
     for model in dict.fromkeys(row["model"] for row in rows):
         chosen = [row for row in rows if row["model"] == model]
         axes.scatter([row[x_metric] for row in chosen], [row[y_metric] for row in chosen], label=model)
         for row in chosen:
             axes.annotate(str(row["steps"]), (row[x_metric], row[y_metric]), fontsize=7)
-    axes.set_xlabel(x_metric)
-    axes.set_ylabel(y_metric)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / f"plot-{y_metric}-vs-{x_metric}.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axes, x_metric, y_metric, out / f"plot-{y_metric}-vs-{x_metric}.png")
 
 
 def write_report(
