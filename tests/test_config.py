@@ -74,3 +74,12 @@ def test_missing_config_file_and_malformed_override():
         load_config("no-such-preset")
     with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config("sd15-512", ["optim.batch_size"])
+
+
+def test_8bit_adam_without_bitsandbytes_names_the_fix(tiny_paths):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: 8-bit Adam is available")
+    with pytest.raises(ConfigError, match="bitsandbytes is not installed; `pip install bitsandbytes` or set false"):
+        load_config("tiny", [*tiny_paths, "optim.use_8bit_adam=true"])
