@@ -185,6 +185,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import presets
+    from .prompts import SPEC_HELP
+
     parser = argparse.ArgumentParser(
         prog="rglcd",
         description="Reward Guided Latent Consistency Distillation: distil a latent diffusion teacher into a "
@@ -218,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is validated before any model loads and written to OUTPUT_DIR/config.yaml.",
         epilog="example: rglcd train tiny optim.max_train_steps=20 logging.output_dir=runs/try",
     )  # fmt: skip
-    train.add_argument("config", help="a preset (tiny, sd15-512, sd21-768) or a YAML file")
+    train.add_argument("config", help=f"a preset ({', '.join(presets())}) or a YAML file")
     train.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.learning_rate=1e-5")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
@@ -243,8 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     cache.set_defaults(run=cmd_cache)
-
-    from .prompts import SPEC_HELP
 
     evaluation = commands.add_parser(
         "eval", help="the paper's evaluation: models × step counts × metrics on a prompt set, one report",
