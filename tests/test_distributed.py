@@ -57,7 +57,7 @@ def test_two_process_training_stays_in_step_and_resumes_exactly(tiny, tmp_path):
     straight = tmp_path / "straight"
     train_two_processes(tiny, straight, 4)
     summary = json.loads((straight / "train_summary.json").read_text())
-    assert summary["processes"] == 2 and summary["global_step"] == 4  # the ranks' checksums were checked equal
+    assert summary["processes"] == 2 and summary["global_step"] == 4 and summary["ranks_agree"]
     checkpoint = straight / "checkpoints" / "checkpoint-4"
     assert {"generator-0.pt", "generator-1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= {
         path.name for path in checkpoint.iterdir()
@@ -78,3 +78,22 @@ def test_two_process_training_stays_in_step_and_resumes_exactly(tiny, tmp_path):
     weights = "student/unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(straight / weights), load_file(resumed / weights)
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_two_process_latent_proxy_stays_identical_on_both_ranks(tiny, tmp_path):
+    lrm = tmp_path / "lrm"
+    result = subprocess.run(
+        [sys.executable, "-m", "rglcd", "lrm", "pretrain", "--teacher", str(tiny / "teacher"), "--data",
+         str(tiny / "data"), "--out", str(lrm), "--architecture", "world", "--resolution", "32", "--samples", "64",
+         "--heldout", "32", "--steps", "2", "--batch-size", "16"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "run"
+    latent = ["reward.mode=latent", f"reward.latent.model={lrm}", "reward.latent.batch_size=2",
+              "reward.latent.learning_rate=1e-3", "reward.latent.unlocked_text_groups=1"]  # fmt: skip
+    train_two_processes(tiny, out, 2, *latent)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["ranks_agree"] and set(summary["parameter_checksums"]) == {"student", "target", "latent_rm"}
+    fitted, pretrained = load_file(out / "latent_rm" / "model.safetensors"), load_file(lrm / "model.safetensors")
+    assert not torch.equal(fitted["clip.text_projection"], pretrained["clip.text_projection"])  # it was fitted

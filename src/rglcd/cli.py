@@ -389,10 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     from .evaluate import EvalError
     from .models import TeacherLoadError
     from .prompts import PromptSetError
+    from .train import TrainingError
 
     try:
         args.run(args)
-    except (TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError) as error:
+    except (TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError, TrainingError) as error:
         print(f"rglcd {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from error
 

@@ -156,11 +156,13 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         proxy_optimizer = torch.optim.AdamW(
             proxy_params, lr=latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon
         )
-        # Prepared, so that it is saved and resumed with the run and synchronised across processes.
-        proxy, proxy_optimizer = accelerator.prepare(proxy.to(accelerator.device), proxy_optimizer)
+        # Not wrapped for DDP (the fit calls its methods, not its forward); its gradients are averaged over the
+        # processes by hand in _fit_proxy, and it is saved and resumed with the run.
+        proxy.to(accelerator.device)
+        accelerator.register_for_checkpointing(proxy, proxy_optimizer)
     reward_fn, reward_beta = expert, 1.0 if expert is not None else 0.0  # Mix already carries each term's beta
     if proxy is not None:
-        reward_fn, reward_beta = accelerator.unwrap_model(proxy), config.reward.latent.beta
+        reward_fn, reward_beta = proxy, config.reward.latent.beta
 
     order = dict(
         batch_size=optim.batch_size, caption_dropout=config.data.caption_dropout, seed=config.seed,
@@ -294,8 +296,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     if not lora.rank:
         trained["target"] = target
     if proxy is not None:
-        trained["latent_rm"] = accelerator.unwrap_model(proxy)
-    checksums = ranks_in_step(accelerator, trained)
+        trained["latent_rm"] = proxy
+    checksums, ranks_agree = rank_checksums(accelerator, trained)
     student_dir = out / "student"
     if accelerator.is_main_process:
         for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
@@ -315,13 +317,14 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             )
             target.save_pretrained(out / "target_unet")
         if proxy is not None:
-            accelerator.unwrap_model(proxy).save_pretrained(out / "latent_rm", {"fitted_steps": global_step})
+            proxy.save_pretrained(out / "latent_rm", {"fitted_steps": global_step})
         (out / "train_summary.json").write_text(
             json.dumps(
                 {
                     "global_step": global_step,
                     "processes": accelerator.num_processes,
                     "parameter_checksums": checksums,
+                    "ranks_agree": ranks_agree,
                     "skipped_samples": stream.stats.skipped,
                     "skip_reasons": stream.stats.reasons,
                 },
@@ -329,28 +332,29 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             )
         )
     accelerator.end_training()
+    if not ranks_agree:  # raised only now: what the main process holds is exported and can be inspected
+        raise TrainingError(f"the processes' parameters diverged (checksums in {out / 'train_summary.json'})")
     if lora.rank and not lora.fuse_on_export:
         return out / "lora"
     return student_dir
 
 
-def ranks_in_step(accelerator, modules: dict[str, torch.nn.Module]) -> dict[str, float]:
-    """Each module's parameter checksum (Σ p + Σ p², float64); with several processes, gathered from every rank
-    and required to be equal (DDP keeps the student in step; the EMA target and the proxy follow from it)."""
+def rank_checksums(accelerator, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, float], bool]:
+    """Each module's parameter checksum (Σ p + Σ p², float64) on this rank, and whether every rank has the same
+    (DDP keeps the student in step, the EMA target follows it, the proxy's gradients are averaged by hand)."""
     local = torch.tensor(
         [
-            sum(p.double().sum() + p.double().square().sum() for p in module.parameters()).item()
+            sum((p.double().sum() + p.double().square().sum()).item() for p in module.parameters())
             for module in modules.values()
         ],
         dtype=torch.float64,
         device=accelerator.device,
     )
     every_rank = accelerator.gather(local[None]).cpu()  # [processes, modules]
-    if not torch.equal(every_rank, every_rank[:1].expand_as(every_rank)):
-        raise TrainingError(
-            f"the processes' parameters diverged: checksums per rank {every_rank.tolist()} for {list(modules)}"
-        )
-    return dict(zip(modules, local.tolist(), strict=True))
+    agree = torch.equal(every_rank, every_rank[:1].expand_as(every_rank))
+    if not agree:
+        logger.error("parameters diverged across processes: per rank %s for %s", every_rank.tolist(), list(modules))
+    return dict(zip(modules, local.tolist(), strict=True)), agree
 
 
 def _to_float(added: dict | None, batch: int | None = None) -> dict | None:
@@ -373,14 +377,19 @@ def _fit_proxy(
     indices = torch.randperm(len(latents), generator=generator)[: latent.batch_size].to(latents.device)
     with accelerator.autocast():
         fit = proxy_fit(
-            accelerator.unwrap_model(proxy), expert, vae,
+            proxy, expert, vae,
             model_pred=output.model_pred, target=output.target, latents=latents, prompts=captions, indices=indices,
             kind=latent.loss, smooth_ground_truth=latent.smooth_ground_truth, expert_scale=latent.expert_scale,
             expert_scale_from_proxy=latent.expert_scale_from_proxy, decode_batch_size=config.reward.decode_batch_size,
         )  # fmt: skip
-    accelerator.backward(fit.loss * latent.loss_scale)
-    proxy_optimizer.step()
-    proxy_optimizer.zero_grad(set_to_none=True)
+    (fit.loss * latent.loss_scale / config.optim.gradient_accumulation_steps).backward()
+    if accelerator.sync_gradients:
+        if accelerator.num_processes > 1:  # as DDP does for the student: every rank takes the mean gradient
+            for param in proxy_params:
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, reduction="mean")
+        proxy_optimizer.step()
+        proxy_optimizer.zero_grad(set_to_none=True)
     return {
         "proxy_loss": fit.loss.item(),
         "proxy_accuracy": fit.accuracy.item(),
