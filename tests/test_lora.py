@@ -56,7 +56,8 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
     overrides = [
         f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
         "optim.batch_size=4", "optim.max_train_steps=3", "logging.checkpointing_steps=3",
-        "logging.validation_steps=3", "lora.rank=4", "lora.fuse_on_export=true", "distill.ema_decay=0.5",
+        "logging.validation_steps=3", "lora.rank=4", "lora.alpha=16", "lora.fuse_on_export=true",
+        "distill.ema_decay=0.5",
     ]  # fmt: skip
     assert train(load_config("tiny", overrides)) == out / "student"
     state = load_file(out / "checkpoints" / "checkpoint-3" / "model.safetensors")
@@ -77,7 +78,7 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
     prompts, seed = ["a red picture", "a blue picture"], 3
     loaded = pipe(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
                   generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
-    student = add_lora(teacher.unet, rank=4)
+    student = add_lora(teacher.unet, rank=4, alpha=16)  # alpha ≠ rank: the export must keep the scaling
     student.load_state_dict(state)
     ours = lcm_sample(student, teacher.vae, teacher.text_encoder, teacher.tokenizer,
                       lcm_scheduler(teacher.scheduler_config), prompts, num_steps=2,

@@ -105,6 +105,10 @@ def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl:
     partial = folder.with_name(folder.name + ".partial")  # renamed into place when complete
     shutil.rmtree(partial, ignore_errors=True)
     state = get_peft_model_state_dict(unet, adapter_name=adapter)  # PEFT keys, which load_lora_weights reads
+    # The file carries no alpha, and loaders take alpha = rank (scaling 1): fold alpha / rank into B.
+    config = unet.peft_config[adapter]
+    scaling = config.lora_alpha / config.r
+    state = {key: value * scaling if ".lora_B." in key else value for key, value in state.items()}
     pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipeline_class.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)
     shutil.rmtree(folder, ignore_errors=True)
