@@ -8,7 +8,7 @@ from rglcd.config import ConfigError, load_config
 from rglcd.demo import tiny_setup
 from rglcd.lora import AdaptersOff, AdapterView, adapter_pairs, add_lora
 from rglcd.models import load_teacher, update_ema
-from rglcd.sampling import lcm_sample, lcm_scheduler
+from rglcd.sampling import lcm_sample, lcm_scheduler, load_lcm
 from rglcd.train import train
 
 
@@ -50,7 +50,7 @@ def test_teacher_target_and_ema_views_of_one_unet(tiny):
 
 
 def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, tmp_path):
-    from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline
 
     out = tmp_path / "run"
     overrides = [
@@ -84,7 +84,7 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
                       lcm_scheduler(teacher.scheduler_config), prompts, num_steps=2,
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
     torch.testing.assert_close(ours, loaded, atol=1e-6, rtol=0)
-    fused = DiffusionPipeline.from_pretrained(out / "student")
+    fused = load_lcm(out / "student")  # the fused export is an LCM pipeline as `rglcd sample` / `rglcd eval` load it
     assert isinstance(fused.scheduler, LCMScheduler)
     from_fused = fused(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
                        generator=torch.Generator().manual_seed(seed)).images  # fmt: skip

@@ -208,10 +208,13 @@ def load_lcm(model: str | Path, device: str | torch.device = "cpu"):
     if "unet" not in index or "vae" not in index:
         raise TeacherLoadError(f"{model} is not a UNet latent diffusion pipeline (model_index.json: {sorted(index)})")
     pipeline = DiffusionPipeline.from_pretrained(str(model))
-    if pipeline.unet.config.get("time_cond_proj_dim") is None:
+    has_guidance_input = pipeline.unet.config.get("time_cond_proj_dim") is not None
+    # A distilled full student has a guidance embedding; a fused LoRA student has none but ships an LCMScheduler.
+    if not has_guidance_input and not isinstance(pipeline.scheduler, LCMScheduler):
         raise TeacherLoadError(
-            f"{model} has no guidance embedding (unet time_cond_proj_dim is unset): it is not a distilled LCM. "
-            "Sample a teacher with its own pipeline, or distil it with rglcd first."
+            f"{model} is not a distilled LCM: its UNet has no guidance embedding (time_cond_proj_dim) and its "
+            "scheduler is not an LCMScheduler. Sample a teacher with its own pipeline (or `rglcd eval`), or distil "
+            "it with rglcd first."
         )
     if not isinstance(pipeline.scheduler, LCMScheduler):
         pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
