@@ -67,6 +67,11 @@ def test_a_text_prompt_file_with_a_pixel_metric(models, tmp_path):
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["model"] == "student" and row["colorfulness"] >= 0 and "groups" not in row
     assert sorted(p.name for p in (out / "images" / "student-1").glob("*.png")) == ["00000.png", "00001.png"]
+    # Other prompts into the same folder: the images are not reused for them, and nothing is generated.
+    prompts.write_text("a green triangle\na blue circle\n")
+    result = rglcd_eval("--model", student, "--prompts", prompts, "--steps", "1", "--metrics", "colorfulness",
+                        "--out", out, cache=tmp_path / "cache", expect=2)  # fmt: skip
+    assert "holds images made with another prompts_sha256" in result.stderr
 
 
 @pytest.mark.parametrize(

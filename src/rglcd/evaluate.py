@@ -9,6 +9,7 @@ prompt sets, the HPSv2 benchmark's per-group chunk statistics; set metrics (FID)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -238,11 +239,18 @@ def evaluate(
     statistics when the prompts have groups), every set metric, ms/image and images/s. Per-image values (unscaled)
     go to ``scores.json`` beside the images."""
     records = records if records is not None else list(captions)
+    folders = {
+        (contender.label, steps): _claim_folder(
+            out / "images" / f"{contender.label}-{steps}", contender, steps, captions, seed, resolution
+        )
+        for contender in contenders
+        for steps in contender.steps
+    }  # all checked before anything is generated
     rows = []
     for contender in contenders:
         parts = load_contender(contender)
         for steps in contender.steps:
-            folder = out / "images" / f"{contender.label}-{steps}"
+            folder = folders[contender.label, steps]
             ms = generate(contender, parts, captions, steps, folder, seed, batch_size, resolution)
             timing_file = folder / "timing.json"
             if ms is not None:
@@ -269,6 +277,30 @@ def evaluate(
             row["images_per_second"] = 1000 / ms if ms else None
             rows.append(row)
     return rows
+
+
+def _claim_folder(
+    folder: Path, contender: Contender, steps: int, captions: list[str], seed: int, resolution: int | None
+) -> Path:
+    """The image folder of (model, steps), with a ``manifest.json`` of what its images are; images made for other
+    prompts or settings are never reused (an EvalError says so)."""
+    manifest = {
+        "model": str(contender.path), "kind": contender.kind, "steps": steps,
+        "guidance_scale": contender.guidance_scale, "seed": seed, "resolution": resolution,
+        "prompts_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+    }  # fmt: skip
+    path = folder / "manifest.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        changed = sorted(key for key in manifest if existing.get(key) != manifest[key])
+        if changed:
+            raise EvalError(
+                f"{folder} holds images made with another {', '.join(changed)}; choose another --out or delete it"
+            )
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2))
+    return folder
 
 
 def _measure(
