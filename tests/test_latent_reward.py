@@ -189,3 +189,8 @@ def test_latent_mode_config_errors_name_the_fix(tiny, tmp_path):
     text = str(error.value)
     assert "latent mode needs the expert reward" in text and "rglcd lrm pretrain" in text
     assert "reward.latent.batch_size: must be in [1, optim.batch_size = 4]" in text
+
+
+def test_a_proxy_of_another_latent_size_is_a_config_error(tiny, pretrained_lrm, tmp_path):
+    with pytest.raises(ConfigError, match=r"its latents are 8² but data.resolution 64 gives 16²"):
+        load_config("tiny", [*latent_overrides(tiny, pretrained_lrm, tmp_path / "run"), "data.resolution=64"])

@@ -190,3 +190,11 @@ def test_training_from_a_cache_matches_training_from_the_images(tiny, tmp_path):
         torch.testing.assert_close(from_cache[key], from_images[key], atol=1e-5, rtol=0)
     with pytest.raises(DataError, match="holds centre crops without flips"):
         train(load_config("tiny", overrides(tiny, tmp_path / "flip", data__source=cache, data__random_flip=True)))
+
+
+def test_missing_reward_weights_are_a_config_error_before_the_teacher_loads(tiny, tmp_path):
+    from rglcd.config import ConfigError
+
+    config = load_config("tiny", overrides(tiny, tmp_path / "run", reward__terms="[{name: aesthetic}]"))
+    with pytest.raises(ConfigError, match=r"reward\.terms: aesthetic needs checkpoint=<the head>"):
+        train(config)

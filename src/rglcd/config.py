@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -299,11 +300,6 @@ def validate(config: TrainConfig) -> None:
     check(c.lora.alpha is None or c.lora.alpha > 0, "lora.alpha: must be > 0, or null for the rank")
     check(0.0 <= c.lora.dropout < 1.0, "lora.dropout: must be in [0, 1)")
     check(not c.lora.rank or bool(c.lora.target_modules), "lora.target_modules: name at least one module")
-    if c.lora.rank:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            errors.append("lora.rank: LoRA needs peft; `pip install peft` or set lora.rank=0")
     check(not c.lora.fuse_on_export or c.lora.rank > 0, "lora.fuse_on_export: only for LoRA runs (lora.rank > 0)")
     check(bool(c.data.source), "data.source: required; webdataset shards (path, {000..009} pattern, pipe:) or a folder")
     check(
@@ -337,6 +333,15 @@ def validate(config: TrainConfig) -> None:
             f"reward.latent.model: {latent.model or '(empty)'} is not a latent proxy RM folder; make one with "
             "`rglcd lrm pretrain`",
         )
+        proxy_config = Path(latent.model) / "config.json"
+        if latent.model and proxy_config.is_file():
+            size = json.loads(proxy_config.read_text()).get("config", {}).get("latent_size")
+            expected = c.data.resolution // vae_scale_factor
+            check(
+                size == expected,
+                f"reward.latent.model: its latents are {size}² but data.resolution {c.data.resolution} gives "
+                f"{expected}²; pretrain it with `rglcd lrm pretrain --resolution {c.data.resolution}`",
+            )
         check(latent.learning_rate > 0, "reward.latent.learning_rate: must be > 0 (the paper's is 3.3e-6)")
         check(
             0 < latent.batch_size <= c.optim.batch_size,

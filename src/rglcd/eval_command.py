@@ -105,7 +105,10 @@ def build_metrics(names: list[str], prompts: list[Prompt], settings: EvalSetting
     metrics = Metrics(per_image={}, per_set={}, benchmark_scales={})
     for name in names:
         if name in available_rewards():
-            reward = build_reward(name, **settings.reward_kwargs.get(name, {}))
+            try:
+                reward = build_reward(name, **settings.reward_kwargs.get(name, {}))
+            except (FileNotFoundError, ValueError, TypeError) as error:  # weights missing, bad --reward-kwargs
+                raise EvalError(f"metric {name}: {error}") from error
             metrics.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
             metrics.benchmark_scales[name] = reward.benchmark_scale
         elif name == "judge":

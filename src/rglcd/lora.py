@@ -117,15 +117,26 @@ def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl:
 
 
 def export_fused(
-    teacher: str, lora_folder: str | Path, out_dir: str | Path, num_ddim_timesteps: int, timestep_scaling: float
+    teacher: str,
+    lora_folder: str | Path,
+    out_dir: str | Path,
+    num_ddim_timesteps: int,
+    timestep_scaling: float,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> Path:
     """The teacher's pipeline with the adapters fused into its UNet and an LCMScheduler, written atomically:
     ``DiffusionPipeline.from_pretrained(out_dir)`` samples in a few steps without peft."""
     from diffusers import DiffusionPipeline
 
+    from .models import read_pipeline_index
     from .sampling import lcm_scheduler
 
-    pipeline = DiffusionPipeline.from_pretrained(teacher)
+    # The weights distilled from (revision, variant); SD's safety checker is not part of the student.
+    optional = {
+        name: None for name in ("safety_checker", "feature_extractor") if name in read_pipeline_index(teacher, revision)
+    }
+    pipeline = DiffusionPipeline.from_pretrained(teacher, revision=revision, variant=variant, **optional)
     pipeline.load_lora_weights(str(lora_folder))
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()

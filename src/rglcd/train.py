@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .lora import STUDENT, TARGET, AdaptersOff, AdapterView, adapter_pairs, add_lora, export_fused, save_lora
 from .losses import ConsistencyDistance
 from .models import build_student, build_target, load_teacher, text_conditioning, update_ema
@@ -76,6 +76,15 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.to_yaml())
 
+    # The reward(s), maximised directly (Alg. 3) or the expert the latent proxy is fitted to (Alg. 4): built first,
+    # so that missing reward weights are reported before the teacher loads.
+    expert = None
+    if config.reward.terms:
+        terms = [dataclasses.asdict(term) for term in config.reward.terms]
+        try:
+            expert = build_reward("mix", terms=terms)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"reward.terms: {error}") from error
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
     cached = is_cache(config.data.source)
     if cached and teacher.is_sdxl:
@@ -119,11 +128,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         timestep_scaling=config.distill.timestep_scaling,
         time_cond_proj_dim=student.config.time_cond_proj_dim or 0,
     )
-    # The reward(s): maximised directly (Alg. 3), or the expert the latent proxy is fitted to (Alg. 4).
-    expert = None
-    if config.reward.terms:
-        terms = [dataclasses.asdict(term) for term in config.reward.terms]
-        expert = build_reward("mix", terms=terms).to(accelerator.device)
+    expert = expert.to(accelerator.device) if expert is not None else None
 
     optim = config.optim
     optimizer_class = torch.optim.AdamW
@@ -306,11 +311,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         if lora.rank:
             lora_dir = save_lora(final_student, out / "lora", STUDENT, teacher.is_sdxl)
             save_lora(final_student, out / "target_lora", TARGET, teacher.is_sdxl)
-            if lora.fuse_on_export:
-                export_fused(
-                    config.model.teacher, lora_dir, student_dir, distillation.num_ddim_timesteps,
-                    distillation.timestep_scaling,
-                )  # fmt: skip
         else:
             export_pipeline(
                 student_dir, final_student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
@@ -331,6 +331,11 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 indent=2,
             )
         )
+        if lora.rank and lora.fuse_on_export:  # last: it reloads the teacher pipeline, everything else is saved
+            export_fused(
+                config.model.teacher, lora_dir, student_dir, distillation.num_ddim_timesteps,
+                distillation.timestep_scaling, revision=config.model.revision, variant=config.model.variant,
+            )  # fmt: skip
     accelerator.end_training()
     if not ranks_agree:  # raised only now: what the main process holds is exported and can be inspected
         raise TrainingError(f"the processes' parameters diverged (checksums in {out / 'train_summary.json'})")
