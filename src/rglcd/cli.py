@@ -127,16 +127,20 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
-    from .lrm import PretrainSettings, pretrain_lrm
+    from .lrm import RETRIEVAL_GROUP, PretrainSettings, pretrain_lrm
 
     settings = PretrainSettings(
         architecture=args.architecture, resolution=args.resolution, samples=args.samples, heldout=args.heldout,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        device=str(_device(args.device)),
     )  # fmt: skip
     pretrain_lrm(args.out, args.teacher, args.data, settings)
     record = json.loads((Path(args.out) / "config.json").read_text())["training"]
     accuracy = record["heldout_retrieval_accuracy"]
-    print(f"latent proxy RM: {args.out}  (held-out retrieval among 32: {accuracy:.3f}, {record['seconds']:.0f} s)")
+    print(
+        f"latent proxy RM: {args.out}  (held-out retrieval among {RETRIEVAL_GROUP}: {accuracy:.3f}, "
+        f"{record['seconds']:.0f} s)"
+    )
 
 
 def cmd_world_overoptimisation(args: argparse.Namespace) -> None:
@@ -367,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--batch-size", type=int, default=128)
     pretrain.add_argument("--learning-rate", type=float, default=5e-4)
     pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (the latents stay in RAM)")
     pretrain.set_defaults(run=cmd_lrm_pretrain)
 
     demo = commands.add_parser(

@@ -29,7 +29,6 @@ LCM_LORA_TARGETS = (
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 )  # fmt: skip
 STUDENT, TARGET = "default", "ema"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for load_lora_weights
 
 
 def add_lora(

@@ -37,28 +37,34 @@ class PretrainSettings:
     learning_rate: float = 5e-4  # the official latent_RN50 run's
     weight_decay: float = 0.1
     seed: int = 0
+    device: str = "cpu"  # where the VAE encodes and the proxy trains ("cuda", ...); the latents stay in RAM
 
 
 def encode_dataset(
-    teacher: str, source: str, resolution: int, samples: int, out: Path, progress: bool = True
+    teacher: str, source: str, resolution: int, samples: int, out: Path, device: str = "cpu", progress: bool = True
 ) -> tuple[Tensor, Tensor, list[str]]:
-    """(means, stds [N, C, h, w], captions) of ``samples`` images of ``source``, cached in ``out``."""
+    """(means, stds [N, C, h, w], captions) of the first ``samples`` images of ``source`` (which should hold at
+    least that many: a stream that wraps around repeats images), cached in ``out`` and reused only for the same
+    teacher, source and resolution. They are held in memory: N·2·C·h·w floats (about 26 GB for 200,000 SD
+    latents at 512 px)."""
     cache, captions_file = out / CACHE_FILE, out / CAPTIONS_FILE
+    made_by = {"teacher": str(teacher), "source": str(source), "resolution": resolution}
     if cache.is_file() and captions_file.is_file():
-        tensors, captions = load_file(cache), json.loads(captions_file.read_text())
-        if len(captions) >= samples:
-            return tensors["mean"][:samples], tensors["std"][:samples], captions[:samples]
+        record = json.loads(captions_file.read_text())
+        if {key: record.get(key) for key in made_by} == made_by and len(record["captions"]) >= samples:
+            tensors = load_file(cache)
+            return tensors["mean"][:samples], tensors["std"][:samples], record["captions"][:samples]
     from .data import TrainStream
     from .models import load_teacher
 
-    vae = load_teacher(teacher).vae.eval()
+    vae = load_teacher(teacher).vae.eval().to(device)
     stream = TrainStream(source, resolution=resolution, batch_size=64, shuffle_buffer=0, seed=0)
     means, stds, captions = [], [], []
     with torch.no_grad(), tqdm(total=samples, desc="encode latents", disable=not progress) as bar:
         for batch in stream:
-            posterior = vae.encode(batch["pixel_values"]).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
+            posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
             bar.update(min(len(batch["captions"]), samples - len(captions)))
             captions += batch["captions"]
             if len(captions) >= samples:
@@ -66,7 +72,7 @@ def encode_dataset(
     mean, std = torch.cat(means)[:samples], torch.cat(stds)[:samples]
     out.mkdir(parents=True, exist_ok=True)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, cache)
-    captions_file.write_text(json.dumps(captions[:samples]))
+    captions_file.write_text(json.dumps({**made_by, "captions": captions[:samples]}))
     return mean, std, captions[:samples]
 
 
@@ -78,9 +84,9 @@ def retrieval_accuracy(model: LatentClip, latents: Tensor, captions: list[str], 
     hits = 0
     with torch.no_grad():
         for start in range(0, len(latents) - group + 1, group):
-            image = model.encode_images(latents[start : start + group])  # [G, D]
+            image = model.encode_images(latents[start : start + group].to(model.clip.logit_scale.device))  # [G, D]
             text = model.encode_prompts(captions[start : start + group])  # [G, D]
-            hits += ((image @ text.T).argmax(dim=1) == torch.arange(len(image))).sum().item()
+            hits += ((image @ text.T).argmax(dim=1).cpu() == torch.arange(len(image))).sum().item()
     return hits / (len(latents) // group * group)
 
 
@@ -98,7 +104,9 @@ def pretrain_lrm(
         )
     started = time.perf_counter()
     out = Path(out)
-    mean, std, captions = encode_dataset(teacher, source, settings.resolution, settings.samples, out, progress)
+    mean, std, captions = encode_dataset(
+        teacher, source, settings.resolution, settings.samples, out, settings.device, progress
+    )
     config: LatentClipConfig = replace(ARCHITECTURES[settings.architecture], latent_size=mean.shape[-1])
     config = replace(config, latent_channels=mean.shape[1])
     train_count = settings.samples - settings.heldout
@@ -106,7 +114,7 @@ def pretrain_lrm(
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        model = LatentClip(config)
+        model = LatentClip(config).to(settings.device)
     loss_fn = ClipLoss()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms, biases, logit scale
@@ -124,7 +132,7 @@ def pretrain_lrm(
     for _ in (bar := tqdm(range(settings.steps), desc="LRM pretrain", disable=not progress)):
         chosen = torch.randint(train_count, (settings.batch_size,), generator=generator)
         latents = mean[chosen] + std[chosen] * torch.randn(mean[chosen].shape, generator=generator)
-        image = model.encode_images(latents)
+        image = model.encode_images(latents.to(settings.device))
         text = model.encode_prompts([captions[i] for i in chosen.tolist()])
         loss = loss_fn(image, text, model.clip.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
@@ -146,5 +154,5 @@ def pretrain_lrm(
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "heldout_retrieval_accuracy": round(accuracy, 4),
     }
-    model.save_pretrained(out, record)
+    model.cpu().save_pretrained(out, record)
     return model.requires_grad_(False)
