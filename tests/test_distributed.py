@@ -97,3 +97,13 @@ def test_two_process_latent_proxy_stays_identical_on_both_ranks(tiny, tmp_path):
     assert summary["ranks_agree"] and set(summary["parameter_checksums"]) == {"student", "target", "latent_rm"}
     fitted, pretrained = load_file(out / "latent_rm" / "model.safetensors"), load_file(lrm / "model.safetensors")
     assert not torch.equal(fitted["clip.text_projection"], pretrained["clip.text_projection"])  # it was fitted
+
+
+def test_resuming_with_another_process_count_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "run"
+    train_two_processes(tiny, out, 2)
+    overrides = [f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
+                 "optim.batch_size=4", "optim.max_train_steps=4", "logging.validation_steps=0"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides, "--resume", "latest"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2 and "was saved by 2 processes and this run has 1" in result.stderr

@@ -68,8 +68,11 @@ def default_metrics(prompts_spec: str) -> list[str]:
 
 
 def parse_model(text: str) -> tuple[str, str]:
-    """``LABEL=PATH`` or ``PATH`` (labelled by its folder name)."""
-    label, _, path = text.rpartition("=")
+    """``LABEL=PATH`` or ``PATH`` (labelled by its folder name); a ``=`` inside a path (``runs/lr=1e-4``) is not a
+    label separator, since labels hold no ``/``."""
+    label, separator, path = text.partition("=")
+    if not separator or "/" in label:
+        label, path = "", text
     path = path.strip()
     return (label.strip() or Path(path).name or path), path
 

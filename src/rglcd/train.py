@@ -186,8 +186,13 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     checkpoint = resolve_resume(out, resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if len(state["data"]) != accelerator.num_processes:  # each rank's data position and generator are saved
+            raise TrainingError(
+                f"{checkpoint} was saved by {len(state['data'])} processes and this run has "
+                f"{accelerator.num_processes}; resume with the same number of processes"
+            )
+        accelerator.load_state(str(checkpoint))
         global_step, nan_streak = state["global_step"], state["nan_streak"]
         stream.load_state_dict(state["data"][accelerator.process_index])
         generator.set_state(torch.load(checkpoint / f"generator-{accelerator.process_index}.pt"))
