@@ -98,3 +98,14 @@ def test_lora_options_are_validated(tiny, tmp_path):
     text = str(error.value)
     assert "lora.rank: must be >= 0" in text and "lora.dropout: must be in [0, 1)" in text
     assert "lora.fuse_on_export: only for LoRA runs" in text
+
+
+def test_the_ema_target_is_deterministic_under_lora_dropout(tiny):
+    unet = add_lora(load_teacher(tiny / "teacher").unet, rank=4, dropout=0.5)
+    target, _ = adapter_pairs(unet)
+    with torch.no_grad():
+        for param in target:
+            param.add_(0.1)  # a non-zero EMA adapter, so that dropout would show
+        latents, timesteps, embeds = unet_inputs(unet, torch.Generator().manual_seed(0))
+        first, second = (AdapterView(unet)(latents, timesteps, encoder_hidden_states=embeds).sample for _ in range(2))
+    assert torch.equal(first, second) and unet.training  # and the student is back in training mode

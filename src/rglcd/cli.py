@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil three students from the world teacher (LCM; world-aesthetic guidance through the "
         "decoder; the same expert through a latent proxy RM fitted online, pretrained once into the cache) and "
         "report expert reward, true colourfulness, judge accuracy, judge-FD and high-frequency energy against the "
-        "teacher: OUT/report.md, results.json, grid.png. Finished students and images are reused.",
+        "teacher: OUT/report.md, results.json, grid.png. Finished students and images are reused (use another --out "
+        "after changing a β), and the cached proxy is pretrained once (delete $RGLCD_CACHE/world/lrm to redo it).",
     )  # fmt: skip
     overoptimisation.add_argument("--out", default="runs/overoptimisation")
     overoptimisation.add_argument("--train-steps", type=int, default=600, help="distillation steps per student")

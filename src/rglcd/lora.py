@@ -87,11 +87,14 @@ class AdapterView:
         self.unet, self.adapter = unet, adapter
 
     def __call__(self, *args, **kwargs):
+        training = self.unet.training
         self.unet.set_adapter(self.adapter)
+        self.unet.eval()  # the target is deterministic: no LoRA dropout
         try:
             return self.unet(*args, **kwargs)
         finally:
             self.unet.set_adapter(STUDENT)
+            self.unet.train(training)
 
 
 def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl: bool = False) -> Path:

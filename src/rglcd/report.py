@@ -132,7 +132,7 @@ def write_report(
     """``results.json``, ``grid.png`` (the first prompts × every (model, steps)), plots of the ``plotted`` columns
     against steps and of the ``tradeoffs`` (x, y) pairs, and ``report.md``; returns the main table (also printed)."""
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    count = min(grid_prompts, len(list(Path(rows[0]["images"]).glob("[0-9]*.png"))))
+    count = min(grid_prompts, len(list(Path(rows[0]["images"]).glob("[0-9][0-9][0-9][0-9][0-9].png"))))
     grid = comparison_grid(rows, list(range(count)), out / "grid.png")
     if plotted is None:  # every numeric column
         plotted = [column for column in columns if any(isinstance(row.get(column), float) for row in rows)]

@@ -392,7 +392,10 @@ def _fit_proxy(
             kind=latent.loss, smooth_ground_truth=latent.smooth_ground_truth, expert_scale=latent.expert_scale,
             expert_scale_from_proxy=latent.expert_scale_from_proxy, decode_batch_size=config.reward.decode_batch_size,
         )  # fmt: skip
-    (fit.loss * latent.loss_scale / config.optim.gradient_accumulation_steps).backward()
+    if bool(accelerator.gather(torch.isfinite(fit.loss.detach()).reshape(1)).all()):
+        (fit.loss * latent.loss_scale / config.optim.gradient_accumulation_steps).backward()
+    else:  # a non-finite preference loss would poison the proxy, and with it every later student step
+        logger.warning("non-finite latent proxy loss; the proxy's update from this batch is skipped")
     if accelerator.sync_gradients:
         if accelerator.num_processes > 1:  # as DDP does for the student: every rank takes the mean gradient
             for param in proxy_params:
