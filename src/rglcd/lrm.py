@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .optim import adamw_without_decay_on_gains, warmup_cosine
 from .rewards.latent import LATENT_RN50, WORLD_LATENT_CLIP, LatentClip, LatentClipConfig
 
 ARCHITECTURES = {"latent-rn50": LATENT_RN50, "world": WORLD_LATENT_CLIP}
@@ -116,17 +117,8 @@ def pretrain_lrm(
         torch.manual_seed(settings.seed)
         model = LatentClip(config).to(settings.device)
     loss_fn = ClipLoss()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms, biases, logit scale
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.learning_rate,
-    )
-    warmup = max(1, settings.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0))),
-    )
+    optimizer = adamw_without_decay_on_gains(model, settings.learning_rate, settings.weight_decay)
+    schedule = warmup_cosine(optimizer, settings.steps)
     losses = []
     model.train()
     for _ in (bar := tqdm(range(settings.steps), desc="LRM pretrain", disable=not progress)):

@@ -15,7 +15,6 @@ Two image towers, both built through open_clip with a latent stem:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +22,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .clip import ClipScorer
+from .weights import load_model_weights, read_model_config, save_model_folder
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 KIND = "latent-clip"
 PRETRAIN_COMMAND = "rglcd lrm pretrain"
 # (i, j) index pairs of (student prediction, target, ground truth) the preference loss compares.
@@ -117,26 +114,13 @@ class LatentClip(ClipScorer):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> LatentClip:
-        folder = Path(folder)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(
-                    f"{folder} is not a latent proxy RM (no {name}); make one with `{PRETRAIN_COMMAND}`"
-                )
-        record = json.loads((folder / CONFIG_FILE).read_text())
-        if record.get("kind") != KIND:
-            raise ValueError(f"{folder} holds {record.get('kind')!r} weights, not a {KIND} latent proxy RM")
-        model = cls(LatentClipConfig(**record["config"]))
-        model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        make_it = f"make one with `{PRETRAIN_COMMAND}`"
+        model = cls(LatentClipConfig(**read_model_config(Path(folder), KIND, make_it)))
+        load_model_weights(model, Path(folder), make_it)
         return model
 
     def save_pretrained(self, folder: str | Path, training: dict | None = None) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({key: value.contiguous() for key, value in self.state_dict().items()}, folder / WEIGHTS_FILE)
-        record = {"kind": KIND, "config": asdict(self.config), "training": training or {}}
-        (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2))
-        return folder
+        return save_model_folder(self, folder, KIND, asdict(self.config), training)
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         from open_clip import tokenize

@@ -1,7 +1,9 @@
-"""Where reward weights come from: a local file or folder, or a file of a Hugging Face hub repo."""
+"""Where reward weights come from: a local file or folder, or a file of a Hugging Face hub repo; and the folder
+format of the models the package trains itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,3 +58,42 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], source: str | Path)
         module.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(f"{source} does not fit the {type(module).__name__} it is loaded into: {error}") from error
+
+
+# A trained model folder of our own (the world's rewards, the latent proxy RM): its weights, and a JSON record of
+# what kind of model it is, its architecture config and how it was trained.
+MODEL_WEIGHTS_FILE = "model.safetensors"
+MODEL_RECORD_FILE = "config.json"
+
+
+def save_model_folder(model: nn.Module, out: str | Path, kind: str, config: dict, training: dict | None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, out / MODEL_WEIGHTS_FILE)
+    record = {"kind": kind, "config": config, "training": training or {}}
+    (out / MODEL_RECORD_FILE).write_text(json.dumps(record, indent=2))
+    return out
+
+
+def read_model_config(folder: Path, kind: str, make_it: str) -> dict:
+    """The architecture config of a ``kind`` folder; ``make_it`` (e.g. "run `rglcd lrm pretrain`") ends the errors."""
+    for file in (MODEL_RECORD_FILE, MODEL_WEIGHTS_FILE):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{folder} has no {file}: it is not a {kind} folder; {make_it}")
+    record = json.loads((folder / MODEL_RECORD_FILE).read_text())
+    if record.get("kind") != kind:
+        raise ValueError(f"{folder} holds {record.get('kind')!r} weights, not {kind!r}; point to a {kind} folder")
+    return record["config"]
+
+
+def load_model_weights(model: nn.Module, folder: Path, make_it: str) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(folder / MODEL_WEIGHTS_FILE))
+    except RuntimeError as error:
+        raise ValueError(
+            f"{folder / MODEL_WEIGHTS_FILE} does not match its {MODEL_RECORD_FILE} ({error}); {make_it}"
+        ) from error

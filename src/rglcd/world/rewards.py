@@ -12,7 +12,6 @@ Both save a folder of ``model.safetensors`` and ``config.json``. Without an expl
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -24,21 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..metrics import high_frequency_share
+from ..optim import adamw_without_decay_on_gains, warmup_cosine
 from ..rewards.base import RewardModel, register_reward
 from ..rewards.clip import CLIP_MEAN, CLIP_STD, ClipScorer
 from ..rewards.pixel import Colorfulness
+from ..rewards.weights import load_model_weights, read_model_config, save_model_folder
 from .paths import REWARD_SEED, cache_dir, shipped_dir
 from .render import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, render, scenes
 
 VOCAB_SIZE = 49408  # OpenAI CLIP's BPE vocabulary, shipped in open_clip's wheel
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TRAIN_COMMAND = "rglcd world rewards"
+MAKE_THEM = f"run `{TRAIN_COMMAND}` to train it"
 # Colourfulness of [0, 1] renders is about 0.09-0.40 (mean 0.24); dividing by this puts the target near 1.
 COLOURFULNESS_SCALE = 0.25
 
@@ -67,12 +66,7 @@ def resolve_weights(weights: str | Path | None, name: str) -> Path:
 def _save(
     model: nn.Module, out: str | Path, kind: str, config: WorldClipConfig | WorldAestheticConfig, training: dict | None
 ) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, out / WEIGHTS_FILE)
-    record = {"kind": kind, "config": asdict(config), "training": training or {}}
-    (out / CONFIG_FILE).write_text(json.dumps(record, indent=2))
-    return out
+    return save_model_folder(model, out, kind, asdict(config), training)
 
 
 def _weights_and_config(weights, config, name: str, config_class):
@@ -82,26 +76,7 @@ def _weights_and_config(weights, config, name: str, config_class):
     if config is not None:
         return None, config
     folder = resolve_weights(weights, name)
-    return folder, config_class(**_read_config(folder, f"world-{name}"))
-
-
-def _read_config(folder: Path, kind: str) -> dict:
-    for file in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / file).is_file():
-            raise FileNotFoundError(f"{folder} has no {file}; run `{TRAIN_COMMAND}` to train {kind}")
-    record = json.loads((folder / CONFIG_FILE).read_text())
-    if record.get("kind") != kind:
-        raise ValueError(f"{folder} holds {record.get('kind')!r} weights, not {kind!r}; point to a {kind} folder")
-    return record["config"]
-
-
-def _load_weights(model: nn.Module, folder: Path, kind: str) -> None:
-    try:
-        model.load_state_dict(load_file(folder / WEIGHTS_FILE))
-    except RuntimeError as error:
-        raise ValueError(
-            f"{folder / WEIGHTS_FILE} does not match its {CONFIG_FILE} ({error}); retrain with `{TRAIN_COMMAND}`"
-        ) from error
+    return folder, config_class(**read_model_config(folder, f"world-{name}", MAKE_THEM))
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers
@@ -122,23 +97,6 @@ def render_pixels(drawn: Sequence[Scene]) -> Tensor:
 
 def _uniform(count: int, low: float, high: float, generator: torch.Generator) -> Tensor:
     return low + (high - low) * torch.rand(count, 1, 1, 1, generator=generator)
-
-
-def _optimiser(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW that spares norms' gains, biases, the class token and the logit scale (0-d or 1-d) from decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def _warmup_cosine(optimiser: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
-    )
 
 
 def _save_trained(model, out: str | Path, recipe: dict, started: float, losses: list[float]):
@@ -208,7 +166,7 @@ class WorldClip(ClipScorer):
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         if folder is not None:
-            _load_weights(self, folder, "world-clip")
+            load_model_weights(self, folder, MAKE_THEM)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[B,3,H,W] in [0, 1] -> the ViT's input: resized to its image size and CLIP-normalised."""
@@ -264,8 +222,8 @@ def train_world_clip(
     objects: dict[tuple, int] = {}  # one group per set of objects
     groups = torch.tensor([objects.setdefault(scene.objects, len(objects)) for scene in drawn])
     generator = torch.Generator().manual_seed(seed)
-    optimiser = _optimiser(model, learning_rate, weight_decay=0.1)
-    schedule = _warmup_cosine(optimiser, steps)
+    optimiser = adamw_without_decay_on_gains(model, learning_rate, weight_decay=0.1)
+    schedule = warmup_cosine(optimiser, steps)
     max_log_scale = math.log(100)  # CLIP's cap on the temperature
     losses = []
     model.train()
@@ -392,7 +350,7 @@ class WorldAesthetic(RewardModel):
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 64), nn.ReLU(), nn.Linear(64, 1)
         )
         if folder is not None:
-            _load_weights(self, folder, "world-aesthetic")
+            load_model_weights(self, folder, MAKE_THEM)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """[B,3,H,W] in [0, 1] -> [B,3,S,S] at the model's image size, still in [0, 1]."""
@@ -437,8 +395,8 @@ def train_world_aesthetic(
         torch.manual_seed(seed)
         model = WorldAesthetic(config=config or WorldAestheticConfig())
     generator = torch.Generator().manual_seed(seed)
-    optimiser = _optimiser(model, learning_rate, weight_decay=0.01)
-    schedule = _warmup_cosine(optimiser, steps)
+    optimiser = adamw_without_decay_on_gains(model, learning_rate, weight_decay=0.01)
+    schedule = warmup_cosine(optimiser, steps)
     losses = []
     model.train()
     for _ in (bar := tqdm(range(steps), desc="world-aesthetic", disable=not progress)):
