@@ -270,10 +270,10 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
 
 def _vae_scale_factor(teacher: str) -> int:
     """2^(blocks − 1) from a local teacher's vae/config.json (no weights read); 8, SD's, otherwise."""
+    from .models import vae_scale_factor
+
     vae_config = Path(teacher) / "vae" / "config.json"
-    if vae_config.is_file():
-        return 2 ** (len(yaml.safe_load(vae_config.read_text())["block_out_channels"]) - 1)
-    return 8
+    return vae_scale_factor(json.loads(vae_config.read_text())) if vae_config.is_file() else 8
 
 
 def validate(config: TrainConfig) -> None:

@@ -46,7 +46,7 @@ class Teacher:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
         for module in (self.unet, *self.encoders()):
@@ -54,6 +54,11 @@ class Teacher:
             if dtype is not None and module.dtype != dtype:
                 module.to(dtype)
         return self
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent along a side: 2^(number of VAE blocks − 1) (8 for SD and SDXL)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def read_pipeline_index(source: str, revision: str | None) -> dict:

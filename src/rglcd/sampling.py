@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import Teacher, decode_latents, text_conditioning
+from .models import Teacher, decode_latents, text_conditioning, vae_scale_factor
 from .schedules import guidance_scale_embedding
 
 
@@ -23,7 +23,7 @@ def _scheduler_from(scheduler_class, scheduler_config: dict, **overrides):
 
 def image_size(unet, vae, resolution: int | None) -> int:
     """The requested resolution, else the UNet's native one (its sample size × the VAE's factor)."""
-    return resolution or unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return resolution or unet.config.sample_size * vae_scale_factor(vae.config)
 
 
 def second_text_encoder(parts: Any) -> dict:
@@ -47,8 +47,7 @@ def _initial_latents(unet, vae, batch_size: int, resolution: int | None, generat
     """Gaussian latents [B, C, R/f, R/f] drawn as diffusers' pipelines draw them (same generator order)."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = image_size(unet, vae, resolution) // vae_scale_factor
+    size = image_size(unet, vae, resolution) // vae_scale_factor(vae.config)
     shape = (batch_size, unet.config.in_channels, size, size)
     device = next(unet.parameters()).device
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * init_noise_sigma
