@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -71,6 +72,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         log_with=None if config.logging.tracker == "none" else config.logging.tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    sharded = check_engine(accelerator, config)  # FSDP2: the student's weights, gradients and Adam states sharded
     set_seed(config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         student = add_lora(teacher.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
         student.to(accelerator.device)  # float32: its base weights are shared with the teacher
         teacher_unet, target = AdaptersOff(student), AdapterView(student)
-        ema_target, ema_online = adapter_pairs(student)
         for frozen in teacher.encoders():
             frozen.to(accelerator.device, teacher_dtype)
     else:
@@ -109,7 +110,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         target = build_target(student).to(accelerator.device)
         teacher.to(accelerator.device, teacher_dtype)
         teacher_unet = teacher.unet
-        ema_target, ema_online = list(target.parameters()), list(student.parameters())
     if config.precision.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     if config.precision.attention == "eager":
@@ -150,8 +150,13 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         num_training_steps=optim.max_train_steps * accelerator.num_processes,
     )
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    if not lora.rank:  # a LoRA target is an adapter inside the student, saved with it
-        accelerator.register_for_checkpointing(target)
+    # The EMA pairs, taken after prepare: FSDP replaces the student's parameters with sharded ones. The target and
+    # the teacher have no gradients or optimizer state and stay whole on every rank, as under DDP.
+    if lora.rank:
+        ema_target, ema_online = adapter_pairs(student)
+    else:
+        ema_target, ema_online = list(target.parameters()), list(student.parameters())
+        accelerator.register_for_checkpointing(target)  # (a LoRA target is an adapter, saved with the student)
     proxy = proxy_optimizer = None
     if config.reward.mode == "latent":
         latent = config.reward.latent
@@ -273,7 +278,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 )
             continue
         nan_streak = 0
-        update_ema(ema_target, ema_online, config.distill.ema_decay)
+        update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
         global_step += 1
         progress.update(1)
 
@@ -296,7 +301,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         if global_step % config.logging.log_every == 0 or global_step == optim.max_train_steps:
             accelerator.log(logs, step=global_step)
         if config.logging.validation_steps and global_step % config.logging.validation_steps == 0:
-            validate_samples(accelerator, config, teacher, accelerator.unwrap_model(student), distillation, global_step)
+            validate_samples(
+                accelerator, config, teacher, accelerator.unwrap_model(student), distillation, global_step, sharded
+            )
         if global_step % config.logging.checkpointing_steps == 0:
             save_checkpoint()
     progress.close()
@@ -309,10 +316,15 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         trained["latent_rm"] = proxy
     checksums, ranks_agree = rank_checksums(accelerator, trained)
     student_dir = out / "student"
+    final_student = accelerator.unwrap_model(student)
+    if sharded:  # one whole copy on the main process (a collective: every rank takes part)
+        student_weights = accelerator.get_state_dict(student)
+        if accelerator.is_main_process:
+            final_student = copy.deepcopy(target)
+            final_student.load_state_dict(student_weights)
     if accelerator.is_main_process:
         for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
             frozen.float()
-        final_student = accelerator.unwrap_model(student)
         if lora.rank:
             lora_dir = save_lora(final_student, out / "lora", STUDENT, teacher.is_sdxl)
             save_lora(final_student, out / "target_lora", TARGET, teacher.is_sdxl)
@@ -349,12 +361,44 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     return student_dir
 
 
+def check_engine(accelerator, config: TrainConfig) -> bool:
+    """Refuse the accelerate set-ups the loop does not support, naming the fix; True under FSDP (version 2)."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported (its engine owns the student, which the EMA target, the validation and the "
+            "export need whole); launch with an FSDP config (docs/accelerate/fsdp.yaml) or with --multi_gpu (DDP)"
+        )
+    if engine != DistributedType.FSDP:
+        if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # accelerate shards only on GPUs (and other accelerators)
+            logger.warning("FSDP was asked for, but accelerate runs %s here: the student is not sharded", engine)
+        return False
+    if not accelerator.is_fsdp2:
+        raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
+    if config.lora.rank:
+        raise ConfigError(
+            "LoRA with FSDP is not supported (the adapters are a few MB; the base weights they share with the "
+            "teacher would be sharded for nothing): launch LoRA runs with --multi_gpu (DDP)"
+        )
+    return True
+
+
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: FSDP's shards gathered from every rank (a collective), else the parameter itself."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
 def rank_checksums(accelerator, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, float], bool]:
-    """Each module's parameter checksum (Σ p + Σ p², float64) on this rank, and whether every rank has the same
-    (DDP keeps the student in step, the EMA target follows it, the proxy's gradients are averaged by hand)."""
+    """Each module's parameter checksum (Σ p + Σ p², float64, over whole parameters) on this rank, and whether
+    every rank has the same (DDP keeps the student in step, the EMA target follows it, the proxy's gradients are
+    averaged by hand; FSDP shards are gathered first)."""
     local = torch.tensor(
         [
-            sum((p.double().sum() + p.double().square().sum()).item() for p in module.parameters())
+            sum((p.double().sum() + p.double().square().sum()).item() for p in map(whole, module.parameters()))
             for module in modules.values()
         ],
         dtype=torch.float64,
@@ -441,9 +485,12 @@ def _save_checkpoint(accelerator, out: Path, global_step: int, nan_streak: int, 
 
 
 @torch.no_grad()
-def validate_samples(accelerator, config: TrainConfig, teacher, student, distillation, global_step: int) -> None:
-    """Sample the validation prompts at 1, 2 and 4 steps (fixed seed) into one PNG grid, and log it."""
-    if not accelerator.is_main_process or not config.logging.validation_prompts:
+def validate_samples(
+    accelerator, config: TrainConfig, teacher, student, distillation, global_step: int, sharded: bool = False
+) -> None:
+    """Sample the validation prompts at 1, 2 and 4 steps (fixed seed) into one PNG grid, and log it. A sharded
+    student samples on every rank (its forward gathers weights from all of them); the main process writes."""
+    if not config.logging.validation_prompts or not (sharded or accelerator.is_main_process):
         return
     student.eval()
     scheduler = lcm_scheduler(teacher.scheduler_config, distillation.num_ddim_timesteps, distillation.timestep_scaling)
@@ -457,6 +504,8 @@ def validate_samples(accelerator, config: TrainConfig, teacher, student, distill
         )  # fmt: skip
         rows.append(torch.cat(list(images.float().cpu()), dim=2))  # [3, H, P·W]
     student.train()
+    if not accelerator.is_main_process:
+        return
     grid = torch.cat(rows, dim=1)  # [3, 3·H, P·W]: rows are 1, 2, 4 steps
     folder = Path(config.logging.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
