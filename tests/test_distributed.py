@@ -186,3 +186,11 @@ def test_resuming_with_another_process_count_is_a_clear_error(tiny, tmp_path):
     result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides, "--resume", "latest"],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 2 and "was saved by 2 processes and this run has 1" in result.stderr
+
+
+def test_fsdp_asked_for_on_a_cpu_says_the_run_is_data_parallel(tiny, monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --config_file fsdp.yaml sets
+    config = load_config("tiny", [f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}"])
+    cpu_group = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_main_process=True)
+    assert check_engine(cpu_group, config) is False
+    assert "accelerate shards only on GPUs: this run is MULTI_CPU" in caplog.text

@@ -54,10 +54,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(config.to_yaml(), end="")
         return
+    from accelerate import PartialState
+
     from .train import train
 
     exported = train(config, resume=args.resume)
-    print(f"exported: {exported}")
+    if PartialState().is_main_process:  # once, not from every process of a launch
+        print(f"exported: {exported}")
 
 
 def cmd_cache(args: argparse.Namespace) -> None:

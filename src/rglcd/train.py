@@ -372,8 +372,12 @@ def check_engine(accelerator, config: TrainConfig) -> bool:
             "export need whole); launch with an FSDP config (docs/accelerate/fsdp.yaml) or with --multi_gpu (DDP)"
         )
     if engine != DistributedType.FSDP:
-        if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # accelerate shards only on GPUs (and other accelerators)
-            logger.warning("FSDP was asked for, but accelerate runs %s here: the student is not sharded", engine)
+        if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.is_main_process:
+            logger.warning(
+                "FSDP was asked for, but accelerate shards only on GPUs: this run is %s (data parallel, a whole "
+                "student on every process)",
+                engine.value,
+            )
         return False
     if not accelerator.is_fsdp2:
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
