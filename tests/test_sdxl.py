@@ -86,6 +86,42 @@ def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path)
     assert (out / "validation" / "step-00000002.png").is_file()
 
 
+def test_sdxl_training_from_a_cache_matches_training_from_the_images(sdxl_dir, tmp_path):
+    """An SDXL cache holds both encoders' embeddings and the pooled one (the empty prompt's all zeros): training
+    from it, caption dropout included, gives the student training from the images gives."""
+    from safetensors.torch import load_file
+
+    from rglcd.data import DataError
+    from rglcd.data.cache import check_cache, teacher_fingerprint, write_cache
+    from rglcd.train import train
+
+    tiny = tiny_setup(tmp_path / "tiny", samples=16)
+    cache = write_cache(sdxl_dir, tiny / "data", tmp_path / "cache", resolution=32, progress=False)
+    teacher = load_teacher(sdxl_dir)
+    info = check_cache(cache, teacher_fingerprint(teacher), 32)
+    embeds, added = text_conditioning(teacher, ["x"], 32)
+    assert info["prompt_embeds_shape"] == list(embeds.shape[1:])
+    assert info["pooled_prompt_embeds_shape"] == list(added["text_embeds"].shape[1:])
+    assert set(info["fingerprint"]) == {"vae", "text_encoder", "text_encoder_2"}
+    uncond = load_file(cache / "uncond.safetensors")
+    assert not uncond["prompt_embeds"].any() and not uncond["pooled_prompt_embeds"].any()
+
+    runs = {}
+    for name, source in (("images", tiny / "data"), ("cached", cache)):
+        runs[name] = tmp_path / name
+        train(load_config("tiny", [
+            f"model.teacher={sdxl_dir}", f"data.source={source}", f"logging.output_dir={runs[name]}",
+            "optim.batch_size=4", "optim.max_train_steps=3", "logging.validation_steps=0", "logging.tracker=none",
+            "data.shuffle_buffer=0", "data.caption_dropout=0.5",
+        ]))  # fmt: skip
+    weights = "student/unet/diffusion_pytorch_model.safetensors"
+    from_images, from_cache = load_file(runs["images"] / weights), load_file(runs["cached"] / weights)
+    for key in from_images:
+        torch.testing.assert_close(from_cache[key], from_images[key], atol=1e-5, rtol=0, msg=key)
+    with pytest.raises(DataError, match="text encoder 2 differ"):  # an SD teacher has no second encoder
+        check_cache(cache, teacher_fingerprint(load_teacher(tiny / "teacher")), 32)
+
+
 def test_sdxl_preset_parses():
     config = load_config("sdxl-1024")
     assert config.data.resolution == 1024 and config.model.teacher == "stabilityai/stable-diffusion-xl-base-1.0"

@@ -225,8 +225,12 @@ def text_conditioning(parts: Any, prompts: list[str], resolution: int) -> tuple[
     empty = [index for index, prompt in enumerate(prompts) if not prompt]
     if empty:
         embeds[empty], pooled[empty] = 0.0, 0.0
-    time_ids = sdxl_time_ids(len(prompts), resolution, resolution).to(embeds)
-    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+    return embeds, sdxl_added_cond(pooled, resolution)
+
+
+def sdxl_added_cond(pooled: Tensor, resolution: int) -> dict[str, Tensor]:
+    """SDXL's ``added_cond_kwargs`` from the pooled text embeddings [B, P]: those and the size conditioning."""
+    return {"text_embeds": pooled, "time_ids": sdxl_time_ids(len(pooled), resolution, resolution).to(pooled)}
 
 
 def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 0) -> Tensor:

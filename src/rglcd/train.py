@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, TrainConfig
 from .lora import STUDENT, TARGET, AdaptersOff, AdapterView, adapter_pairs, add_lora, export_fused, save_lora
 from .losses import ConsistencyDistance
-from .models import build_student, build_target, load_teacher, text_conditioning, update_ema
+from .models import build_student, build_target, load_teacher, sdxl_added_cond, text_conditioning, update_ema
 from .rewards import build_reward
 from .rewards.latent import LatentClip, proxy_fit
 from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid, second_text_encoder
@@ -58,7 +58,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from .data import DataError, TrainStream
+    from .data import TrainStream
     from .data.cache import CachedStream, check_cache, is_cache, sample_posterior, teacher_fingerprint
 
     out = Path(config.logging.output_dir)
@@ -89,8 +89,6 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             raise ConfigError(f"reward.terms: {error}") from error
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
     cached = is_cache(config.data.source)
-    if cached and teacher.is_sdxl:
-        raise DataError("a cache holds one text encoder's embeddings; SDXL teachers train from the images")
     if cached:  # made by this teacher's VAE and text encoder, at this resolution? (before any cast)
         check_cache(
             config.data.source, teacher_fingerprint(teacher), config.data.resolution,
@@ -214,6 +212,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         uncond_added = None
         if cached:
             uncond_embeds = stream.uncond_embeds.to(accelerator.device).expand(optim.batch_size, -1, -1)
+            if stream.uncond_pooled is not None:  # SDXL
+                uncond_pooled = stream.uncond_pooled.to(accelerator.device).expand(optim.batch_size, -1)
+                uncond_added = sdxl_added_cond(uncond_pooled, config.data.resolution)
         else:
             uncond_embeds, uncond_added = text_conditioning(teacher, [""] * optim.batch_size, config.data.resolution)
     batches = iter(stream)
@@ -230,6 +231,10 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 if cached:
                     parameters = batch["latent_parameters"].to(accelerator.device)  # [B, 2C, h, w]
                     cond_embeds = batch["prompt_embeds"].to(accelerator.device)
+                    if "pooled_prompt_embeds" in batch:  # SDXL
+                        added = sdxl_added_cond(
+                            batch["pooled_prompt_embeds"].to(accelerator.device), config.data.resolution
+                        )
                 else:
                     pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
                     parameters = vae.encode(pixels).latent_dist.parameters.float()  # [B, 2C, h, w]: mean, logvar

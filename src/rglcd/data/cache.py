@@ -5,13 +5,16 @@ source order (centre crop, no flip, every usable sample once), encodes it with t
 and writes DIR atomically (``DIR.partial`` is renamed when complete)::
 
     DIR/cache_info.json        teacher, fingerprint, resolution, scaling_factor, latent_shape [C, h, w],
-                               prompt_embeds_shape [L, D], samples, dtype, shards, ...
-    DIR/uncond.safetensors     {"prompt_embeds": float32 [L, D]}: the empty prompt's embedding
+                               prompt_embeds_shape [L, D], pooled_prompt_embeds_shape [P] (SDXL; else null),
+                               samples, dtype, shards, ...
+    DIR/uncond.safetensors     {"prompt_embeds": float32 [L, D]} (and SDXL's "pooled_prompt_embeds" [P]): the
+                               empty prompt's conditioning
     DIR/cache-000000.tar ...   webdataset shards; per sample {key}.safetensors holding
                                "latent_parameters" [2C, h, w] (the VAE posterior's mean and logvar, as
-                               ``vae.encode(pixels).latent_dist.parameters``) and "prompt_embeds" [L, D]
-                               (``encode_prompts`` of the caption), in ``dtype`` (float32, or float16 to halve
-                               the size); and {key}.txt, the caption
+                               ``vae.encode(pixels).latent_dist.parameters``), "prompt_embeds" [L, D]
+                               (``text_conditioning`` of the caption: SD's encoder, or SDXL's two concatenated)
+                               and for SDXL "pooled_prompt_embeds" [P] (its second encoder's pooled projection),
+                               in ``dtype`` (float32, or float16 to halve the size); and {key}.txt, the caption
 
 Reading, e.g. in the trainer (the fingerprint is of the teacher as :func:`rglcd.models.load_teacher` returns it,
 before any cast to half precision)::
@@ -27,6 +30,7 @@ before any cast to half precision)::
     batch = next(batches)  # {"latent_parameters": [B, 2C, h, w], "prompt_embeds": [B, L, D], "captions": [B]}
     latents = sample_posterior(batch["latent_parameters"], generator) * vae.config.scaling_factor
     cond_embeds = batch["prompt_embeds"]
+    added = sdxl_added_cond(batch["pooled_prompt_embeds"], resolution)  # SDXL only: [B, P] and the size ids
 
 :class:`CachedStream` is a :class:`~rglcd.data.TrainStream` over the cache's shards, with the same order,
 seeding, rank split, exact resume and :attr:`stats`; its tensors are float32 whatever the dtype on disk.
@@ -48,7 +52,7 @@ from safetensors import torch as safetensors_torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..models import Teacher, encode_prompts, load_teacher
+from ..models import Teacher, load_teacher, text_conditioning
 from .sources import DataError, RawSample, Shard, TarShard, write_records
 from .stream import SampleDraws, TrainStream, _Unusable
 
@@ -56,6 +60,7 @@ INFO_FILE = "cache_info.json"
 UNCOND_FILE = "uncond.safetensors"
 SAMPLE_MEMBER = "safetensors"  # the tar member of a sample's tensors; the caption is the .txt member
 SHARD_PREFIX = "cache"
+POOLED = "pooled_prompt_embeds"  # SDXL's pooled text embedding, the UNet's added "text_embeds"
 FORMAT = "rglcd-cache"
 VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -97,19 +102,21 @@ def write_cache(
         raise DataError(f"{out} already exists; remove it or choose another output folder")
     stream = TrainStream(source, resolution=resolution, batch_size=1)  # source order, centre crop, no flip
     model = load_teacher(teacher).to(device)
-    if model.is_sdxl:
-        raise DataError(f"{teacher} is an SDXL pipeline: caching its two text encoders is not supported yet")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         tally = _Tally()
         with tqdm(total=samples, desc="rglcd cache", unit="sample", disable=not progress) as bar:
-            records = _encoded_records(model, _one_pass(stream, samples), batch_size, DTYPES[dtype], tally, bar)
+            records = _encoded_records(
+                model, _one_pass(stream, samples), batch_size, DTYPES[dtype], resolution, tally, bar
+            )
             shards = write_records(records, partial, samples_per_shard, prefix=SHARD_PREFIX)
         with torch.no_grad():
-            uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])[0].float().cpu()  # [L, D]
-        safetensors_torch.save_file({"prompt_embeds": uncond.contiguous()}, partial / UNCOND_FILE)
+            uncond = _conditioning_tensors(model, [""], resolution)  # {"prompt_embeds": [1, L, D], ...}
+        safetensors_torch.save_file(
+            {name: tensor[0].float().cpu().contiguous() for name, tensor in uncond.items()}, partial / UNCOND_FILE
+        )
         channels_2c, *latent_size = tally.shapes["latent_parameters"]
         info = {
             "format": FORMAT,
@@ -122,6 +129,7 @@ def write_cache(
             "scaling_factor": model.vae.config.scaling_factor,
             "latent_shape": [channels_2c // 2, *latent_size],
             "prompt_embeds_shape": tally.shapes["prompt_embeds"],
+            "pooled_prompt_embeds_shape": tally.shapes.get(POOLED),
             "samples": tally.samples,
             "dtype": dtype,
             "shards": [path.name for path in shards],
@@ -151,11 +159,19 @@ def _one_pass(stream: TrainStream, limit: int | None) -> Iterator[tuple[Tensor, 
         yield batch["pixel_values"][0], batch["captions"][0]
 
 
+def _conditioning_tensors(teacher: Teacher, prompts: list[str], resolution: int) -> dict[str, Tensor]:
+    """What the cache keeps of the prompts' text conditioning: {"prompt_embeds": [B, L, D]} and, for SDXL,
+    "pooled_prompt_embeds" [B, P] (the size conditioning is recomputed from the resolution when training)."""
+    embeds, added = text_conditioning(teacher, prompts, resolution)
+    return {"prompt_embeds": embeds} | ({POOLED: added["text_embeds"]} if added is not None else {})
+
+
 def _encoded_records(
     teacher: Teacher,
     samples: Iterator[tuple[Tensor, str]],
     batch_size: int,
     dtype: torch.dtype,
+    resolution: int,
     tally: _Tally,
     bar: tqdm,
 ) -> Iterator[dict[str, bytes | str]]:
@@ -165,12 +181,14 @@ def _encoded_records(
         pixels = torch.stack([image for image, _ in chunk]).to(device)  # [b, 3, R, R]
         captions = [caption for _, caption in chunk]
         with torch.no_grad():
-            latent_parameters = teacher.vae.encode(pixels).latent_dist.parameters  # [b, 2C, h, w]: mean, logvar
-            prompt_embeds = encode_prompts(teacher.tokenizer, teacher.text_encoder, captions)  # [b, L, D]
-        for parameters, embeds, caption in zip(latent_parameters, prompt_embeds, captions, strict=True):
+            encoded = {
+                "latent_parameters": teacher.vae.encode(pixels).latent_dist.parameters,  # [b, 2C, h, w]: mean, logvar
+                **_conditioning_tensors(teacher, captions, resolution),
+            }
+        for index, caption in enumerate(captions):
             tensors = {  # compact copies: the rows of the batch may be strided views
-                "latent_parameters": parameters.to("cpu", dtype).clone(memory_format=torch.contiguous_format),
-                "prompt_embeds": embeds.to("cpu", dtype).clone(memory_format=torch.contiguous_format),
+                name: batch[index].to("cpu", dtype).clone(memory_format=torch.contiguous_format)
+                for name, batch in encoded.items()
             }
             yield {SAMPLE_MEMBER: safetensors_torch.save(tensors), "txt": caption}
         tally.samples += len(chunk)
@@ -182,8 +200,9 @@ class CachedStream(TrainStream):
     """:class:`~rglcd.data.TrainStream`'s batches, order, seeding, rank split and resume, over a cache.
 
     Each batch is ``{"latent_parameters": float32 [B, 2C, h, w], "prompt_embeds": float32 [B, L, D],
-    "captions": list of B str}``. A sample's caption dropout is decided by the same draw as in TrainStream; a
-    dropped sample gets the cached empty-prompt embedding (:attr:`uncond_embeds`) and the caption "". With the
+    "captions": list of B str}``, and for SDXL ``"pooled_prompt_embeds": float32 [B, P]``. A sample's caption
+    dropout is decided by the same draw as in TrainStream; a dropped sample gets the cached empty-prompt
+    conditioning (:attr:`uncond_embeds`, :attr:`uncond_pooled`) and the caption "". With the
     same shard layout (e.g. a cache written with the source's ``samples_per_shard``) and a source without
     unusable samples, the captions come in exactly the order TrainStream gives for the same arguments.
 
@@ -192,8 +211,9 @@ class CachedStream(TrainStream):
     """
 
     _sample_requirements = (
-        "Each cached sample needs a .safetensors member with latent_parameters and prompt_embeds of the shapes in "
-        f"{INFO_FILE}, and a .txt caption: the cache is damaged, make it again with `rglcd cache`"
+        "Each cached sample needs a .safetensors member with latent_parameters and prompt_embeds (and SDXL's "
+        f"pooled_prompt_embeds) of the shapes in {INFO_FILE}, and a .txt caption: the cache is damaged, make it "
+        "again with `rglcd cache`"
     )
 
     def __init__(
@@ -208,12 +228,16 @@ class CachedStream(TrainStream):
         world_size: int = 1,
     ) -> None:
         self.info = read_cache_info(cache)
-        self.uncond_embeds = _load_uncond(Path(cache), self.info)  # float32 [L, D]
         channels, *latent_size = self.info["latent_shape"]
         self._shapes = {
             "latent_parameters": [2 * channels, *latent_size],
             "prompt_embeds": self.info["prompt_embeds_shape"],
         }
+        if self.info.get("pooled_prompt_embeds_shape"):  # an SDXL teacher's
+            self._shapes[POOLED] = self.info["pooled_prompt_embeds_shape"]
+        self._uncond = _load_uncond(Path(cache), self._shapes)  # float32 {"prompt_embeds": [L, D], ...}
+        self.uncond_embeds = self._uncond["prompt_embeds"]  # [L, D]
+        self.uncond_pooled = self._uncond.get(POOLED)  # [P] (SDXL) or None
         super().__init__(
             cache,
             resolution=self.info["resolution"],
@@ -245,7 +269,7 @@ class CachedStream(TrainStream):
         if any(list(tensors[name].shape) != shape for name, shape in self._shapes.items()):
             raise _Unusable("wrong tensor shape")
         if draws.drop < self.caption_dropout:
-            return {**tensors, "prompt_embeds": self.uncond_embeds}, ""
+            return {**tensors, **self._uncond}, ""
         return tensors, raw.caption
 
 
@@ -299,13 +323,15 @@ def check_cache(
     """
     info = read_cache_info(source)
     problems = []
-    differing = [part for part in ("vae", "text_encoder") if info["fingerprint"].get(part) != teacher_fingerprint[part]]
+    # vae, text_encoder and an SDXL teacher's text_encoder_2, in either fingerprint
+    parts = [*teacher_fingerprint, *(part for part in info["fingerprint"] if part not in teacher_fingerprint)]
+    differing = [part for part in parts if info["fingerprint"].get(part) != teacher_fingerprint.get(part)]
     if differing:
         names = " and ".join(part.replace("_", " ") for part in differing)
         problems.append(
             f"it was made with the teacher {info['teacher']!r}, whose {names} differ from this run's teacher's "
-            f"(fingerprints {', '.join(info['fingerprint'].get(part, '?')[:12] for part in differing)} vs "
-            f"{', '.join(teacher_fingerprint[part][:12] for part in differing)})"
+            f"(fingerprints {', '.join(info['fingerprint'].get(part, '-')[:12] for part in differing)} vs "
+            f"{', '.join(teacher_fingerprint.get(part, '-')[:12] for part in differing)})"
         )
     if info["resolution"] != resolution:
         problems.append(f"it holds {info['resolution']} px images, this run trains at {resolution} px")
@@ -321,25 +347,26 @@ def check_cache(
 
 
 def teacher_fingerprint(teacher: Teacher) -> dict[str, str]:
-    """SHA-256 of what the cached tensors depend on: ``{"vae": ..., "text_encoder": ...}``.
+    """SHA-256 of what the cached tensors depend on: ``{"vae": ..., "text_encoder": ...}`` (and SDXL's
+    ``"text_encoder_2"``).
 
     Each covers the module's config (without the entries naming where and with which library version it was
-    saved) and every weight as float32, so a fine-tuned VAE with the original's config is told apart; the
-    text encoder's also covers the tokenizer's vocabulary, special tokens and length. Hashing SD's encoders
+    saved) and every weight as float32, so a fine-tuned VAE with the original's config is told apart; a
+    text encoder's also covers its tokenizer's vocabulary, special tokens and length. Hashing SD's encoders
     reads about 0.8 GB of weights. Take it of the teacher as ``load_teacher`` returns it (before a cast).
     """
-    tokenizer = teacher.tokenizer
-    tokenizer_settings = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special_tokens": tokenizer.special_tokens_map,
-        "model_max_length": tokenizer.model_max_length,
-    }
-    return {
-        "vae": _module_fingerprint(dict(teacher.vae.config), teacher.vae),
-        "text_encoder": _module_fingerprint(
-            {**teacher.text_encoder.config.to_dict(), "tokenizer": tokenizer_settings}, teacher.text_encoder
-        ),
-    }
+    fingerprint = {"vae": _module_fingerprint(dict(teacher.vae.config), teacher.vae)}
+    encoders = {"text_encoder": (teacher.text_encoder, teacher.tokenizer)}
+    if teacher.is_sdxl:
+        encoders["text_encoder_2"] = (teacher.text_encoder_2, teacher.tokenizer_2)
+    for part, (encoder, tokenizer) in encoders.items():
+        tokenizer_settings = {
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special_tokens": tokenizer.special_tokens_map,
+            "model_max_length": tokenizer.model_max_length,
+        }
+        fingerprint[part] = _module_fingerprint({**encoder.config.to_dict(), "tokenizer": tokenizer_settings}, encoder)
+    return fingerprint
 
 
 def _module_fingerprint(config: Mapping, module: nn.Module) -> str:
@@ -354,18 +381,22 @@ def _module_fingerprint(config: Mapping, module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _load_uncond(folder: Path, info: dict) -> Tensor:
+def _load_uncond(folder: Path, shapes: dict[str, list[int]]) -> dict[str, Tensor]:
+    """The empty prompt's cached conditioning, float32, checked against the samples' ``shapes``."""
+    names = [name for name in shapes if name != "latent_parameters"]
     try:
-        uncond = safetensors_torch.load_file(folder / UNCOND_FILE)["prompt_embeds"].float()
+        stored = safetensors_torch.load_file(folder / UNCOND_FILE)
+        uncond = {name: stored[name].float() for name in names}
     except Exception as error:
         raise DataError(
             f"{folder / UNCOND_FILE} is damaged ({error}); make the cache again with `rglcd cache`"
         ) from None
-    if list(uncond.shape) != info["prompt_embeds_shape"]:
-        raise DataError(
-            f"{folder / UNCOND_FILE} holds an embedding of shape {list(uncond.shape)}, not the "
-            f"{info['prompt_embeds_shape']} of {INFO_FILE}; make the cache again with `rglcd cache`"
-        )
+    for name in names:
+        if list(uncond[name].shape) != shapes[name]:
+            raise DataError(
+                f"{folder / UNCOND_FILE} holds a {name} of shape {list(uncond[name].shape)}, not the "
+                f"{shapes[name]} of {INFO_FILE}; make the cache again with `rglcd cache`"
+            )
     return uncond
 
 
