@@ -55,7 +55,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     """Run (or resume) a distillation; returns the exported student: a pipeline folder, or for a LoRA run the
     LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
     from diffusers.optimization import get_scheduler
 
     from .data import TrainStream
@@ -68,11 +68,20 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=config.precision.mixed_precision,
-        gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+        # FSDP: reduce-scatter every micro-batch; skipping it would keep whole fp32 gradients on every rank.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.optim.gradient_accumulation_steps,
+            sync_each_batch=parse_flag_from_env("ACCELERATE_USE_FSDP"),
+        ),
         log_with=None if config.logging.tracker == "none" else config.logging.tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     sharded = check_engine(accelerator, config)  # FSDP2: the student's weights, gradients and Adam states sharded
+    fsdp_plugin = accelerator.state.fsdp_plugin if sharded else None
+    if fsdp_plugin is not None and dataclasses.is_dataclass(fsdp_plugin.mixed_precision_policy):
+        # Gradients reduced in float32, as DDP all-reduces them (accelerate's policy reduces in bf16/fp16).
+        policy = dataclasses.replace(fsdp_plugin.mixed_precision_policy, reduce_dtype=torch.float32)
+        fsdp_plugin.mixed_precision_policy = policy
     set_seed(config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +204,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 f"{checkpoint} was saved by {len(state['data'])} processes and this run has "
                 f"{accelerator.num_processes}; resume with the same number of processes"
             )
+        if state.get("fsdp", False) != sharded:  # sharded and whole checkpoints are stored differently
+            saved_with, run_with = ("DDP", "FSDP") if sharded else ("FSDP", "DDP")
+            raise TrainingError(
+                f"{checkpoint} was saved with {saved_with} and this run uses {run_with}; resume with the accelerate "
+                "config the run started with"
+            )
         accelerator.load_state(str(checkpoint))
         global_step, nan_streak = state["global_step"], state["nan_streak"]
         stream.load_state_dict(state["data"][accelerator.process_index])
@@ -205,7 +220,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         accelerator.init_trackers("rglcd", config=_flat_scalars(config.to_dict()))
 
     def save_checkpoint() -> Path:
-        return _save_checkpoint(accelerator, out, global_step, nan_streak, stream, generator, config)
+        return _save_checkpoint(accelerator, out, global_step, nan_streak, stream, generator, config, sharded)
 
     vae = teacher.vae
     with torch.no_grad():
@@ -283,7 +298,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 )
             continue
         nan_streak = 0
-        update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
+        update_ema(ema_target, map(whole, ema_online) if sharded else ema_online, config.distill.ema_decay)
         global_step += 1
         progress.update(1)
 
@@ -324,8 +339,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     final_student = accelerator.unwrap_model(student)
     if sharded:  # one whole copy on the main process (a collective: every rank takes part)
         student_weights = accelerator.get_state_dict(student)
-        if accelerator.is_main_process:
-            final_student = copy.deepcopy(target)
+        if accelerator.is_main_process:  # on the CPU, where the gathered weights are: no second UNet on the GPU
+            final_student = copy.deepcopy(target.cpu())
             final_student.load_state_dict(student_weights)
     if accelerator.is_main_process:
         for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
@@ -379,26 +394,30 @@ def check_engine(accelerator, config: TrainConfig) -> bool:
     if engine != DistributedType.FSDP:
         if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.is_main_process:
             logger.warning(
-                "FSDP was asked for, but accelerate shards only on GPUs: this run is %s (data parallel, a whole "
-                "student on every process)",
+                "FSDP was asked for, but accelerate runs this as %s (it shards only over several GPU processes): "
+                "the student is whole on every process",
                 engine.value,
             )
         return False
-    if not accelerator.is_fsdp2:
-        raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config")
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ConfigError(
+            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config (FSDP2 needs torch >= 2.6 "
+            "and accelerate >= 1.6)"
+        )
     if config.lora.rank:
         raise ConfigError(
             "LoRA with FSDP is not supported (the adapters are a few MB; the base weights they share with the "
             "teacher would be sharded for nothing): launch LoRA runs with --multi_gpu (DDP)"
         )
+    if config.optim.use_8bit_adam:
+        raise ConfigError("optim.use_8bit_adam with FSDP is not supported: set optim.use_8bit_adam=false")
     return True
 
 
 def whole(param: torch.Tensor) -> torch.Tensor:
-    """A parameter whole: FSDP's shards gathered from every rank (a collective), else the parameter itself."""
-    from torch.distributed.tensor import DTensor
-
-    return param.full_tensor() if isinstance(param, DTensor) else param
+    """A parameter whole: FSDP's shards (a DTensor) gathered from every rank, a collective; else the parameter."""
+    full_tensor = getattr(param, "full_tensor", None)  # DTensor's; torch.distributed.tensor is public from 2.5 on
+    return full_tensor() if full_tensor is not None else param
 
 
 def rank_checksums(accelerator, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, float], bool]:
@@ -463,7 +482,9 @@ def _fit_proxy(
     }
 
 
-def _save_checkpoint(accelerator, out: Path, global_step: int, nan_streak: int, stream, generator, config) -> Path:
+def _save_checkpoint(
+    accelerator, out: Path, global_step: int, nan_streak: int, stream, generator, config, sharded: bool
+) -> Path:
     """Write checkpoint-N atomically: everything goes to checkpoint-N.tmp, which is renamed when complete."""
     final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{global_step}"
     partial = final.with_name(final.name + ".tmp")
@@ -482,7 +503,7 @@ def _save_checkpoint(accelerator, out: Path, global_step: int, nan_streak: int, 
         data_states = [stream.state_dict()]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"global_step": global_step, "nan_streak": nan_streak, "data": data_states}
+        state = {"global_step": global_step, "nan_streak": nan_streak, "data": data_states, "fsdp": sharded}
         (partial / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)

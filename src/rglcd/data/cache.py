@@ -101,7 +101,9 @@ def write_cache(
     if out.exists():
         raise DataError(f"{out} already exists; remove it or choose another output folder")
     stream = TrainStream(source, resolution=resolution, batch_size=1)  # source order, centre crop, no flip
-    model = load_teacher(teacher).to(device)
+    model = load_teacher(teacher)
+    for encoder in model.encoders():  # the UNet is not needed
+        encoder.to(device)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
