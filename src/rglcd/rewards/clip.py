@@ -38,6 +38,32 @@ AESTHETIC_HEADS = (
 )
 
 
+def small_open_clip(config, *, vision_layers: int | tuple[int, ...], image_size: int, vocab_size: int) -> nn.Module:
+    """open_clip's CLIP at a small config's sizes (``embed_dim``, ``vision_width``, ``vision_head_width``,
+    ``patch_size``, ``context_length``, ``text_width``, ``text_heads``, ``text_layers``): the world's CLIP and the
+    latent proxy RM. ``vision_layers`` is a ViT's depth or a ResNet's blocks per stage."""
+    # open_clip takes seconds to import: only models that are built pay for it.
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    return CLIP(
+        embed_dim=config.embed_dim,
+        vision_cfg=CLIPVisionCfg(
+            layers=vision_layers,
+            width=config.vision_width,
+            head_width=config.vision_head_width,
+            patch_size=config.patch_size,
+            image_size=image_size,
+        ),
+        text_cfg=CLIPTextCfg(
+            context_length=config.context_length,
+            vocab_size=vocab_size,
+            width=config.text_width,
+            heads=config.text_heads,
+            layers=config.text_layers,
+        ),
+    )
+
+
 def linear_mlp_head(width: int) -> nn.Sequential:
     """The improved aesthetic predictor's head, which ImageReward reuses: five linear layers without activations
     (their ReLUs are commented out in both), dropouts between the first four; its indices fix the key names."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .clip import ClipScorer
+from .clip import ClipScorer, small_open_clip
 from .weights import load_model_weights, read_model_config, save_model_folder
 
 KIND = "latent-clip"
@@ -84,27 +84,10 @@ class LatentClip(ClipScorer):
 
     def __init__(self, config: LatentClipConfig):
         super().__init__()
-        # open_clip takes seconds to import: only models that are built pay for it.
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
         self.config = config
         layers = tuple(config.vision_layers) if config.image_tower == "resnet" else config.vision_layers[0]
-        self.clip = CLIP(
-            embed_dim=config.embed_dim,
-            vision_cfg=CLIPVisionCfg(
-                layers=layers,
-                width=config.vision_width,
-                head_width=config.vision_head_width,
-                patch_size=config.patch_size,
-                image_size=config.latent_size,
-            ),
-            text_cfg=CLIPTextCfg(
-                context_length=config.context_length,
-                vocab_size=config.vocab_size,
-                width=config.text_width,
-                heads=config.text_heads,
-                layers=config.text_layers,
-            ),
+        self.clip = small_open_clip(
+            config, vision_layers=layers, image_size=config.latent_size, vocab_size=config.vocab_size
         )
         # The latent stem: open_clip's first convolution reads RGB; swap it for one reading the VAE's channels.
         stem = self.clip.visual.conv1

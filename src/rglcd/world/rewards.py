@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..metrics import high_frequency_share
 from ..optim import adamw_without_decay_on_gains, warmup_cosine
 from ..rewards.base import RewardModel, register_reward
-from ..rewards.clip import CLIP_MEAN, CLIP_STD, ClipScorer
+from ..rewards.clip import CLIP_MEAN, CLIP_STD, ClipScorer, small_open_clip
 from ..rewards.pixel import Colorfulness
 from ..rewards.weights import load_model_weights, read_model_config, save_model_folder
 from .paths import REWARD_SEED, cache_dir, shipped_dir
@@ -142,26 +142,9 @@ class WorldClip(ClipScorer):
     def __init__(self, weights: str | Path | None = None, *, config: WorldClipConfig | None = None):
         super().__init__()
         folder, config = _weights_and_config(weights, config, "clip", WorldClipConfig)
-        # open_clip takes seconds to import: only models that are built pay for it.
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
         self.config = config
-        self.clip = CLIP(
-            embed_dim=config.embed_dim,
-            vision_cfg=CLIPVisionCfg(
-                layers=config.vision_layers,
-                width=config.vision_width,
-                head_width=config.vision_head_width,
-                patch_size=config.patch_size,
-                image_size=config.image_size,
-            ),
-            text_cfg=CLIPTextCfg(
-                context_length=config.context_length,
-                vocab_size=VOCAB_SIZE,
-                width=config.text_width,
-                heads=config.text_heads,
-                layers=config.text_layers,
-            ),
+        self.clip = small_open_clip(
+            config, vision_layers=config.vision_layers, image_size=config.image_size, vocab_size=VOCAB_SIZE
         )
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
