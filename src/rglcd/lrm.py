@@ -108,14 +108,16 @@ def pretrain_lrm(
     mean, std, captions = encode_dataset(
         teacher, source, settings.resolution, settings.samples, out, settings.device, progress
     )
-    config: LatentClipConfig = replace(ARCHITECTURES[settings.architecture], latent_size=mean.shape[-1])
-    config = replace(config, latent_channels=mean.shape[1])
+    config: LatentClipConfig = replace(
+        ARCHITECTURES[settings.architecture], latent_size=mean.shape[-1], latent_channels=mean.shape[1]
+    )
     train_count = settings.samples - settings.heldout
 
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = LatentClip(config).to(settings.device)
+    tokens = model.tokenize(captions[:train_count])  # [N, context_length], once
     loss_fn = ClipLoss()
     optimizer = adamw_without_decay_on_gains(model, settings.learning_rate, settings.weight_decay)
     schedule = warmup_cosine(optimizer, settings.steps)
@@ -123,9 +125,10 @@ def pretrain_lrm(
     model.train()
     for _ in (bar := tqdm(range(settings.steps), desc="LRM pretrain", disable=not progress)):
         chosen = torch.randint(train_count, (settings.batch_size,), generator=generator)
-        latents = mean[chosen] + std[chosen] * torch.randn(mean[chosen].shape, generator=generator)
+        chosen_mean = mean[chosen]  # [B, C, h, w]
+        latents = chosen_mean + std[chosen] * torch.randn(chosen_mean.shape, generator=generator)
         image = model.encode_images(latents.to(settings.device))
-        text = model.encode_prompts([captions[i] for i in chosen.tolist()])
+        text = model.clip.encode_text(tokens[chosen].to(settings.device), normalize=True)
         loss = loss_fn(image, text, model.clip.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -181,9 +181,15 @@ def _preprocess_from_open_clip(cfg: dict, resize_mode: str | None = None) -> Cli
 class ClipScorer(RewardModel):
     """``cos(input embedding, prompt embedding)`` of an open_clip CLIP, in [-1, 1]; logits ``exp(logit_scale)·cos``.
 
-    Subclasses set ``self.clip`` and define ``preprocess(inputs)`` (to the image tower's input) and
+    Subclasses set ``self.clip`` and define ``preprocess(inputs)`` (to the image tower's input), and may override
     ``tokenize(prompts)``: the pixel rewards here, the world's CLIP and the latent proxy RM, whose inputs are latents.
     """
+
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids [B, context_length] on the CPU: OpenAI CLIP's BPE, as ``open_clip.tokenize``."""
+        from open_clip import tokenize
+
+        return tokenize(list(prompts), context_length=self.clip.context_length)
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Unit-norm embeddings [B, D] of the inputs (images in [0, 1], or latents for the latent proxy RM)."""
@@ -191,7 +197,7 @@ class ClipScorer(RewardModel):
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Unit-norm text embeddings [B, D]."""
-        return self.clip.encode_text(self.tokenize(prompts), normalize=True)
+        return self.clip.encode_text(self.tokenize(prompts).to(self.clip.logit_scale.device), normalize=True)
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_batch(images, prompts)
@@ -219,7 +225,7 @@ class OpenClipReward(ClipScorer):
         self.freeze()
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
-        return self.tokenizer(list(prompts)).to(self.preprocess.mean.device)
+        return self.tokenizer(list(prompts))  # the model's own (open_clip.get_tokenizer)
 
 
 class HPSv2(OpenClipReward):

@@ -105,11 +105,6 @@ class LatentClip(ClipScorer):
     def save_pretrained(self, folder: str | Path, training: dict | None = None) -> Path:
         return save_model_folder(self, folder, KIND, asdict(self.config), training)
 
-    def tokenize(self, prompts: Sequence[str]) -> Tensor:
-        from open_clip import tokenize
-
-        return tokenize(list(prompts), context_length=self.config.context_length).to(self.clip.logit_scale.device)
-
     def preprocess(self, latents: Tensor) -> Tensor:
         """VAE latents [B, C, h, w] (unscaled) go to the image tower as they are."""
         return latents.to(self.clip.logit_scale.dtype)

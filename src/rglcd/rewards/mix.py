@@ -27,7 +27,6 @@ class Mix(RewardModel):
             if term.get("std", 1.0) <= 0:
                 raise ValueError(f"mix term {term['name']!r}: std must be > 0, got {term['std']}")
         self.rewards = nn.ModuleList(build_reward(term["name"], **term.get("kwargs", {})) for term in terms)
-        self.names = [term["name"] for term in terms]
         self.betas = [float(term.get("beta", 1.0)) for term in terms]
         self.means = [float(term.get("mean", 0.0)) for term in terms]
         self.stds = [float(term.get("std", 1.0)) for term in terms]

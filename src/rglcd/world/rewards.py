@@ -155,11 +155,6 @@ class WorldClip(ClipScorer):
         """[B,3,H,W] in [0, 1] -> the ViT's input: resized to its image size and CLIP-normalised."""
         return (resize(images.float(), self.config.image_size) - self.mean) / self.std
 
-    def tokenize(self, prompts: Sequence[str]) -> Tensor:
-        from open_clip import tokenize
-
-        return tokenize(list(prompts), context_length=self.config.context_length).to(self.mean.device)
-
     def save(self, out: str | Path, training: dict | None = None) -> Path:
         return _save(self, out, "world-clip", self.config, training)
 
