@@ -52,9 +52,8 @@ def main() -> None:
     @torch.no_grad()
     def from_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         batch = next(image_batches)
-        posterior = vae.encode(batch["pixel_values"]).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator)
-        latents = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor  # [B, C, h, w]
+        parameters = vae.encode(batch["pixel_values"]).latent_dist.parameters  # [B, 2C, h, w]
+        latents = sample_posterior(parameters, generator) * vae.config.scaling_factor  # [B, C, h, w]
         return latents, encode_prompts(tokenizer, text_encoder, batch["captions"]), batch["captions"]
 
     @torch.no_grad()

@@ -130,7 +130,7 @@ def build_metrics(names: list[str], prompts: list[Prompt], settings: EvalSetting
 
 def _world_judge():
     from .world.judge import Judge, train_judge
-    from .world.quickstart import world_asset
+    from .world.paths import world_asset
 
     return Judge.load(world_asset("judge", train_judge))
 

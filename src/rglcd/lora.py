@@ -16,12 +16,13 @@ distillation's w range.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor, nn
+
+from .files import atomic_folder
 
 # diffusers' train_lcm_distill_lora_sd_wds.py defaults: attention, feed-forward and ResNet convolutions.
 LCM_LORA_TARGETS = (
@@ -103,19 +104,15 @@ def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
 
-    folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")  # renamed into place when complete
-    shutil.rmtree(partial, ignore_errors=True)
     state = get_peft_model_state_dict(unet, adapter_name=adapter)  # PEFT keys, which load_lora_weights reads
     # The file carries no alpha, and loaders take alpha = rank (scaling 1): fold alpha / rank into B.
     config = unet.peft_config[adapter]
     scaling = config.lora_alpha / config.r
     state = {key: value * scaling if ".lora_B." in key else value for key, value in state.items()}
     pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    pipeline_class.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
+    with atomic_folder(folder) as partial:
+        pipeline_class.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)
+    return Path(folder)
 
 
 def export_fused(
@@ -143,10 +140,6 @@ def export_fused(
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
     pipeline.scheduler = lcm_scheduler(dict(pipeline.scheduler.config), num_ddim_timesteps, timestep_scaling)
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipeline.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
-    return out_dir
+    with atomic_folder(out_dir) as partial:
+        pipeline.save_pretrained(partial)
+    return Path(out_dir)

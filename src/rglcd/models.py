@@ -182,15 +182,15 @@ def update_ema(target_params: Iterable[Tensor], online_params: Iterable[Tensor],
 
 def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
     """CLIP text embeddings as Stable Diffusion pipelines make them: [B] -> [B, L, D] (padded to max length)."""
+    return text_encoder(_token_ids(tokenizer, text_encoder, prompts))[0]
+
+
+def _token_ids(tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
+    """Token ids [B, L] padded and truncated to the tokenizer's length, on the text encoder's device."""
     tokens = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
-    device = next(text_encoder.parameters()).device
-    return text_encoder(tokens.input_ids.to(device))[0]
+    return tokens.input_ids.to(next(text_encoder.parameters()).device)
 
 
 def encode_sdxl_prompts(tokenizers: tuple, text_encoders: tuple, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -198,10 +198,7 @@ def encode_sdxl_prompts(tokenizers: tuple, text_encoders: tuple, prompts: list[s
     [B, L, D1 + D2], and the second (projection) encoder's pooled text embedding [B, P]."""
     hidden = []
     for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
-        tokens = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        output = text_encoder(tokens.input_ids.to(next(text_encoder.parameters()).device), output_hidden_states=True)
+        output = text_encoder(_token_ids(tokenizer, text_encoder, prompts), output_hidden_states=True)
         hidden.append(output.hidden_states[-2])
     return torch.cat(hidden, dim=-1), output[0]
 

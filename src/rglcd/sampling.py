@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .files import atomic_folder
 from .models import Teacher, decode_latents, text_conditioning, vae_scale_factor
 from .schedules import guidance_scale_embedding
 
@@ -188,12 +188,8 @@ def export_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipeline.save_pretrained(partial)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    with atomic_folder(out_dir) as partial:
+        pipeline.save_pretrained(partial)
     return out_dir
 
 

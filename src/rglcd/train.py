@@ -232,6 +232,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 uncond_added = sdxl_added_cond(uncond_pooled, config.data.resolution)
         else:
             uncond_embeds, uncond_added = text_conditioning(teacher, [""] * optim.batch_size, config.data.resolution)
+        uncond_embeds, uncond_added = uncond_embeds.float(), _to_float(uncond_added)  # once, for every step
     batches = iter(stream)
     progress = tqdm(
         total=optim.max_train_steps, initial=global_step, desc="RG-LCD", disable=not accelerator.is_local_main_process
@@ -263,8 +264,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 output = rglcd_step(
                     student=student, target=target, teacher_unet=teacher_unet, vae=vae, distillation=distillation,
                     latents=latents, cond_embeds=cond_embeds.float(),
-                    uncond_embeds=uncond_embeds[: len(latents)].float(),
-                    added_cond=_to_float(added), uncond_added_cond=_to_float(uncond_added, len(latents)),
+                    uncond_embeds=uncond_embeds, added_cond=_to_float(added), uncond_added_cond=uncond_added,
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
                     reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
@@ -298,7 +298,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                 )
             continue
         nan_streak = 0
-        update_ema(ema_target, map(whole, ema_online) if sharded else ema_online, config.distill.ema_decay)
+        update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
         global_step += 1
         progress.update(1)
 
@@ -329,14 +329,14 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
-    trained = {"student": accelerator.unwrap_model(student)}  # a LoRA student holds its target adapter
+    final_student = accelerator.unwrap_model(student)
+    trained = {"student": final_student}  # a LoRA student holds its target adapter
     if not lora.rank:
         trained["target"] = target
     if proxy is not None:
         trained["latent_rm"] = proxy
     checksums, ranks_agree = rank_checksums(accelerator, trained)
     student_dir = out / "student"
-    final_student = accelerator.unwrap_model(student)
     if sharded:  # one whole copy on the main process (a collective: every rank takes part)
         student_weights = accelerator.get_state_dict(student)
         if accelerator.is_main_process:  # on the CPU, where the gathered weights are: no second UNet on the GPU
@@ -439,9 +439,9 @@ def rank_checksums(accelerator, modules: dict[str, torch.nn.Module]) -> tuple[di
     return dict(zip(modules, local.tolist(), strict=True)), agree
 
 
-def _to_float(added: dict | None, batch: int | None = None) -> dict | None:
-    """SDXL's added conditions in float32 (the first ``batch`` rows), or None."""
-    return None if added is None else {key: value[:batch].float() for key, value in added.items()}
+def _to_float(added: dict | None) -> dict | None:
+    """SDXL's added conditions in float32, or None."""
+    return None if added is None else {key: value.float() for key, value in added.items()}
 
 
 def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:

@@ -42,7 +42,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +51,10 @@ from safetensors import torch as safetensors_torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..files import atomic_folder
 from ..models import Teacher, load_teacher, text_conditioning
 from .sources import DataError, RawSample, Shard, TarShard, write_records
-from .stream import SampleDraws, TrainStream, _Unusable
+from .stream import SampleDraws, TrainStream, _Unusable, check_raw
 
 INFO_FILE = "cache_info.json"
 UNCOND_FILE = "uncond.safetensors"
@@ -104,10 +104,8 @@ def write_cache(
     model = load_teacher(teacher)
     for encoder in model.encoders():  # the UNet is not needed
         encoder.to(device)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as partial:
+        partial.mkdir(parents=True)
         tally = _Tally()
         with tqdm(total=samples, desc="rglcd cache", unit="sample", disable=not progress) as bar:
             records = _encoded_records(
@@ -138,10 +136,6 @@ def write_cache(
             "source": os.fspath(source),
         }
         (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 
@@ -238,8 +232,6 @@ class CachedStream(TrainStream):
         if self.info.get("pooled_prompt_embeds_shape"):  # an SDXL teacher's
             self._shapes[POOLED] = self.info["pooled_prompt_embeds_shape"]
         self._uncond = _load_uncond(Path(cache), self._shapes)  # float32 {"prompt_embeds": [L, D], ...}
-        self.uncond_embeds = self._uncond["prompt_embeds"]  # [L, D]
-        self.uncond_pooled = self._uncond.get(POOLED)  # [P] (SDXL) or None
         super().__init__(
             cache,
             resolution=self.info["resolution"],
@@ -251,18 +243,23 @@ class CachedStream(TrainStream):
             world_size=world_size,
         )
 
+    @property
+    def uncond_embeds(self) -> Tensor:
+        """The empty prompt's embedding [L, D]."""
+        return self._uncond["prompt_embeds"]
+
+    @property
+    def uncond_pooled(self) -> Tensor | None:
+        """The empty prompt's pooled embedding [P] (SDXL), else None."""
+        return self._uncond.get(POOLED)
+
     def _open_shards(self) -> list[Shard]:
         return [
             TarShard(str(Path(self.source) / name), payload_extensions=(SAMPLE_MEMBER,)) for name in self.info["shards"]
         ]
 
     def _decode_sample(self, raw: RawSample, draws: SampleDraws) -> tuple[dict[str, Tensor], str]:
-        if raw.problem is not None:
-            raise _Unusable(raw.problem)
-        if raw.payload is None:
-            raise _Unusable("missing tensors")
-        if raw.caption is None:
-            raise _Unusable("missing caption")
+        check_raw(raw, "tensors")
         try:
             stored = safetensors_torch.load(raw.payload)
             tensors = {name: stored[name].float() for name in self._shapes}

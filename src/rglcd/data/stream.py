@@ -263,14 +263,19 @@ class TrainStream:
         )
 
 
-def _decode(raw: RawSample) -> tuple[Image.Image, str]:
-    """The sample's RGB image and caption, or :class:`_Unusable` with the reason it is skipped."""
+def check_raw(raw: RawSample, payload: str) -> None:
+    """:class:`_Unusable` for a sample that could not be read or lacks its ``payload`` (e.g. "image") or caption."""
     if raw.problem is not None:
         raise _Unusable(raw.problem)
     if raw.payload is None:
-        raise _Unusable("missing image")
+        raise _Unusable(f"missing {payload}")
     if raw.caption is None:
         raise _Unusable("missing caption")
+
+
+def _decode(raw: RawSample) -> tuple[Image.Image, str]:
+    """The sample's RGB image and caption, or :class:`_Unusable` with the reason it is skipped."""
+    check_raw(raw, "image")
     if not raw.caption.strip():
         raise _Unusable("empty caption")
     try:

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .quickstart import TEACHER_LABEL, distil, prepare_world, world_asset
+from .paths import world_asset
+from .quickstart import TEACHER_LABEL, distil, prepare_world
 
 
 @dataclass

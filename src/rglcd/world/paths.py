@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+from ..files import atomic_folder
 
 # Seeds of the world's independent data streams: each model sees its own images.
 TEACHER_SEED = 0
@@ -20,3 +24,16 @@ def cache_dir() -> Path:
 def shipped_dir() -> Path:
     """Weights made by ``rglcd world ...`` commands and shipped with the package (see world/weights/README.md)."""
     return Path(__file__).parent / "weights"
+
+
+def world_asset(name: str, make: Callable[[Path], object]) -> Path:
+    """``cache/world/<name>``: copied from the shipped weights when they exist, else made by ``make(folder)``."""
+    target = cache_dir() / "world" / name
+    if not target.exists():
+        shipped = shipped_dir() / name
+        with atomic_folder(target) as partial:
+            if shipped.is_dir():
+                shutil.copytree(shipped, partial)
+            else:
+                make(partial)
+    return target

@@ -8,15 +8,13 @@ judge: the teacher's DDIM + CFG at 50 and 25 steps against both students at 1, 2
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_config
 from .data import write_world_shards
-from .paths import cache_dir, shipped_dir
+from .paths import world_asset
 
 TEACHER_LABEL = "teacher DDIM+CFG"
 
@@ -29,21 +27,6 @@ class QuickstartSettings:
     prompts: int = 64
     data_samples: int = 10_000
     seed: int = 0
-
-
-def world_asset(name: str, make: Callable[[Path], object]) -> Path:
-    """``cache/world/<name>``: copied from the shipped weights when they exist, else made by ``make``."""
-    target = cache_dir() / "world" / name
-    if not target.exists():
-        shipped = shipped_dir() / name
-        partial = target.with_name(name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        if shipped.is_dir():
-            shutil.copytree(shipped, partial)
-        else:
-            make(partial)
-        partial.rename(target)
-    return target
 
 
 def prepare_world(data_samples: int) -> dict[str, Path]:

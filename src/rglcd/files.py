@@ -1,0 +1,27 @@
+"""Folders written atomically: a crash or a kill never leaves a half-written folder where a finished one belongs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield ``out.partial`` (cleared, not created) to write into; when the block ends it replaces ``out``.
+
+    An exception removes it and leaves ``out`` as it was; a kill leaves only ``out.partial``, which the next write
+    clears.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
