@@ -9,7 +9,7 @@ from torchvision import transforms
 
 import rglcd.world.rewards as world_rewards
 from rglcd.rewards import available_rewards, build_reward
-from rglcd.world.render import COLOURS, POSITION_PHRASES, SHAPES, render, scenes
+from rglcd.world.render import COLOURS, POSITION_PHRASES, SHAPES, render, render_batch, scenes
 from rglcd.world.rewards import (
     CLIP_MEAN,
     CLIP_STD,
@@ -19,7 +19,6 @@ from rglcd.world.rewards import (
     WorldClipConfig,
     evaluate_world_aesthetic,
     evaluate_world_clip,
-    render_pixels,
     swap_attribute,
     train_world_aesthetic,
     train_world_clip,
@@ -207,4 +206,4 @@ def test_evaluations_report_their_figures(saved):
     aesthetic = evaluate_world_aesthetic(saved["world-aesthetic"][0], count=24, ascent_images=2, ascent_steps=3)
     assert aesthetic["score_after"] > aesthetic["score_before"]  # ascent ascends even an untrained scorer
     assert -1 <= aesthetic["correlation"] <= 1 and 0 <= aesthetic["high_frequency"] <= 1
-    assert render_pixels(scenes(0, 2)).dtype == torch.uint8
+    assert render_batch(scenes(0, 2)).dtype == torch.uint8

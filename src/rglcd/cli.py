@@ -131,6 +131,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
     from .lrm import RETRIEVAL_GROUP, PretrainSettings, pretrain_lrm
+    from .rewards.weights import read_training_record
 
     settings = PretrainSettings(
         architecture=args.architecture, resolution=args.resolution, samples=args.samples, heldout=args.heldout,
@@ -138,7 +139,7 @@ def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
         device=str(_device(args.device)),
     )  # fmt: skip
     pretrain_lrm(args.out, args.teacher, args.data, settings)
-    record = json.loads((Path(args.out) / "config.json").read_text())["training"]
+    record = read_training_record(args.out)
     accuracy = record["heldout_retrieval_accuracy"]
     print(
         f"latent proxy RM: {args.out}  (held-out retrieval among {RETRIEVAL_GROUP}: {accuracy:.3f}, "

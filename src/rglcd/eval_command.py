@@ -9,11 +9,14 @@ Everything is checked (models, prompt files, metric names, weights) before the f
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .evaluate import (
+    HPSV2_CHUNK,
     Contender,
     EvalError,
     FeatureExtractor,
@@ -106,6 +109,7 @@ def build_metrics(names: list[str], prompts: list[Prompt], settings: EvalSetting
         choices = ", ".join([*available_rewards(), *SPECIAL_METRICS])
         raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {choices}")
     metrics = Metrics(per_image={}, per_set={}, benchmark_scales={})
+    world_judge = functools.cache(_world_judge)  # loaded once for the judge metric and the judge-feature FID
     for name in names:
         if name in available_rewards():
             try:
@@ -117,14 +121,14 @@ def build_metrics(names: list[str], prompts: list[Prompt], settings: EvalSetting
         elif name == "judge":
             if not world:
                 raise EvalError("the judge metric needs the world prompts (--prompts world)")
-            judge = _world_judge()
+            judge = world_judge()
             metrics.per_image["judge_accuracy"] = lambda images, texts, records, judge=judge: judge.attribute_scores(
                 images, records
             )
         elif name == "hf_ratio":
             metrics.per_image["high_frequency"] = lambda images, texts, records: high_frequency_share(images)
         elif name == "fid":
-            metrics.per_set["fid"] = _fid(prompts, settings, world)
+            metrics.per_set["fid"] = _fid(prompts, settings, world, world_judge)
     return metrics
 
 
@@ -135,14 +139,14 @@ def _world_judge():
     return Judge.load(world_asset("judge", train_judge))
 
 
-def _fid(prompts: list[Prompt], settings: EvalSettings, world: bool) -> FrechetDistance:
+def _fid(prompts: list[Prompt], settings: EvalSettings, world: bool, world_judge: Callable) -> FrechetDistance:
     features = settings.fid_features or ("world-judge" if world else "inception")
     if features == "world-judge":
         if not world:
             raise EvalError("--fid-features world-judge needs the world prompts (--prompts world)")
         from .world.data import reference_images
 
-        judge = _world_judge()
+        judge = world_judge()
         extractor = FeatureExtractor(judge.features, judge.feature_dim)
         references = reference_images([prompt.record for prompt in prompts])
         batches = (references[i : i + settings.batch_size] for i in range(0, len(references), settings.batch_size))
@@ -197,9 +201,10 @@ def run_eval(
         batch_size=settings.batch_size,
         resolution=settings.resolution,
     )
-    if "high_frequency" in metrics.per_image:
+    columns = [*metrics.per_image, *metrics.per_set]
+    if "high_frequency" in metrics.per_image:  # hf_ratio: the high-frequency share over the teacher's
         relative_to_teacher(rows, "high_frequency", "hf_ratio")
-    columns = [*metrics.per_image, *metrics.per_set, *(["hf_ratio"] if "high_frequency" in metrics.per_image else [])]
+        columns.append("hf_ratio")
     plotted = [*columns, "ms_per_image"]
     columns += ["ms_per_image", "images_per_second"]
     results = {
@@ -215,7 +220,7 @@ def run_eval(
         f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded with {settings.seed} + i for every model.",
         "Per-image metrics: mean over the prompts (the `_std` fields of results.json hold the spread), rewards on "
         "their benchmark's scale (HPSv2 and CLIP score: 100 × cosine); group tables follow HPSv2's benchmark "
-        "arithmetic: per group, the mean and std of the means of consecutive chunks of 80 prompts.",
+        f"arithmetic: per group, the mean and std of the means of consecutive chunks of {HPSV2_CHUNK} prompts.",
         f"Whole run: {results['seconds']:.0f} s.",
     ]
     rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]

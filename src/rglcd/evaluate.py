@@ -89,8 +89,13 @@ def _sample(
     return lcm_sample(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, **common)
 
 
+def image_path(folder: Path, index: int) -> Path:
+    """Where prompt ``index``'s image goes: ``folder/00042.png``."""
+    return folder / f"{index:05d}.png"
+
+
 def image_paths(folder: Path, count: int) -> list[Path]:
-    return [folder / f"{index:05d}.png" for index in range(count)]
+    return [image_path(folder, index) for index in range(count)]
 
 
 def generate(
@@ -115,9 +120,10 @@ def generate(
         images = _sample(contender, parts, [captions[index] for index in indices], steps, generators, resolution)
         elapsed += time.perf_counter() - began
         for index, image in zip(indices, to_pil(images), strict=True):
-            partial = folder / f"{index:05d}.partial.png"
+            path = image_path(folder, index)
+            partial = path.with_suffix(".partial.png")
             image.save(partial)
-            partial.rename(folder / f"{index:05d}.png")  # a kill mid-write never leaves a truncated image
+            partial.rename(path)  # a kill mid-write never leaves a truncated image
     return 1000 * elapsed / len(missing) if missing else None
 
 
@@ -252,10 +258,11 @@ def evaluate(
         for steps in contender.steps:
             folder = folders[contender.label, steps]
             ms = generate(contender, parts, captions, steps, folder, seed, batch_size, resolution)
-            timing_file = folder / "timing.json"
+            timing_file = folder / "timing.json"  # the generation's speed, kept for reruns that generate nothing
             if ms is not None:
                 timing_file.write_text(json.dumps({"ms_per_image": ms}))
-            ms = json.loads(timing_file.read_text())["ms_per_image"] if timing_file.exists() else None
+            elif timing_file.exists():
+                ms = json.loads(timing_file.read_text())["ms_per_image"]
             values = _measure(image_paths(folder, len(captions)), captions, records, metrics, batch_size)
             (folder / "scores.json").write_text(json.dumps(values))
             row: dict[str, Any] = {

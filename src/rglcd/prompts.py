@@ -70,7 +70,8 @@ def load_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
     if kind == "hpsv2":
         prompts = _hpsv2(argument)
     elif kind == "parti":
-        prompts = _parti(Path(argument).expanduser() if argument else _hub_file(PARTI_REPO, PARTI_FILE))
+        hub = argument or _hub_file(PARTI_REPO, PARTI_FILE, PARTI_FILE, f"parti:DIR/{PARTI_FILE}")
+        prompts = _parti(Path(hub).expanduser())
     elif kind == "coco":
         prompts = _coco(*argument.partition(":")[::2])
     elif kind == "world":
@@ -92,19 +93,15 @@ def load_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
     return kept
 
 
-def _hub_file(repo: str, filename: str, subfolder: str | None = None) -> Path:
-    """A file of a hub dataset, from the hub cache or downloaded into it."""
+def _hub_file(repo: str, filename: str, files: str, local: str, subfolder: str | None = None) -> Path:
+    """A file of a hub dataset, from the hub cache or downloaded into it; unavailable, the error says to download
+    ``files`` (the set's files in the repo) and pass ``local`` (the spec reading them from the download)."""
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo, filename, subfolder=subfolder, repo_type="dataset"))
     except (OSError, ValueError) as error:  # offline and uncached, no network, unknown repo or file
         in_repo = f"{subfolder}/{filename}" if subfolder else filename
-        if repo == HPSV2_REPO:
-            files = " ".join(f"benchmark/{style}.json" for style in HPSV2_STYLES)
-            local = "hpsv2:DIR/benchmark"
-        else:
-            files, local = in_repo, f"parti:DIR/{in_repo}"
         raise PromptSetError(
             f"{in_repo} of the hub dataset {repo} is not available ({type(error).__name__}: {error}); download it "
             f"with `hf download {repo} {files} --repo-type dataset --local-dir DIR` (or from "
@@ -133,7 +130,11 @@ def _hpsv2(folder: str) -> list[Prompt]:
                     f"no file {path}; get it from benchmark/{path.name} of the hub dataset {HPSV2_REPO}"
                 )
     else:
-        files = [_hub_file(HPSV2_REPO, f"{style}.json", subfolder="benchmark") for style in HPSV2_STYLES]
+        every_style = " ".join(f"benchmark/{style}.json" for style in HPSV2_STYLES)
+        files = [
+            _hub_file(HPSV2_REPO, f"{style}.json", every_style, "hpsv2:DIR/benchmark", subfolder="benchmark")
+            for style in HPSV2_STYLES
+        ]
     prompts = []
     for style, path in zip(HPSV2_STYLES, files, strict=True):
         texts = _read_json(path)

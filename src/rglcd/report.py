@@ -56,9 +56,10 @@ def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> 
     """A PNG with one row per prompt and one column per (model, steps), read from the written images."""
     from PIL import Image
 
+    from .evaluate import image_path
+
     tiles = [
-        [Image.open(Path(row["images"]) / f"{index:05d}.png").convert("RGB") for row in rows]
-        for index in prompt_indices
+        [Image.open(image_path(Path(row["images"]), index)).convert("RGB") for row in rows] for index in prompt_indices
     ]
     width, height = tiles[0][0].size
     grid = Image.new("RGB", (width * len(rows), height * len(prompt_indices)), "white")

@@ -88,6 +88,11 @@ def read_model_config(folder: Path, kind: str, make_it: str) -> dict:
     return record["config"]
 
 
+def read_training_record(folder: str | Path) -> dict:
+    """The training record saved with a model folder's config (settings, seconds, held-out figures)."""
+    return json.loads((Path(folder) / MODEL_RECORD_FILE).read_text())["training"]
+
+
 def load_model_weights(model: nn.Module, folder: Path, make_it: str) -> None:
     from safetensors.torch import load_file
 

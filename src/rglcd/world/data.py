@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import write_shards
 from .paths import EVAL_SEED, TEACHER_SEED
-from .render import Scene, render, rerender, scenes
+from .render import Scene, render, render_batch, rerender, scenes
 
 
 def write_world_shards(
@@ -32,8 +30,7 @@ def eval_scenes(count: int = 128, seed: int = EVAL_SEED) -> list[Scene]:
 def reference_images(drawn: list[Scene], seed: int = EVAL_SEED) -> Tensor:
     """Fresh renders of the prompts' scenes (new background and jitter) as [N, 3, 32, 32] in [0, 1]: the real
     images the generated ones are compared with (the FID analog)."""
-    pixels = np.stack([np.asarray(render(rerender(scene, seed + i))) for i, scene in enumerate(drawn)])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    return render_batch([rerender(scene, seed + i) for i, scene in enumerate(drawn)]).float() / 255
 
 
 def write_prompt_list(path: str | Path, drawn: list[Scene]) -> Path:

@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .paths import JUDGE_SEED
-from .render import COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, render, scenes
+from .render import COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, render_batch, scenes
 
 COLOUR_NAMES = tuple(COLOURS)
 SIZE_NAMES = tuple(SIZES)
@@ -137,12 +136,6 @@ class Judge(nn.Module):
         except RuntimeError as error:
             raise ValueError(f"{folder / WEIGHTS_FILE} does not match {folder / CONFIG_FILE}: {error}") from error
         return judge.eval()
-
-
-def render_batch(scene_list: Sequence[Scene]) -> Tensor:
-    """The scenes rendered as a uint8 tensor [N, 3, 32, 32]."""
-    pixels = np.stack([np.asarray(render(scene)) for scene in scene_list])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
 def judge_targets(scene_list: Sequence[Scene]) -> dict[str, Tensor]:

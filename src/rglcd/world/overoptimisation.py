@@ -12,13 +12,13 @@ of its samples relative to the teacher's.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..rewards.weights import read_training_record
 from .paths import world_asset
-from .quickstart import TEACHER_LABEL, distil, prepare_world
+from .quickstart import distil, prepare_world, world_evaluation
 
 
 @dataclass
@@ -55,13 +55,11 @@ def world_lrm(settings: OveroptimisationSettings, world: dict[str, Path]) -> Pat
 
 def student_runs(settings: OveroptimisationSettings, lrm: Path) -> dict[str, list[str]]:
     """``rglcd train world`` overrides of the three students."""
-    common = [f"optim.max_train_steps={settings.train_steps}", f"seed={settings.seed}"]
     aesthetic = "[{name: world-aesthetic, beta: %s}]"
     return {
-        "LCM": [*common, "reward.terms=[]"],
-        "direct": [*common, "reward.terms=" + aesthetic % settings.direct_beta],
+        "LCM": ["reward.terms=[]"],
+        "direct": ["reward.terms=" + aesthetic % settings.direct_beta],
         "latent proxy": [
-            *common,
             "reward.terms=" + aesthetic % 1.0,  # the expert; the student's β is the proxy's
             "reward.mode=latent",
             f"reward.latent.model={lrm}",
@@ -75,7 +73,7 @@ def student_runs(settings: OveroptimisationSettings, lrm: Path) -> dict[str, lis
 
 
 def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
-    from ..eval_command import EvalSettings, run_eval
+    from ..eval_command import run_eval
 
     started = time.perf_counter()
     out = Path(settings.out)
@@ -83,17 +81,14 @@ def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
     world = prepare_world(settings.data_samples)
     lrm = world_lrm(settings, world)
     runs = student_runs(settings, lrm)
-    students = {label: distil(out / label.replace(" ", "-"), overrides) for label, overrides in runs.items()}
-    evaluation = EvalSettings(
-        models=[f"{TEACHER_LABEL}={world['teacher']}", *(f"{label}={path}" for label, path in students.items())],
-        out=out,
-        prompts=f"world:{settings.prompts}",
-        steps=settings.steps,
-        teacher_steps=(50,),
+    students = {
+        label: distil(out / label.replace(" ", "-"), settings.train_steps, settings.seed, overrides)
+        for label, overrides in runs.items()
+    }
+    evaluation = world_evaluation(
+        world, students, out, settings.prompts, settings.seed, steps=settings.steps, teacher_steps=(50,),
         metrics=["world-aesthetic", "colorfulness", "judge", "fid", "hf_ratio"],
-        batch_size=32,
-        seed=settings.seed,
-    )
+    )  # fmt: skip
     notes = [
         f"Students distilled for {settings.train_steps} steps from the world teacher: **LCM** (β = 0), **direct** "
         f"(world-aesthetic through the VAE decoder, β = {settings.direct_beta}), **latent proxy** (the same expert "
@@ -106,6 +101,6 @@ def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
     context = {
         "overoptimisation": {key: str(value) for key, value in vars(settings).items()},
         "runs": runs,
-        "lrm": json.loads((lrm / "config.json").read_text())["training"],
+        "lrm": read_training_record(lrm),
     }
     return run_eval(evaluation, "Reward over-optimisation in the miniature world", notes, context, started)

@@ -43,42 +43,46 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
     }
 
 
-def distil(out: Path, overrides: list[str]) -> Path:
-    """``rglcd train world`` (the cached world teacher and data) into ``out``; reused when its student exists."""
+def distil(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path:
+    """``rglcd train world`` (the cached world teacher and data) for ``train_steps`` steps into ``out``; reused
+    when its student exists."""
     from ..train import train
 
     if (out / "student" / "model_index.json").is_file():
         return out / "student"
-    return train(load_config("world", [f"logging.output_dir={out}", *overrides]))
+    common = [f"logging.output_dir={out}", f"optim.max_train_steps={train_steps}", f"seed={seed}"]
+    return train(load_config("world", [*common, *overrides]))
 
 
-def world_clip_run(settings: QuickstartSettings, reward_beta: float) -> list[str]:
-    """Overrides of the quickstart's students: world-clip guidance with ``reward_beta`` (0: plain LCD)."""
-    terms = f"[{{name: world-clip, beta: {reward_beta}}}]" if reward_beta else "[]"
-    return [f"optim.max_train_steps={settings.train_steps}", f"seed={settings.seed}", f"reward.terms={terms}"]
+def world_evaluation(world: dict[str, Path], students: dict[str, Path], out: Path, prompts: int, seed: int, **kwargs):
+    """The world experiments' :class:`EvalSettings`: the world teacher and ``students`` on ``prompts`` held-out
+    world prompts, batches of 32; ``kwargs`` set the rest (steps, metrics, ...)."""
+    from ..eval_command import EvalSettings
+
+    models = [f"{TEACHER_LABEL}={world['teacher']}", *(f"{label}={path}" for label, path in students.items())]
+    return EvalSettings(models=models, out=out, prompts=f"world:{prompts}", batch_size=32, seed=seed, **kwargs)
+
+
+def world_clip_terms(reward_beta: float) -> str:
+    """The quickstart students' reward: world-clip guidance with ``reward_beta`` (0: plain LCD)."""
+    return "reward.terms=" + (f"[{{name: world-clip, beta: {reward_beta}}}]" if reward_beta else "[]")
 
 
 def run_quickstart(settings: QuickstartSettings) -> dict:
-    from ..eval_command import EvalSettings, run_eval
+    from ..eval_command import run_eval
 
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     world = prepare_world(settings.data_samples)
     students = {
-        "LCM": distil(out / "lcm", world_clip_run(settings, reward_beta=0.0)),
-        "RG-LCM": distil(out / "rg-lcm", world_clip_run(settings, reward_beta=settings.reward_beta)),
+        label: distil(out / label.lower(), settings.train_steps, settings.seed, [world_clip_terms(beta)])
+        for label, beta in (("LCM", 0.0), ("RG-LCM", settings.reward_beta))
     }
-    evaluation = EvalSettings(
-        models=[f"{TEACHER_LABEL}={world['teacher']}", *(f"{label}={path}" for label, path in students.items())],
-        out=out,
-        prompts=f"world:{settings.prompts}",
-        steps=(1, 2, 4),
-        teacher_steps=(50, 25),
-        metrics=["world-clip", "judge", "fid"],
-        batch_size=32,
-        seed=settings.seed,
-    )
+    evaluation = world_evaluation(
+        world, students, out, settings.prompts, settings.seed,
+        steps=(1, 2, 4), teacher_steps=(50, 25), metrics=["world-clip", "judge", "fid"],
+    )  # fmt: skip
     notes = [
         "**world-clip**: the reward (cosine of image and prompt embeddings); **judge_accuracy**: fraction of the "
         "prompt's attributes the independent judge finds; **fid**: Fréchet distance between the judge's features "

@@ -33,7 +33,7 @@ from ..rewards.clip import CLIP_MEAN, CLIP_STD, ClipScorer, small_open_clip
 from ..rewards.pixel import Colorfulness
 from ..rewards.weights import load_model_weights, read_model_config, save_model_folder
 from .paths import REWARD_SEED, cache_dir, shipped_dir
-from .render import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, render, scenes
+from .render import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, render_batch, scenes
 
 VOCAB_SIZE = 49408  # OpenAI CLIP's BPE vocabulary, shipped in open_clip's wheel
 TRAIN_COMMAND = "rglcd world rewards"
@@ -87,12 +87,6 @@ def resize(images: Tensor, size: int) -> Tensor:
     if images.shape[-2:] == (size, size):
         return images
     return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-
-
-def render_pixels(drawn: Sequence[Scene]) -> Tensor:
-    """Rendered scenes as uint8 [N, 3, 32, 32] (a quarter of the memory of floats)."""
-    pixels = np.stack([np.asarray(render(scene)) for scene in drawn])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
 def _uniform(count: int, low: float, high: float, generator: torch.Generator) -> Tensor:
@@ -192,7 +186,7 @@ def train_world_clip(
     """
     started = time.perf_counter()
     drawn = scenes(seed, samples)
-    pixels = render_pixels(drawn)
+    pixels = render_batch(drawn)
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
         torch.manual_seed(seed)
         model = WorldClip(config=config or WorldClipConfig())
@@ -269,7 +263,7 @@ def evaluate_world_clip(model: WorldClip, *, count: int = 512, seed: int = REWAR
     drawn = scenes(seed, count)
     rng = random.Random(seed)
     swaps = [swap_attribute(scene, rng) for scene in drawn]
-    images = model.encode_images(render_pixels(drawn).float() / 255)
+    images = model.encode_images(render_batch(drawn).float() / 255)
     texts = model.encode_prompts([scene.caption for scene in drawn])
     swapped = model.encode_prompts([caption for caption, _ in swaps])
     wins = (images * texts).sum(-1) > (images * swapped).sum(-1)
@@ -368,7 +362,7 @@ def train_world_aesthetic(
 ) -> WorldAesthetic:
     """Regress colourfulness of jittered renders (MSE), save to ``out``, return the frozen model."""
     started = time.perf_counter()
-    pixels = render_pixels(scenes(seed, samples))
+    pixels = render_batch(scenes(seed, samples))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WorldAesthetic(config=config or WorldAestheticConfig())
@@ -410,7 +404,7 @@ def evaluate_world_aesthetic(
     colourfulness itself is ascended).
     """
     generator = torch.Generator().manual_seed(seed)
-    pixels = render_pixels(scenes(seed, count))
+    pixels = render_batch(scenes(seed, count))
     with torch.no_grad():
         images = vividness_jitter(pixels, generator)
         correlation = torch.corrcoef(torch.stack([model(images), colourfulness_target(images)]))[0, 1].item()
