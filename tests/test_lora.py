@@ -80,8 +80,7 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
                   generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
     student = add_lora(teacher.unet, rank=4, alpha=16)  # alpha ≠ rank: the export must keep the scaling
     student.load_state_dict(state)
-    ours = lcm_sample(student, teacher.vae, teacher.text_encoder, teacher.tokenizer,
-                      lcm_scheduler(teacher.scheduler_config), prompts, num_steps=2,
+    ours = lcm_sample(student, teacher.vae, teacher, lcm_scheduler(teacher.scheduler_config), prompts, num_steps=2,
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
     torch.testing.assert_close(ours, loaded, atol=1e-6, rtol=0)
     fused = load_lcm(out / "student")  # the fused export is an LCM pipeline as `rglcd sample` / `rglcd eval` load it

@@ -39,7 +39,7 @@ def test_export_loads_in_plain_diffusers(exported):
 def test_own_sampling_equals_diffusers_lcm_pipeline(exported, steps):
     pipeline = DiffusionPipeline.from_pretrained(exported[0])
     ours = lcm_sample(
-        pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler, PROMPTS,
+        pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, PROMPTS,
         num_steps=steps, guidance_scale=6.0, generator=torch.Generator().manual_seed(11),
     )  # fmt: skip
     theirs = pipeline(
@@ -49,7 +49,7 @@ def test_own_sampling_equals_diffusers_lcm_pipeline(exported, steps):
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
     # and the seed matters
     other = lcm_sample(
-        pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler, PROMPTS,
+        pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, PROMPTS,
         num_steps=steps, guidance_scale=6.0, generator=torch.Generator().manual_seed(12),
     )  # fmt: skip
     assert not torch.allclose(ours, other)

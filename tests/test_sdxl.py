@@ -11,7 +11,7 @@ from rglcd.demo import tiny_setup
 from rglcd.losses import ConsistencyDistance
 from rglcd.models import build_student, build_target, load_teacher, sdxl_time_ids, text_conditioning
 from rglcd.rewards import build_reward
-from rglcd.sampling import lcm_sample, second_text_encoder
+from rglcd.sampling import lcm_sample
 from rglcd.step import Distillation, StepNoise, rglcd_step
 from rglcd.tiny import save_tiny_pipeline
 
@@ -79,8 +79,8 @@ def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path)
     theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=6.0, output_type="pt",
                   generator=torch.Generator().manual_seed(1)).images  # fmt: skip
     ours = lcm_sample(
-        pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, PROMPTS, num_steps=2,
-        guidance_scale=6.0, generator=torch.Generator().manual_seed(1), **second_text_encoder(pipe),
+        pipe.unet, pipe.vae, pipe, pipe.scheduler, PROMPTS, num_steps=2, guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(1),
     )  # fmt: skip
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert (out / "validation" / "step-00000002.png").is_file()

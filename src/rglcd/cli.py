@@ -19,7 +19,7 @@ def _device(name: str):
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .sampling import lcm_sample, load_lcm, second_text_encoder, to_pil
+    from .sampling import lcm_sample, load_lcm, to_pil
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -34,9 +34,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         # One generator per prompt: an image depends on (seed, prompt index), not on the other prompts.
         generator = torch.Generator(pipeline.device).manual_seed(args.seed + prompt_index)
         images = lcm_sample(
-            pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler,
-            [prompt] * args.num_images, num_steps=args.steps, guidance_scale=args.guidance,
-            generator=generator, resolution=args.resolution, **second_text_encoder(pipeline),
+            pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, [prompt] * args.num_images,
+            num_steps=args.steps, guidance_scale=args.guidance, generator=generator, resolution=args.resolution,
         )  # fmt: skip
         for image_index, image in enumerate(to_pil(images)):
             name = f"{prompt_index:03d}-{image_index:02d}.png"

@@ -65,8 +65,8 @@ def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: s
     prompts = [f"a {name} picture" for name in COLOURS]
     for num_steps in (1, 2, 4):
         images = lcm_sample(
-            pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler, prompts,
-            num_steps=num_steps, generator=torch.Generator().manual_seed(seed),
+            pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, prompts, num_steps=num_steps,
+            generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
         save_grid(images, out / "rglcd" / f"samples-{num_steps}-steps.png")
     return student_dir

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .sampling import ddim_cfg_sample, lcm_sample, second_text_encoder, to_pil
+from .sampling import ddim_cfg_sample, lcm_sample, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
 HPSV2_CHUNK = 80  # HPSv2's benchmark: 800 prompts per style in 10 chunks of 80
@@ -80,13 +80,11 @@ def _sample(
 ) -> Tensor:
     common = dict(
         prompts=captions, num_steps=steps, guidance_scale=contender.guidance_scale, generator=generators,
-        resolution=resolution, **second_text_encoder(parts),
+        resolution=resolution,
     )  # fmt: skip
     if contender.kind == "teacher":
-        return ddim_cfg_sample(
-            parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config, **common
-        )
-    return lcm_sample(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler, **common)
+        return ddim_cfg_sample(parts.unet, parts.vae, parts, parts.scheduler_config, **common)
+    return lcm_sample(parts.unet, parts.vae, parts, parts.scheduler, **common)
 
 
 def image_path(folder: Path, index: int) -> Path:

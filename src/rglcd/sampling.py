@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -26,20 +25,9 @@ def image_size(unet, vae, resolution: int | None) -> int:
     return resolution or unet.config.sample_size * vae_scale_factor(vae.config)
 
 
-def second_text_encoder(parts: Any) -> dict:
-    """SDXL's second text encoder and tokenizer of a pipeline or teacher (None for SD), as sampler arguments."""
-    return {
-        "text_encoder_2": getattr(parts, "text_encoder_2", None),
-        "tokenizer_2": getattr(parts, "tokenizer_2", None),
-    }
-
-
-def _conditioning(tokenizer, text_encoder, tokenizer_2, text_encoder_2, prompts: list[str], size: int, dtype):
+def _conditioning(text: Any, prompts: list[str], size: int, dtype):
     """Prompt embeddings and SDXL's added conditions (or None), in the UNet's dtype."""
-    parts = SimpleNamespace(
-        tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2
-    )
-    embeds, added = text_conditioning(parts, prompts, size)
+    embeds, added = text_conditioning(text, prompts, size)
     return embeds.to(dtype), None if added is None else {key: value.to(dtype) for key, value in added.items()}
 
 
@@ -72,18 +60,16 @@ def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int = 50, timestep
 def lcm_sample(
     unet: nn.Module,
     vae: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer: Any,
+    text: Any,
     scheduler: Any,
     prompts: list[str],
     num_steps: int = 4,
     guidance_scale: float = 8.5,
     generator: torch.Generator | None = None,
     resolution: int | None = None,
-    text_encoder_2: nn.Module | None = None,
-    tokenizer_2: Any = None,
 ) -> Tensor:
-    """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps (SDXL: with ``text_encoder_2``).
+    """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps. ``text`` holds the tokenizer(s)
+    and text encoder(s): a diffusers pipeline or a :class:`Teacher` (SD's one, or SDXL's two).
 
     ``guidance_scale`` is the CFG scale as in diffusers' pipelines; the model sees emb(guidance_scale − 1),
     the LCM-convention w it was distilled with (a LoRA student has no such input and ignores it). Noise is
@@ -91,9 +77,7 @@ def lcm_sample(
     same images.
     """
     device = next(unet.parameters()).device
-    prompt_embeds, added = _conditioning(
-        tokenizer, text_encoder, tokenizer_2, text_encoder_2, prompts, image_size(unet, vae, resolution), unet.dtype
-    )
+    prompt_embeds, added = _conditioning(text, prompts, image_size(unet, vae, resolution), unet.dtype)
     latents = _initial_latents(
         unet, vae, len(prompts), resolution, generator, prompt_embeds.dtype, scheduler.init_noise_sigma
     )
@@ -118,18 +102,16 @@ def lcm_sample(
 def ddim_cfg_sample(
     unet: nn.Module,
     vae: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer: Any,
+    text: Any,
     scheduler_config: dict,
     prompts: list[str],
     num_steps: int = 50,
     guidance_scale: float = 7.5,
     generator: torch.Generator | list[torch.Generator] | None = None,
     resolution: int | None = None,
-    text_encoder_2: nn.Module | None = None,
-    tokenizer_2: Any = None,
 ) -> Tensor:
-    """The teacher's baseline: DDIM (η = 0) with classifier-free guidance, images [B,3,H,W] in [0,1].
+    """The teacher's baseline: DDIM (η = 0) with classifier-free guidance, images [B,3,H,W] in [0,1]. ``text``
+    holds the tokenizer(s) and text encoder(s), as for :func:`lcm_sample`.
 
     ``guidance_scale`` is the CFG scale s of ε̂ = ε_∅ + s·(ε_c − ε_∅), as in diffusers' pipelines.
     """
@@ -139,9 +121,8 @@ def ddim_cfg_sample(
     scheduler = _scheduler_from(DDIMScheduler, scheduler_config, clip_sample=False)
     device = next(unet.parameters()).device
     size = image_size(unet, vae, resolution)
-    encoders = (tokenizer, text_encoder, tokenizer_2, text_encoder_2)
-    cond, added = _conditioning(*encoders, prompts, size, unet.dtype)
-    uncond, uncond_added = _conditioning(*encoders, [""] * len(prompts), size, unet.dtype)
+    cond, added = _conditioning(text, prompts, size, unet.dtype)
+    uncond, uncond_added = _conditioning(text, [""] * len(prompts), size, unet.dtype)
     both_added = None if added is None else {key: torch.cat([uncond_added[key], added[key]]) for key in added}
     latents = _initial_latents(unet, vae, len(prompts), resolution, generator, cond.dtype, scheduler.init_noise_sigma)
     scheduler.set_timesteps(num_steps, device=device)

@@ -19,7 +19,7 @@ from .losses import ConsistencyDistance
 from .models import build_student, build_target, load_teacher, sdxl_added_cond, text_conditioning, update_ema
 from .rewards import build_reward
 from .rewards.latent import LatentClip, proxy_fit
-from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid, second_text_encoder
+from .sampling import export_pipeline, lcm_sample, lcm_scheduler, save_grid
 from .step import Distillation, StepNoise, rglcd_step
 
 logger = logging.getLogger("rglcd.train")
@@ -527,10 +527,8 @@ def validate_samples(
     rows = []
     for num_steps in (1, 2, 4):
         images = lcm_sample(
-            student, teacher.vae, teacher.text_encoder, teacher.tokenizer, scheduler,
-            list(config.logging.validation_prompts), num_steps=num_steps,
-            generator=torch.Generator(accelerator.device).manual_seed(config.seed), **second_text_encoder(teacher),
-            resolution=config.data.resolution,
+            student, teacher.vae, teacher, scheduler, list(config.logging.validation_prompts), num_steps=num_steps,
+            generator=torch.Generator(accelerator.device).manual_seed(config.seed), resolution=config.data.resolution,
         )  # fmt: skip
         rows.append(torch.cat(list(images.float().cpu()), dim=2))  # [3, H, P·W]
     student.train()
