@@ -279,6 +279,8 @@ def _vae_scale_factor(teacher: str) -> int:
 def validate(config: TrainConfig) -> None:
     """Check values and paths (no model is loaded). Raises ConfigError listing every problem with its fix."""
     from .rewards import available_rewards
+    from .rewards.latent import KIND, PRETRAIN_COMMAND
+    from .rewards.weights import read_model_config
 
     errors = []
     vae_scale_factor = _vae_scale_factor(config.model.teacher) if config.model.teacher else 8
@@ -328,14 +330,19 @@ def validate(config: TrainConfig) -> None:
     if c.reward.mode == "latent":
         latent = c.reward.latent
         check(bool(c.reward.terms), "reward.terms: latent mode needs the expert reward(s) the proxy is fitted to")
+        proxy_config = None
+        if latent.model:
+            try:
+                proxy_config = read_model_config(Path(latent.model), KIND, f"make one with `{PRETRAIN_COMMAND}`")
+            except (FileNotFoundError, ValueError):
+                pass
         check(
-            bool(latent.model) and (Path(latent.model) / "config.json").is_file(),
+            proxy_config is not None,
             f"reward.latent.model: {latent.model or '(empty)'} is not a latent proxy RM folder; make one with "
-            "`rglcd lrm pretrain`",
+            f"`{PRETRAIN_COMMAND}`",
         )
-        proxy_config = Path(latent.model) / "config.json"
-        if latent.model and proxy_config.is_file():
-            size = json.loads(proxy_config.read_text()).get("config", {}).get("latent_size")
+        if proxy_config is not None:
+            size = proxy_config["latent_size"]
             expected = c.data.resolution // vae_scale_factor
             check(
                 size == expected,
