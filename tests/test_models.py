@@ -8,6 +8,7 @@ from rglcd.models import (
     TeacherLoadError,
     build_student,
     build_target,
+    decode_latents,
     encode_prompts,
     load_teacher,
     update_ema,
@@ -96,3 +97,33 @@ def test_overlong_captions_are_truncated_and_decoding_in_micro_batches_is_the_sa
         whole = decode_latents(teacher.vae, latents)
         torch.testing.assert_close(decode_latents(teacher.vae, latents, batch_size=2), whole, atol=1e-5, rtol=0)
     assert whole.shape == (5, 3, 32, 32) and whole.min() >= 0 and whole.max() <= 1
+
+
+def test_a_unet_config_without_time_cond_proj_dim_still_gets_the_guidance_input(epsilon_teacher_dir, tmp_path):
+    """SD 1.5's unet/config.json predates the key, and diffusers' from_config drops a key the loaded config lacked
+    when it comes in the config dict: the student once got no guidance input from the real SD 1.5 checkpoint."""
+    folder = shutil.copytree(epsilon_teacher_dir, tmp_path / "teacher")
+    config_file = folder / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("time_cond_proj_dim")
+    config_file.write_text(json.dumps(config))
+    student = build_student(load_teacher(folder).unet, time_cond_proj_dim=16)
+    assert student.config.time_cond_proj_dim == 16 and student.time_embedding.cond_proj.in_features == 16
+
+
+def test_checkpointing_the_decoder_keeps_the_rewards_gradient(epsilon_teacher_dir):
+    from rglcd.rewards import build_reward
+
+    teacher = load_teacher(epsilon_teacher_dir)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    reward = build_reward("colorfulness")
+
+    def gradient() -> torch.Tensor:
+        latents.grad = None
+        reward(decode_latents(teacher.vae, latents), ["a", "b"]).sum().backward()
+        return latents.grad.clone()
+
+    kept = gradient()
+    teacher.vae.enable_gradient_checkpointing()
+    assert teacher.vae.decoder.gradient_checkpointing
+    torch.testing.assert_close(gradient(), kept, rtol=1e-6, atol=1e-8)

@@ -152,8 +152,9 @@ def build_student(teacher_unet: nn.Module, time_cond_proj_dim: int = 256) -> nn.
     if teacher_unet.config.get("time_cond_proj_dim") is not None:
         student = copy.deepcopy(teacher_unet)
     else:
-        config = {**teacher_unet.config, "time_cond_proj_dim": time_cond_proj_dim}
-        student = UNet2DConditionModel.from_config(config)
+        # An override as a keyword: from_config drops the keys a loaded config.json lacked (SD 1.5's has no
+        # time_cond_proj_dim), also when they are set in the dict it is given.
+        student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
         result = student.load_state_dict(teacher_unet.state_dict(), strict=False)
         new_keys = set(result.missing_keys)
         if result.unexpected_keys or new_keys != {"time_embedding.cond_proj.weight"}:
