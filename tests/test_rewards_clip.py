@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from rglcd.architectures import clip_tokenizer
 from rglcd.rewards.base import available_rewards, build_reward
 from rglcd.rewards.clip import ClipPreprocess
-from rglcd.world.tokenizer import clip_tokenizer
 
 NAMES = ("hpsv2", "hpsv2.1", "clipscore", "pickscore", "aesthetic")
 TOLERANCE = 2e-3  # of a cosine; see the module docstring
@@ -236,6 +236,23 @@ def test_gradients_reach_the_pixels_and_weights_are_frozen(saved, pictures, name
     reward(images, PROMPTS).sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     assert not any(parameter.requires_grad for parameter in reward.parameters())
+
+
+@pytest.mark.parametrize("name", ["hpsv2", "clipscore", "aesthetic"])
+def test_gradient_checkpointing_keeps_the_gradient(saved, pictures, name):
+    _, images = pictures
+    reward = build(name, saved)
+
+    def gradient() -> torch.Tensor:
+        pixels = images.clone().requires_grad_(True)
+        reward(pixels, PROMPTS).sum().backward()
+        return pixels.grad
+
+    kept = gradient()
+    reward.enable_gradient_checkpointing()
+    towers = [module for module in reward.modules() if hasattr(module, "grad_checkpointing")]
+    assert towers and all(tower.grad_checkpointing for tower in towers)
+    torch.testing.assert_close(gradient(), kept, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["hpsv2", "clipscore", "pickscore"])

@@ -27,6 +27,10 @@ class RewardModel(nn.Module):
         """
         return self(images, prompts)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the model's activations in the backward pass instead of keeping them (the gradient reaches the
+        images through it); rewards without support keep their activations."""
+
     def freeze(self) -> RewardModel:
         self.requires_grad_(False).eval()
         return self
@@ -56,7 +60,12 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, **kwargs) -> RewardModel:
+def reward_factory(name: str) -> Callable[..., RewardModel]:
+    """The class or factory registered as ``name``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}")
-    return _REGISTRY[name](**kwargs).freeze()
+    return _REGISTRY[name]
+
+
+def build_reward(name: str, **kwargs) -> RewardModel:
+    return reward_factory(name)(**kwargs).freeze()

@@ -13,7 +13,9 @@ original file layout and loaded by the same code as the real checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -31,6 +33,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # hpsv2.utils.hps_version_map: the files that hpsv2's img_score.py downloads from the hub repo xswu/HPSv2.
 HPS_CHECKPOINTS = {"v2.0": "xswu/HPSv2/HPS_v2_compressed.pt", "v2.1": "xswu/HPSv2/HPS_v2.1_compressed.pt"}
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+# PickScore_v1's CLIPModel config: laion/CLIP-ViT-H-14-laion2B-s32B-b79K's, which it was fine-tuned from.
+PICKSCORE_ARCHITECTURE = {
+    "projection_dim": 1024,
+    "text_config": {
+        "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+    },
+    "vision_config": {
+        "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16,
+        "num_hidden_layers": 32, "patch_size": 14, "image_size": 224,
+    },
+}  # fmt: skip
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 AESTHETIC_HEADS = (
     "sa_0_4_vit_l_14_linear.pth from https://github.com/LAION-AI/aesthetic-predictor (v1, linear), or "
@@ -155,8 +169,9 @@ def _build_open_clip(model: str | dict, pretrained: str | None, checkpoint: str 
         preprocess_cfg = asdict(PreprocessCfg(size=clip.visual.image_size))
     else:
         tag = pretrained if checkpoint is None else None
-        try:
-            clip = open_clip.create_model(model, pretrained=tag)
+        try:  # on the current default device: the meta device builds a real-size tower in no memory
+            with _without_random_init_warning(checkpoint is not None):
+                clip = open_clip.create_model(model, pretrained=tag, device=torch.get_default_device())
         except RuntimeError as error:  # mostly: the tag's weights are neither cached nor downloadable
             raise FileNotFoundError(
                 f"cannot build open_clip {model} with pretrained={tag!r} ({error}); if its weights are not cached, "
@@ -168,6 +183,21 @@ def _build_open_clip(model: str | dict, pretrained: str | None, checkpoint: str 
         path = resolve_file(checkpoint)
         load_strict(clip, load_state_dict(path), path)
     return clip, tokenizer, preprocess_cfg
+
+
+@contextmanager
+def _without_random_init_warning(loading_a_checkpoint: bool) -> Iterator[None]:
+    """open_clip warns "initialized randomly" when built without a pretrained tag: not so when a checkpoint follows."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (loading_a_checkpoint and "initialized randomly" in record.getMessage())
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _preprocess_from_open_clip(cfg: dict, resize_mode: str | None = None) -> ClipPreprocess:
@@ -207,6 +237,9 @@ class ClipScorer(RewardModel):
         """``exp(logit_scale) · cosine`` [B]: the scale of the model's contrastive training (RG-LCD's logits)."""
         return self.clip.logit_scale.exp() * self(images, prompts)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.clip.set_grad_checkpointing(True)
+
 
 class OpenClipReward(ClipScorer):
     """An open_clip CLIP by name (or config) and weights, preprocessing as its own transform; HPSv2 and CLIPScore."""
@@ -242,10 +275,21 @@ class HPSv2(OpenClipReward):
 
     benchmark_scale = 100.0
 
-    def __init__(self, version: str = "v2.1", *, checkpoint: str | Path | None = None, model: str | dict = "ViT-H-14"):
+    def __init__(
+        self,
+        version: str = "v2.1",
+        *,
+        checkpoint: str | Path | None = None,
+        model: str | dict = "ViT-H-14",
+        random_weights: bool = False,
+    ):
         if version not in HPS_CHECKPOINTS:
             raise ValueError(f"HPS version must be one of {sorted(HPS_CHECKPOINTS)}, not {version!r}")
-        super().__init__(model, checkpoint=checkpoint or HPS_CHECKPOINTS[version], resize_mode="longest")
+        if random_weights:  # the published architecture without its weights (rglcd plan, real-size tests)
+            checkpoint = None
+        else:
+            checkpoint = checkpoint or HPS_CHECKPOINTS[version]
+        super().__init__(model, checkpoint=checkpoint, resize_mode="longest")
         self.version = version
 
 
@@ -270,7 +314,10 @@ class CLIPScore(OpenClipReward):
         pretrained: str | None = "laion2b_s32b_b79k",
         *,
         checkpoint: str | Path | None = None,
+        random_weights: bool = False,
     ):
+        if random_weights:
+            pretrained = checkpoint = None
         super().__init__(model, pretrained=pretrained, checkpoint=checkpoint)
 
 
@@ -298,13 +345,20 @@ class Aesthetic(RewardModel):
         model: str | dict = "ViT-L-14-quickgelu",
         pretrained: str | None = "openai",
         clip_checkpoint: str | Path | None = None,
+        random_weights: bool = False,
     ):
         super().__init__()
-        if checkpoint is None:
+        if random_weights:  # the tower and RG-LCD's (v1, linear) head, untrained
+            pretrained = clip_checkpoint = None
+        elif checkpoint is None:
             raise ValueError(f"aesthetic needs checkpoint=<the head>: {AESTHETIC_HEADS}")
         clip, _, preprocess_cfg = _build_open_clip(model, pretrained, clip_checkpoint)
         self.visual = clip.visual  # the text tower is never used
         self.preprocess = _preprocess_from_open_clip(preprocess_cfg)
+        if random_weights:
+            self.head = nn.Linear(clip.visual.output_dim, 1)
+            self.freeze()
+            return
         path = resolve_file(checkpoint)
         state = load_state_dict(path)
         dim = clip.visual.output_dim  # the joint embedding's width (768 for ViT-L/14)
@@ -319,6 +373,9 @@ class Aesthetic(RewardModel):
             )
         load_strict(self.head, state, path)
         self.freeze()
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.visual.set_grad_checkpointing(True)
 
     def forward(self, images: Tensor, prompts: Sequence[str] = ()) -> Tensor:
         embeddings = F.normalize(self.visual(self.preprocess(images)), dim=-1)  # [B, D]
@@ -344,10 +401,24 @@ class PickScore(RewardModel):
     also the logit.
     """
 
-    def __init__(self, model: str | Path = PICKSCORE_MODEL, processor: str | Path = PICKSCORE_PROCESSOR):
+    def __init__(
+        self,
+        model: str | Path = PICKSCORE_MODEL,
+        processor: str | Path = PICKSCORE_PROCESSOR,
+        *,
+        random_weights: bool = False,
+    ):
         super().__init__()
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
+        if random_weights:  # the published architecture and preprocessing, untrained
+            from ..architectures import clip_tokenizer
+
+            self.model = CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE))
+            self.tokenizer = clip_tokenizer()
+            self.preprocess = ClipPreprocess(224, floor_crop=True)
+            self.freeze()
+            return
         try:
             self.model, report = CLIPModel.from_pretrained(str(model), output_loading_info=True)
             loaded_processor = CLIPProcessor.from_pretrained(str(processor))

@@ -67,14 +67,27 @@ def _tokenizer(reference: str | Path, config: ImageRewardConfig):
     from transformers import BertTokenizer
 
     vocab = resolve_file(reference, "vocab.txt")
-    tokenizer = BertTokenizer.from_pretrained(vocab.parent)  # lower-cases, as bert-base-uncased
+    return _add_blip_tokens(BertTokenizer.from_pretrained(vocab.parent), config, vocab)  # lower-cases, as uncased
+
+
+def _add_blip_tokens(tokenizer, config: ImageRewardConfig, source):
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     if len(tokenizer) != config.vocab_size:
         raise ValueError(
-            f"{vocab} gives {len(tokenizer)} token ids with BLIP's [DEC] and [ENC], but the text encoder has "
+            f"{source} gives {len(tokenizer)} token ids with BLIP's [DEC] and [ENC], but the text encoder has "
             f"{config.vocab_size}; ImageReward needs bert-base-uncased's vocab.txt"
         )
     return tokenizer
+
+
+def _stand_in_bert_tokenizer(size: int):
+    """A WordPiece tokenizer of ``size`` entries (bert-base-uncased's special tokens, letters, digits, fillers)."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += [*"abcdefghijklmnopqrstuvwxyz0123456789"] + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    words += [f"[unused{index}]" for index in range(size - len(words))]
+    return BertTokenizer(vocab={word: index for index, word in enumerate(words)})
 
 
 @register_reward("imagereward")
@@ -84,6 +97,9 @@ class ImageReward(RewardModel):
     ``checkpoint``: path to ``ImageReward.pt``, a folder holding it, or a hub repo id (default
     ``THUDM/ImageReward``); ``None`` builds random weights (for tests). ``tokenizer``: a folder holding
     bert-base-uncased's ``vocab.txt``, or a hub repo id (default ``bert-base-uncased``).
+
+    ``random_weights``: the published architecture untrained, with a stand-in WordPiece vocabulary of BERT's size
+    (``rglcd plan``, the real-size tests; the token ids mean nothing, the shapes are the real ones).
 
     ``cap``: if set, ``forward`` returns ``min(score, cap)``. The official RG-LCD code trains on
     ``-relu(-score + 2)`` = ``min(score, 2) − 2`` (Ji4chenLi/rg-lcd ``reward_fn.py``, ``get_img_reward_fn``), which
@@ -98,6 +114,7 @@ class ImageReward(RewardModel):
         tokenizer: str | Path = "google-bert/bert-base-uncased",
         config: ImageRewardConfig | None = None,
         cap: float | None = None,
+        random_weights: bool = False,
     ):
         super().__init__()
         # timm and transformers take seconds to import: only models that are built pay for them.
@@ -107,7 +124,11 @@ class ImageReward(RewardModel):
         config = config or ImageRewardConfig()
         self.config = config
         self.cap = cap
-        self.tokenizer = _tokenizer(tokenizer, config)
+        if random_weights:
+            checkpoint = None
+            self.tokenizer = _add_blip_tokens(_stand_in_bert_tokenizer(config.vocab_size - 2), config, "stand-in")
+        else:
+            self.tokenizer = _tokenizer(tokenizer, config)
         text_config = BlipTextConfig(
             vocab_size=config.vocab_size,
             hidden_size=config.text_width,
@@ -159,6 +180,10 @@ class ImageReward(RewardModel):
         return self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
         ).to(self.preprocess.mean.device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        # The image tower (timm); transformers checkpoints its text encoder only in training mode, never for a reward.
+        self.blip.visual_encoder.set_grad_checkpointing(True)
 
     def logits(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """[B] normalised scores, uncapped: ImageReward has no logit scale, and a cap would flatten preferences."""

@@ -31,6 +31,10 @@ class Mix(RewardModel):
         self.means = [float(term.get("mean", 0.0)) for term in terms]
         self.stds = [float(term.get("std", 1.0)) for term in terms]
 
+    def enable_gradient_checkpointing(self) -> None:
+        for reward in self.rewards:
+            reward.enable_gradient_checkpointing()
+
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return sum(
             beta * (reward(images, prompts) - mean) / std

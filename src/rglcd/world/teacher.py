@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..architectures import clip_tokenizer
 from ..tiny import clip_text_encoder, sd_pipeline, sd_scheduler
 from .paths import TEACHER_SEED
 from .render import render, scenes
-from .tokenizer import clip_tokenizer
 
 CONTEXT_LENGTH = 32
 
