@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -54,12 +55,30 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 def train(config: TrainConfig, resume: str | None = None) -> Path:
     """Run (or resume) a distillation; returns the exported student: a pipeline folder, or for a LoRA run the
     LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``)."""
+    exported = distil(config, resume)
+    if not (config.lora.rank and config.lora.fuse_on_export):
+        return exported
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        # Last, once the run's models are released: it loads the teacher pipeline again.
+        gc.collect()
+        export_fused(
+            config.model.teacher, exported, Path(config.logging.output_dir) / "student",
+            config.distill.num_ddim_timesteps, config.distill.timestep_scaling, revision=config.model.revision,
+            variant=config.model.variant,
+        )  # fmt: skip
+    return Path(config.logging.output_dir) / "student"
+
+
+def distil(config: TrainConfig, resume: str | None = None) -> Path:
+    """The run itself: train, checkpoint, and export the student (a pipeline folder, or a LoRA run's weights)."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
     from diffusers.optimization import get_scheduler
 
     from .data import TrainStream
-    from .data.cache import CachedStream, check_cache, is_cache, sample_posterior, teacher_fingerprint
+    from .data.cache import CachedStream, check_cache, is_cache, teacher_fingerprint
 
     out = Path(config.logging.output_dir)
     # Without an accelerator device, several processes (torchrun / accelerate launch) must be told to use
@@ -89,13 +108,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
 
     # The reward(s), maximised directly (Alg. 3) or the expert the latent proxy is fitted to (Alg. 4): built first,
     # so that missing reward weights are reported before the teacher loads.
-    expert = None
-    if config.reward.terms:
-        terms = [dataclasses.asdict(term) for term in config.reward.terms]
-        try:
-            expert = build_reward("mix", terms=terms)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"reward.terms: {error}") from error
+    expert = build_expert(config)
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
     cached = is_cache(config.data.source)
     if cached:  # made by this teacher's VAE and text encoder, at this resolution? (before any cast)
@@ -103,53 +116,14 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             config.data.source, teacher_fingerprint(teacher), config.data.resolution,
             center_crop=config.data.center_crop, random_flip=config.data.random_flip,
         )  # fmt: skip
-    teacher_dtype = DTYPES[config.precision.teacher_dtype]
+    networks = build_networks(config, teacher, accelerator.device)
+    student, target, teacher_unet = networks.student, networks.target, networks.teacher_unet
     lora = config.lora
-    if lora.rank:
-        # LoRA: adapters on the teacher's own UNet; with them off it is the teacher, the EMA adapter is the target.
-        student = add_lora(teacher.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-        student.to(accelerator.device)  # float32: its base weights are shared with the teacher
-        teacher_unet, target = AdaptersOff(student), AdapterView(student)
-        for frozen in teacher.encoders():
-            frozen.to(accelerator.device, teacher_dtype)
-    else:
-        student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
-        target = build_target(student).to(accelerator.device)
-        teacher.to(accelerator.device, teacher_dtype)
-        teacher_unet = teacher.unet
-    if config.precision.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    if config.precision.attention == "eager":
-        from diffusers.models.attention_processor import AttnProcessor
-
-        for unet in [student] if lora.rank else [student, target, teacher.unet]:
-            unet.set_attn_processor(AttnProcessor())
-
-    distillation = Distillation(
-        teacher.schedule,
-        num_ddim_timesteps=config.distill.num_ddim_timesteps,
-        w_min=config.distill.w_min,
-        w_max=config.distill.w_max,
-        distance=ConsistencyDistance(config.distill.loss, config.distill.distance_c),
-        sigma_data=config.distill.sigma_data,
-        timestep_scaling=config.distill.timestep_scaling,
-        time_cond_proj_dim=student.config.time_cond_proj_dim or 0,
-    )
+    distillation = build_distillation(config, teacher, student)
     expert = expert.to(accelerator.device) if expert is not None else None
 
     optim = config.optim
-    optimizer_class = torch.optim.AdamW
-    if optim.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_class(
-        [param for param in student.parameters() if param.requires_grad],
-        lr=optim.learning_rate,
-        betas=(optim.adam_beta1, optim.adam_beta2),
-        eps=optim.adam_epsilon,
-        weight_decay=optim.weight_decay,
-    )
+    optimizer = build_optimizer(config, [param for param in student.parameters() if param.requires_grad])
     lr_scheduler = get_scheduler(
         optim.lr_scheduler,
         optimizer=optimizer,
@@ -166,13 +140,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         accelerator.register_for_checkpointing(target)  # (a LoRA target is an adapter, saved with the student)
     proxy = proxy_optimizer = None
     if config.reward.mode == "latent":
-        latent = config.reward.latent
-        proxy = LatentClip.from_pretrained(latent.model)
-        proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
-        proxy_params = [param for param in proxy.parameters() if param.requires_grad]
-        proxy_optimizer = torch.optim.AdamW(
-            proxy_params, lr=latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon
-        )
+        pretrained = LatentClip.from_pretrained(config.reward.latent.model)
+        proxy, proxy_params, proxy_optimizer = build_proxy(config, pretrained)
         # Not wrapped for DDP (the fit calls its methods, not its forward); its gradients are averaged over the
         # processes by hand in _fit_proxy, and it is saved and resumed with the run.
         proxy.to(accelerator.device)
@@ -238,24 +207,12 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         total=optim.max_train_steps, initial=global_step, desc="RG-LCD", disable=not accelerator.is_local_main_process
     )
     samples_per_step = optim.batch_size * optim.gradient_accumulation_steps * accelerator.num_processes
-    step_started = time.perf_counter()
+    step_started, step_seconds = time.perf_counter(), []
+    reset_peak_memory(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
     while global_step < optim.max_train_steps:
         with accelerator.accumulate(student):
             batch = next(batches)
-            with torch.no_grad():
-                added = None  # SDXL's pooled embedding and size conditioning
-                if cached:
-                    parameters = batch["latent_parameters"].to(accelerator.device)  # [B, 2C, h, w]
-                    cond_embeds = batch["prompt_embeds"].to(accelerator.device)
-                    if "pooled_prompt_embeds" in batch:  # SDXL
-                        added = sdxl_added_cond(
-                            batch["pooled_prompt_embeds"].to(accelerator.device), config.data.resolution
-                        )
-                else:
-                    pixels = batch["pixel_values"].to(accelerator.device, vae.dtype)
-                    parameters = vae.encode(pixels).latent_dist.parameters.float()  # [B, 2C, h, w]: mean, logvar
-                    cond_embeds, added = text_conditioning(teacher, batch["captions"], config.data.resolution)
-                latents = sample_posterior(parameters, generator) * vae.config.scaling_factor
+            latents, cond_embeds, added = prepare_batch(batch, teacher, generator, config.data.resolution)
             noise = StepNoise.draw(latents, distillation, generator)
             if proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
                 _set_trainable(proxy_params, False)
@@ -303,7 +260,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         progress.update(1)
 
         elapsed = time.perf_counter() - step_started
-        step_started = time.perf_counter()
+        step_seconds.append(elapsed)
         logs = {
             "loss": output.loss.item(),
             "distill_loss": output.distill_loss.item(),
@@ -326,7 +283,9 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
             )
         if global_step % config.logging.checkpointing_steps == 0:
             save_checkpoint()
+        step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
     progress.close()
+    peak_memory = peak_memory_of_the_steps(accelerator.device)
 
     accelerator.wait_for_everyone()
     final_student = accelerator.unwrap_model(student)
@@ -346,7 +305,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
             frozen.float()
         if lora.rank:
-            lora_dir = save_lora(final_student, out / "lora", STUDENT, teacher.is_sdxl)
+            save_lora(final_student, out / "lora", STUDENT, teacher.is_sdxl)
             save_lora(final_student, out / "target_lora", TARGET, teacher.is_sdxl)
         else:
             export_pipeline(
@@ -364,21 +323,133 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
                     "ranks_agree": ranks_agree,
                     "skipped_samples": stream.stats.skipped,
                     "skip_reasons": stream.stats.reasons,
+                    "step_seconds": _step_time_summary(step_seconds),
+                    "peak_memory_bytes": peak_memory,
                 },
                 indent=2,
             )
         )
-        if lora.rank and lora.fuse_on_export:  # last: it reloads the teacher pipeline, everything else is saved
-            export_fused(
-                config.model.teacher, lora_dir, student_dir, distillation.num_ddim_timesteps,
-                distillation.timestep_scaling, revision=config.model.revision, variant=config.model.variant,
-            )  # fmt: skip
     accelerator.end_training()
     if not ranks_agree:  # raised only now: what the main process holds is exported and can be inspected
         raise TrainingError(f"the processes' parameters diverged (checksums in {out / 'train_summary.json'})")
-    if lora.rank and not lora.fuse_on_export:
-        return out / "lora"
-    return student_dir
+    return out / "lora" if lora.rank else student_dir
+
+
+@dataclasses.dataclass
+class Networks:
+    """The three networks of a step: the trained student, the EMA target and the frozen teacher UNet (for a LoRA
+    run, views of one UNet: adapters on, the EMA adapter, adapters off)."""
+
+    student: torch.nn.Module
+    target: torch.nn.Module | AdapterView
+    teacher_unet: torch.nn.Module | AdaptersOff
+
+
+def build_expert(config: TrainConfig) -> torch.nn.Module | None:
+    """The reward terms as one :class:`~rglcd.rewards.mix.Mix` (None without terms), checkpointed with
+    ``precision.gradient_checkpointing``; missing weights are a ConfigError."""
+    if not config.reward.terms:
+        return None
+    terms = [dataclasses.asdict(term) for term in config.reward.terms]
+    try:
+        expert = build_reward("mix", terms=terms)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"reward.terms: {error}") from error
+    if config.precision.gradient_checkpointing:
+        expert.enable_gradient_checkpointing()
+    return expert
+
+
+def build_networks(config: TrainConfig, teacher, device: torch.device) -> Networks:
+    """Student, target and teacher UNet on ``device``, in the config's dtypes: the student in float32 (master
+    weights), the frozen parts in ``precision.teacher_dtype`` (a LoRA run's shared UNet stays float32)."""
+    teacher_dtype = DTYPES[config.precision.teacher_dtype]
+    lora = config.lora
+    if lora.rank:
+        # LoRA: adapters on the teacher's own UNet; with them off it is the teacher, the EMA adapter is the target.
+        student = add_lora(teacher.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        student.to(device)  # float32: its base weights are shared with the teacher
+        networks = Networks(student, AdapterView(student), AdaptersOff(student))
+        for frozen in teacher.encoders():
+            frozen.to(device, teacher_dtype)
+    else:
+        student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
+        target = build_target(student).to(device)
+        teacher.to(device, teacher_dtype)
+        networks = Networks(student, target, teacher.unet)
+    if config.precision.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        # The reward's gradient passes through the frozen decoder: its activations are the step's largest.
+        teacher.vae.enable_gradient_checkpointing()
+    if config.precision.attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        for unet in [student] if lora.rank else [student, networks.target, teacher.unet]:
+            unet.set_attn_processor(AttnProcessor())
+    return networks
+
+
+def build_distillation(config: TrainConfig, teacher, student: torch.nn.Module) -> Distillation:
+    return Distillation(
+        teacher.schedule,
+        num_ddim_timesteps=config.distill.num_ddim_timesteps,
+        w_min=config.distill.w_min,
+        w_max=config.distill.w_max,
+        distance=ConsistencyDistance(config.distill.loss, config.distill.distance_c),
+        sigma_data=config.distill.sigma_data,
+        timestep_scaling=config.distill.timestep_scaling,
+        time_cond_proj_dim=student.config.time_cond_proj_dim or 0,
+    )
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trained parameters."""
+    optim = config.optim
+    optimizer_class = torch.optim.AdamW
+    if optim.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
+        params,
+        lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_epsilon,
+        weight_decay=optim.weight_decay,
+    )
+
+
+def build_proxy(config: TrainConfig, proxy: LatentClip) -> tuple[LatentClip, list, torch.optim.Optimizer]:
+    """Alg. 4's latent proxy RM with its unlocked groups and its own AdamW: (proxy, trained params, optimizer)."""
+    latent, optim = config.reward.latent, config.optim
+    proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
+    params = [param for param in proxy.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon
+    )
+    return proxy, params, optimizer
+
+
+@torch.no_grad()
+def prepare_batch(batch: dict, teacher, generator: torch.Generator, resolution: int):
+    """(latents z [B, C, h, w] × scaling factor, caption embeddings [B, L, D], SDXL's added conditions or None)
+    of a batch of images (VAE-encoded, text-encoded here) or of `rglcd cache` entries."""
+    from .data.cache import sample_posterior
+
+    vae = teacher.vae
+    device = next(vae.parameters()).device
+    added = None  # SDXL's pooled embedding and size conditioning
+    if "latent_parameters" in batch:  # the cache: no VAE encoder or text encoder per step
+        parameters = batch["latent_parameters"].to(device)  # [B, 2C, h, w]
+        cond_embeds = batch["prompt_embeds"].to(device)
+        if "pooled_prompt_embeds" in batch:  # SDXL
+            added = sdxl_added_cond(batch["pooled_prompt_embeds"].to(device), resolution)
+    else:
+        pixels = batch["pixel_values"].to(device, vae.dtype)
+        parameters = vae.encode(pixels).latent_dist.parameters.float()  # [B, 2C, h, w]: mean, logvar
+        cond_embeds, added = text_conditioning(teacher, batch["captions"], resolution)
+    latents = sample_posterior(parameters, generator) * vae.config.scaling_factor
+    return latents, cond_embeds, added
 
 
 def check_engine(accelerator, config: TrainConfig) -> bool:
@@ -437,6 +508,43 @@ def rank_checksums(accelerator, modules: dict[str, torch.nn.Module]) -> tuple[di
     if not agree:
         logger.error("parameters diverged across processes: per rank %s for %s", every_rank.tolist(), list(modules))
     return dict(zip(modules, local.tolist(), strict=True)), agree
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak memory anew: the GPU's allocator statistics, or on Linux the process's resident
+    high-water mark (``/proc/self/clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the high-water mark then counts from the start of the process
+        pass
+
+
+def peak_memory_of_the_steps(device: torch.device) -> dict:
+    """The peak since :func:`reset_peak_memory`: bytes allocated on the GPU, or the process's resident high-water
+    mark on the CPU (which also holds Python, torch and the libraries)."""
+    if device.type == "cuda":
+        return {"device": "cuda", "max_allocated": torch.cuda.max_memory_allocated(device)}
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return {"device": "cpu", "resident_high_water_mark": None}
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    return {"device": "cpu", "resident_high_water_mark": kib * 1024}
+
+
+def _step_time_summary(seconds: list[float]) -> dict:
+    """Wall-clock seconds per optimizer step of this launch (the first one warms up, so it is kept apart)."""
+    later = sorted(seconds[1:])
+    return {
+        "steps": len(seconds),
+        "first": seconds[0] if seconds else None,
+        "median_after_first": later[len(later) // 2] if later else None,
+        "min_after_first": later[0] if later else None,
+        "max_after_first": later[-1] if later else None,
+    }
 
 
 def _to_float(added: dict | None) -> dict | None:
