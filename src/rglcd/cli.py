@@ -62,6 +62,29 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"exported: {exported}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .config import ConfigError, load_config
+    from .gpus import GPU, GPUS
+    from .plan import fit_switches, format_plan, make_plan, parse_memory
+
+    config = load_config(args.config, args.overrides)
+    if args.processes < 1:
+        raise ConfigError("--processes: must be >= 1")
+    if not 0 < args.utilization <= 1:
+        raise ConfigError("--utilization: a share of the GPU's peak in (0, 1], e.g. 0.4")
+    if args.fsdp and (args.processes < 2 or config.lora.rank):
+        raise ConfigError("--fsdp: needs --processes >= 2 and a full student (LoRA runs use DDP)")
+    gpu = GPUS[args.gpu]
+    if args.gpu_memory:
+        try:
+            gpu = GPU(parse_memory(args.gpu_memory), gpu.tflops)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    plan = make_plan(config, args.processes, args.fsdp, args.device)
+    switches = fit_switches(plan, gpu.memory_gib * 2**30)
+    print(format_plan(plan, args.config, args.gpu, gpu, args.utilization, switches, memory_given=bool(args.gpu_memory)))
+
+
 def cmd_cache(args: argparse.Namespace) -> None:
     from .data import write_cache
     from .data.cache import read_cache_info
@@ -193,6 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import presets
+    from .gpus import GPUS
     from .prompts import SPEC_HELP
 
     parser = argparse.ArgumentParser(
@@ -233,6 +257,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
     train.set_defaults(run=cmd_train)
+
+    plan = commands.add_parser(
+        "plan", help="will a training config fit on a GPU, and how long will it take? (no weights needed)",
+        description="Build every model of the run at its published size on the meta device and trace one training "
+        "step on fake tensors at the config's batch size and resolution: memory per process by part (weights, "
+        "gradients, optimizer states, EMA target, teacher, VAE, text encoders, rewards, latent proxy, traced "
+        "activations), whether it fits the GPU, which of the config's switches make it fit, the step's FLOPs and "
+        "the time of a step and of the paper's 10,000-iteration run. Nothing is downloaded: the presets' teachers "
+        "are known by their hub ids, a local teacher folder's configs are read (not its weights).",
+        epilog="examples:\n  rglcd plan sd21-768\n  rglcd plan sdxl-1024 --gpu A100-40GB --processes 8 --fsdp\n"
+        "  rglcd plan sd15-512 optim.batch_size=4 --gpu RTX-4090",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    plan.add_argument("config", help=f"a preset ({', '.join(presets())}) or a YAML file")
+    plan.add_argument("overrides", nargs="*", help="section.field=value, as for rglcd train")
+    plan.add_argument(
+        "--gpu", default="A100-80GB", choices=sorted(GPUS), help="memory and peak TFLOPS (default: A100-80GB)"
+    )
+    plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB (default: the --gpu's)")
+    plan.add_argument("--processes", type=int, default=1, help="GPUs (processes) the run uses (default: 1)")
+    plan.add_argument("--fsdp", action="store_true", help="shard the student over the processes (FSDP2)")
+    plan.add_argument(
+        "--utilization", type=float, default=0.4,
+        help="share of the GPU's peak FLOPS the step reaches, for the time estimate (default: 0.4)",
+    )  # fmt: skip
+    plan.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                      help="cuda (default): a GPU run; cpu: as benchmarks/full_size.py runs it")  # fmt: skip
+    plan.set_defaults(run=cmd_plan)
 
     cache = commands.add_parser(
         "cache", help="encode a dataset once (VAE latents, text embeddings) so training skips both encoders",

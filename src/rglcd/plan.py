@@ -1,0 +1,592 @@
+"""``rglcd plan``: will a training config fit on a GPU, and how long will it take? Answered without any weights.
+
+Every model of the run (teacher, student and target or LoRA adapters, VAE, text encoders, reward models, latent proxy)
+is built at its published size on the meta device, cast to the dtypes :func:`rglcd.train.build_networks` gives it,
+and counted exactly. The activations are not guessed: one training step — batch preparation, the RG-LCD step under
+the config's autocast, backward, gradient clipping, the optimizer step, the EMA update and the proxy's fit — runs on
+fake tensors (torch's FakeTensorMode: shapes, dtypes and kernels' output sizes, no data) at the config's batch size
+and resolution, while a dispatch mode follows every storage from its allocation to its release. The peak of what
+the step allocates on top of the weights and optimizer states is the activations-and-temporaries line; torch's
+FLOP counter reads the same step. What the trace cannot see (the CUDA context, allocator fragmentation) is a stated
+allowance, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import architecture_of, build_teacher
+from .config import TrainConfig
+from .gpus import GPU
+from .rewards.base import reward_factory
+from .rewards.latent import KIND, LatentClip, LatentClipConfig, proxy_fit
+from .rewards.weights import read_model_config
+from .step import StepNoise, rglcd_step
+from .train import (
+    DTYPES,
+    build_distillation,
+    build_expert,
+    build_networks,
+    build_optimizer,
+    build_proxy,
+    prepare_batch,
+)
+
+GIB = 2**30
+# What the trace cannot see on a GPU: the CUDA context and cuBLAS/cuDNN workspaces (typically 0.3-0.8 GiB).
+CUDA_CONTEXT_BYTES = GIB // 2
+PAPER_ITERATIONS = 10_000  # RG-LCD's runs (Li et al. 2024, appendix)
+
+
+@dataclass
+class Part:
+    name: str
+    detail: str
+    bytes: int
+
+
+@dataclass
+class Plan:
+    """Memory per process by part (bytes), FLOPs of one optimizer step per process, and what they assume."""
+
+    config: TrainConfig
+    processes: int
+    sharded: bool  # FSDP over the processes
+    device: str  # "cuda" (the default: a GPU run) or "cpu" (what benchmarks/full_size.py measures)
+    parts: list[Part] = field(default_factory=list)
+    flops: float = 0.0
+    phases: dict[str, int] = field(default_factory=dict)  # the trace's peak within each phase of the step
+    trace: Trace | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(part.bytes for part in self.parts)
+
+
+# --------------------------------------------------------------------------------------------------- the trace
+
+
+class StepTracer(torch.utils._python_dispatch.TorchDispatchMode):
+    """While active: the bytes of the storages that ops allocate, followed until they are freed (and their peak, in
+    all and per phase), and the FLOPs of the ops, by torch's FLOP formulas. (torch's FlopCounterMode would keep every
+    output alive, which is why the counting is done here.)"""
+
+    def __init__(self) -> None:
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+        super().__init__()
+        self.live = self.peak = self._phase_peak = 0
+        self.flops = 0
+        self.phases: dict[str, int] = {}  # the peak within each phase, in the order they were marked
+        self._seen: dict[int, weakref.ref] = {}
+        self._formulas = {**flop_registry, **{op: shape_wrapper(f) for op, f in _cpu_flash_attention_flops().items()}}
+
+    def mark(self, phase: str) -> None:
+        """End a phase: record its peak (unless the name is in parentheses), and start the next from what is live."""
+        if not phase.startswith("("):
+            self.phases[phase] = self._phase_peak
+        self._phase_peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self._formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        # An output on an input's storage (in-place ops, views) allocated nothing.
+        inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if _is_tensor(t)}
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if _is_tensor(tensor) and id(tensor.untyped_storage()) not in inputs:
+                self._follow(tensor.untyped_storage())
+        return out
+
+    def _follow(self, storage) -> None:
+        key = id(storage)  # storages keep their Python object while they live, so the id is stable
+        if key in self._seen:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self._phase_peak = max(self._phase_peak, self.live)
+
+        def released(_reference, key=key, size=size) -> None:
+            self.live -= size
+            self._seen.pop(key, None)
+
+        self._seen[key] = weakref.ref(storage, released)
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _cpu_flash_attention_flops():
+    """FLOP formulas for the CPU flash-attention kernels the fake trace runs (torch has only the GPU ones)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    # Formulas get the shapes of the tensor arguments.
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+
+
+def _to_fake(modules: list[nn.Module]) -> None:
+    """Swap every meta parameter and buffer for a fake CPU tensor of the same shape and dtype, in place; a tensor
+    shared by several modules (a LoRA run's UNet) stays shared. Call inside the FakeTensorMode."""
+    swapped: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for submodule in module.modules():
+            for store in (submodule._parameters, submodule._buffers):
+                for name, tensor in store.items():
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in swapped:
+                        fake = torch.empty_like(tensor, device="cpu")
+                        if isinstance(tensor, nn.Parameter):
+                            fake = nn.Parameter(fake, requires_grad=tensor.requires_grad)
+                        swapped[id(tensor)] = fake
+                    store[name] = swapped[id(tensor)]
+
+
+@dataclass
+class _Run:
+    """The run's models, built on the meta device."""
+
+    teacher: object
+    networks: object
+    expert: nn.Module | None
+    proxy: LatentClip | None
+    cached: bool
+
+    def modules(self) -> list[nn.Module]:
+        found = [self.networks.student, *self.teacher.encoders()]
+        if isinstance(self.networks.target, nn.Module):
+            found += [self.networks.target, self.teacher.unet]
+        return found + [module for module in (self.expert, self.proxy) if module is not None]
+
+
+def _with_random_reward_weights(config: TrainConfig) -> TrainConfig:
+    """The config with ``random_weights=True`` for every reward that can build its published architecture without
+    its weights (the others, the world's and pixel statistics, are small and load what ships)."""
+    terms = [
+        dataclasses.replace(term, kwargs={**term.kwargs, "random_weights": True})
+        if "random_weights" in inspect.signature(reward_factory(term.name)).parameters
+        else term
+        for term in config.reward.terms
+    ]
+    return dataclasses.replace(config, reward=dataclasses.replace(config.reward, terms=terms))
+
+
+def _build_on_meta(config: TrainConfig) -> _Run:
+    from .data.cache import is_cache
+
+    meta = torch.device("meta")
+    with meta:
+        teacher = build_teacher(architecture_of(config.model.teacher, config.model.revision), config.model.teacher)
+        expert = build_expert(_with_random_reward_weights(config))
+        networks = build_networks(config, teacher, meta)
+        proxy = None
+        if config.reward.mode == "latent":
+            folder = Path(config.reward.latent.model)
+            proxy_config = read_model_config(folder, KIND, "make one with `rglcd lrm pretrain`")
+            proxy = LatentClip(LatentClipConfig(**proxy_config))
+    return _Run(teacher, networks, expert, proxy, is_cache(config.data.source))
+
+
+@dataclass
+class Trace:
+    peak: int  # bytes allocated by one step on top of the weights and optimizer states, at its peak
+    phases: dict[str, int]  # the peak within each phase of the step
+    flops: float  # of one optimizer step (all its micro-batches)
+    outputs: dict[str, tuple]  # (shape, dtype) of what the step made: latents, model_pred, target, reward, ...
+
+
+def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
+    """One step of ``rglcd train`` on fake tensors at the config's batch size and resolution: what it allocates
+    (at its peak and per phase) and its FLOPs. ``run`` is consumed (its tensors become fake)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    optim, resolution = config.optim, config.data.resolution
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _to_fake(run.modules())
+        student, teacher = run.networks.student, run.teacher
+        distillation = build_distillation(config, teacher, student)
+        trained = [param for param in student.parameters() if param.requires_grad]
+        # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
+        # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
+        optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
+        proxy_params = proxy_optimizer = None
+        if run.proxy is not None:
+            _, proxy_params, proxy_optimizer = build_proxy(config, run.proxy)
+        for opt in filter(None, (optimizer, proxy_optimizer)):
+            for group in opt.param_groups:  # torch's default on a GPU: one foreach kernel over all tensors
+                group["foreach"] = device == "cuda"
+            _allocate_state(opt)  # the states exist from the first step on: part of the weights, not the trace
+        uncond, uncond_added = _unconditional(run, config)
+        generator = torch.Generator().manual_seed(0)
+        accumulating = optim.gradient_accumulation_steps > 1
+        if accumulating:  # gradients live across micro-batches: allocated before the trace, like the weights
+            for param in trained:
+                param.grad = torch.zeros_like(param)
+        autocast = dict(device_type="cpu", dtype=DTYPES.get(config.precision.mixed_precision, torch.bfloat16))
+        autocast["enabled"] = config.precision.mixed_precision != "no"
+        live = StepTracer()
+        with live:
+            batch = _fake_batch(run, config)
+            latents, cond, added = prepare_batch(batch, teacher, generator, resolution)
+            noise = StepNoise.draw(latents, distillation, generator)
+            live.mark("encode the batch (VAE encoder, text encoders)" if not run.cached else "read the cached batch")
+            reward_fn, beta = run.expert, 1.0 if run.expert is not None else 0.0
+            if run.proxy is not None:
+                for param in proxy_params:
+                    param.requires_grad_(False)
+                reward_fn, beta = run.proxy, config.reward.latent.beta
+            with torch.autocast(**autocast):
+                output = rglcd_step(
+                    student=student, target=run.networks.target, teacher_unet=run.networks.teacher_unet,
+                    vae=teacher.vae, distillation=distillation, latents=latents, cond_embeds=cond.float(),
+                    uncond_embeds=uncond, added_cond=_float(added), uncond_added_cond=uncond_added, noise=noise,
+                    prompts=batch["captions"], reward_fn=reward_fn, reward_beta=beta,
+                    reward_on_latents=run.proxy is not None, decode_batch_size=config.reward.decode_batch_size,
+                )  # fmt: skip
+            live.mark("forward: student, teacher, target" + (", decoder and reward" if beta else ""))
+            made = {
+                "latents": latents,
+                "model_pred": output.model_pred,
+                "target": output.target,
+                "reward": output.reward,
+            }
+            made.update({f"added_cond.{key}": value for key, value in (added or {}).items()})
+            outputs = {name: (tuple(t.shape), t.dtype) for name, t in made.items() if t is not None}
+            del made
+            output.loss.backward()
+            live.mark("backward")
+            torch.nn.utils.clip_grad_norm_(trained, optim.max_grad_norm, foreach=device == "cuda")
+            optimizer.step()
+            live.mark("clip gradients, optimizer step")
+            if run.proxy is not None:
+                for param in proxy_params:
+                    param.requires_grad_(True)
+                indices = torch.arange(config.reward.latent.batch_size)
+                with torch.autocast(**autocast):
+                    fit = proxy_fit(
+                        run.proxy, run.expert, teacher.vae, model_pred=output.model_pred, target=output.target,
+                        latents=latents, prompts=batch["captions"], indices=indices, kind=config.reward.latent.loss,
+                        decode_batch_size=config.reward.decode_batch_size,
+                    )  # fmt: skip
+                fit.loss.backward()
+                proxy_optimizer.step()
+                live.mark("latent proxy fit (expert on 3 latents, proxy step)")
+                del fit
+            del output, batch, latents, cond, added, noise
+            if not accumulating:
+                optimizer.zero_grad(set_to_none=True)
+            live.mark("(the step's tensors released)")
+            _ema_step(run, config)
+            live.mark("EMA update")
+    # FLOPs of one micro-batch; an optimizer step runs gradient_accumulation_steps of them.
+    return Trace(live.peak, live.phases, live.flops * optim.gradient_accumulation_steps, outputs)
+
+
+def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
+    """One step with zero gradients: allocates the optimizer's states (AdamW: two per parameter)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _float(added: dict | None) -> dict | None:
+    return None if added is None else {key: value.float() for key, value in added.items()}
+
+
+def _unconditional(run: _Run, config: TrainConfig):
+    """The empty prompt's conditioning, made once before the loop (as the trainer does)."""
+    from .models import text_conditioning
+
+    batch_size, resolution = config.optim.batch_size, config.data.resolution
+    with torch.no_grad():
+        if run.cached:
+            hidden = run.teacher.text_encoder.config.hidden_size
+            if run.teacher.is_sdxl:
+                hidden += run.teacher.text_encoder_2.config.hidden_size
+            return torch.zeros(batch_size, run.teacher.tokenizer.model_max_length, hidden), None
+        embeds, added = text_conditioning(run.teacher, [""] * batch_size, resolution)
+    return embeds.float(), _float(added)
+
+
+def _fake_batch(run: _Run, config: TrainConfig) -> dict:
+    """A batch as the data stream gives it: images and captions, or `rglcd cache` entries."""
+    batch_size, resolution = config.optim.batch_size, config.data.resolution
+    captions = ["a photograph of an astronaut riding a horse on the moon"] * batch_size
+    if not run.cached:
+        return {"pixel_values": torch.rand(batch_size, 3, resolution, resolution) * 2 - 1, "captions": captions}
+    vae, teacher = run.teacher.vae, run.teacher
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    hidden = teacher.text_encoder.config.hidden_size + (
+        teacher.text_encoder_2.config.hidden_size if teacher.is_sdxl else 0
+    )
+    batch = {
+        "latent_parameters": torch.zeros(batch_size, 2 * vae.config.latent_channels, side, side),
+        "prompt_embeds": torch.zeros(batch_size, teacher.tokenizer.model_max_length, hidden),
+        "captions": captions,
+    }
+    if teacher.is_sdxl:
+        batch["pooled_prompt_embeds"] = torch.zeros(batch_size, teacher.text_encoder_2.config.projection_dim)
+    return batch
+
+
+def _ema_step(run: _Run, config: TrainConfig) -> None:
+    from .lora import adapter_pairs
+    from .models import update_ema
+
+    if config.lora.rank:
+        targets, online = adapter_pairs(run.networks.student)
+    else:
+        targets, online = list(run.networks.target.parameters()), list(run.networks.student.parameters())
+    update_ema(targets, online, config.distill.ema_decay)
+
+
+# ------------------------------------------------------------------------------------------------- the plan
+
+
+def _bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _describe(tensors: list[torch.Tensor], note: str = "") -> str:
+    count = sum(tensor.numel() for tensor in tensors)
+    dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors})
+    return f"{count / 1e6:,.1f} M, {'/'.join(dtypes)}" + (f", {note}" if note else "")
+
+
+def _adam_8bit_bytes(trained: list[torch.Tensor]) -> int:
+    """bitsandbytes' AdamW8bit: two uint8 states with a float32 scale per 256-value block; tensors under 4,096
+    values keep float32 states."""
+    return sum(2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel() for p in trained)
+
+
+def memory_parts(run: _Run, config: TrainConfig, processes: int, sharded: bool) -> list[Part]:
+    """The weights and states of a run per process, by part (exact: counted on the meta-device models)."""
+    shard = processes if sharded else 1
+    shard_note = f"sharded over {processes}" if sharded else ""
+    student, teacher = run.networks.student, run.teacher
+    trained = [param for param in student.parameters() if param.requires_grad]
+    parts = []
+    if config.lora.rank:
+        named = list(student.named_parameters())
+        base = [param for name, param in named if ".lora_" not in name]
+        adapters = [param for name, param in named if ".lora_" in name]
+        parts.append(Part("UNet (teacher = the student's frozen base)", _describe(base), _bytes(base)))
+        parts.append(Part("LoRA adapters (student + EMA target)", _describe(adapters), _bytes(adapters)))
+    else:
+        target, teacher_unet = list(run.networks.target.parameters()), list(teacher.unet.parameters())
+        parts.append(Part("student UNet", _describe(trained, shard_note), _bytes(trained) // shard))
+        parts.append(Part("EMA target UNet", _describe(target), _bytes(target)))
+        parts.append(Part("teacher UNet", _describe(teacher_unet), _bytes(teacher_unet)))
+    parts.append(Part("gradients", _describe(trained, shard_note), _bytes(trained) // shard))
+    if config.optim.use_8bit_adam:
+        parts.append(Part("optimizer states", "8-bit AdamW", _adam_8bit_bytes(trained)))
+    else:
+        parts.append(Part("optimizer states", "AdamW: 2 float32 per value" + (f", {shard_note}" if sharded else ""),
+                          2 * 4 * sum(p.numel() for p in trained) // shard))  # fmt: skip
+    if processes > 1 and not sharded:
+        parts.append(
+            Part("DDP gradient buckets", "a float32 copy of the gradients", 4 * sum(p.numel() for p in trained))
+        )
+    for name, module in (("VAE", teacher.vae), ("text encoder", teacher.text_encoder)):
+        tensors = list(module.parameters())
+        parts.append(Part(name, _describe(tensors), _bytes(tensors)))
+    if teacher.is_sdxl:
+        tensors = list(teacher.text_encoder_2.parameters())
+        parts.append(Part("text encoder 2", _describe(tensors), _bytes(tensors)))
+    if run.expert is not None:
+        for term, reward in zip(config.reward.terms, run.expert.rewards, strict=True):
+            tensors = list(reward.parameters())
+            role = "expert of the proxy" if run.proxy is not None else "reward"
+            parts.append(Part(f"{role}: {term.name}", _describe(tensors), _bytes(tensors)))
+    if run.proxy is not None:
+        tensors = list(run.proxy.parameters())
+        latent = config.reward.latent
+        unlocked_proxy = run.proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
+        unlocked = [param for param in unlocked_proxy.parameters() if param.requires_grad]
+        parts.append(Part("latent proxy RM", _describe(tensors), _bytes(tensors)))
+        parts.append(Part("latent proxy: AdamW states", _describe(unlocked, "2 float32 per value"), 8 * sum(
+            p.numel() for p in unlocked)))  # fmt: skip
+    return parts
+
+
+def make_plan(config: TrainConfig, processes: int = 1, sharded: bool = False, device: str = "cuda") -> Plan:
+    """Memory per process by part and FLOPs of one optimizer step of ``config``; no weights are read."""
+    run = _build_on_meta(config)
+    plan = Plan(config, processes, sharded, device, memory_parts(run, config, processes, sharded))
+    gradients = 0 if config.optim.gradient_accumulation_steps > 1 else sum(
+        param.numel() * 4 for param in run.networks.student.parameters() if param.requires_grad
+    )  # fmt: skip
+    trace = trace_step(run, config, device)
+    # Without accumulation the gradients are allocated during the backward pass, inside the trace: counted above.
+    plan.parts.append(Part("activations and temporaries", "traced peak of one step", max(trace.peak - gradients, 0)))
+    if device == "cuda":
+        plan.parts.append(Part("CUDA context, workspaces", "allowance, not traced", CUDA_CONTEXT_BYTES))
+    plan.flops, plan.phases, plan.trace = trace.flops, trace.phases, trace
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ switches
+
+
+@dataclass(frozen=True)
+class Switch:
+    label: str
+    overrides: tuple[tuple[str, object], ...]  # (section.field, value)
+    retrace: bool  # changes the activations (else the last trace's activations carry over)
+    sharded: bool = False  # FSDP over the processes
+
+
+def _set(config: TrainConfig, dotted: str, value) -> TrainConfig:
+    section, name = dotted.split(".")
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
+
+
+def candidate_switches(config: TrainConfig, processes: int, sharded: bool) -> list[Switch]:
+    """The config's memory switches not yet on, from the one that costs least (quality, speed) to the most."""
+    precision, optim = config.precision, config.optim
+    low = "bf16" if precision.mixed_precision != "fp16" else "fp16"
+    found = []
+    if precision.teacher_dtype == "fp32":
+        found.append(Switch(f"precision.teacher_dtype={low}", (("precision.teacher_dtype", low),), retrace=False))
+    if not precision.gradient_checkpointing:
+        found.append(Switch("precision.gradient_checkpointing=true", (("precision.gradient_checkpointing", True),),
+                            retrace=True))  # fmt: skip
+    if config.reward.terms and config.reward.mode == "direct" and config.reward.decode_batch_size != 1:
+        found.append(Switch("reward.decode_batch_size=1", (("reward.decode_batch_size", 1),), retrace=True))
+    if processes > 1 and not sharded and not config.lora.rank:
+        found.append(Switch(f"FSDP over {processes} processes (docs/accelerate/fsdp.yaml)", (), False, sharded=True))
+    if not optim.use_8bit_adam and not (sharded or config.lora.rank):
+        found.append(Switch("optim.use_8bit_adam=true", (("optim.use_8bit_adam", True),), retrace=False))
+    if not config.lora.rank:
+        found.append(Switch("lora.rank=64 (LCM-LoRA)", (("lora.rank", 64),), retrace=True))
+    batch, accumulation = optim.batch_size, optim.gradient_accumulation_steps
+    while batch > 1:  # the same global batch in more, smaller micro-batches
+        batch, accumulation = (batch + 1) // 2, accumulation * 2
+        found.append(Switch(
+            f"optim.batch_size={batch} optim.gradient_accumulation_steps={accumulation}",
+            (("optim.batch_size", batch), ("optim.gradient_accumulation_steps", accumulation)), retrace=True,
+        ))  # fmt: skip
+    return found
+
+
+def fit_switches(plan: Plan, budget_bytes: float) -> list[tuple[Switch, Plan]]:
+    """Switches applied one after another until the run fits ``budget_bytes``, each with the plan it gives."""
+    steps, current = [], plan
+    config, sharded = plan.config, plan.sharded
+    for switch in candidate_switches(plan.config, plan.processes, plan.sharded):
+        if current.total <= budget_bytes:
+            break
+        for dotted, value in switch.overrides:
+            config = _set(config, dotted, value)
+        sharded = sharded or switch.sharded
+        if switch.retrace:
+            after = make_plan(config, plan.processes, sharded, plan.device)
+        else:  # weights and states recounted, the activations of the last trace kept
+            run = _build_on_meta(config)
+            parts = memory_parts(run, config, plan.processes, sharded)
+            parts += [part for part in current.parts if part.name in _TRACED_PARTS]
+            after = Plan(
+                config, plan.processes, sharded, plan.device, parts, current.flops, current.phases, current.trace
+            )
+        if after.total >= current.total:  # no help here (e.g. LoRA adapters larger than a tiny UNet's layers): skipped
+            config, sharded = current.config, current.sharded
+            continue
+        current = after
+        steps.append((switch, current))
+    return steps
+
+
+_TRACED_PARTS = ("activations and temporaries", "CUDA context, workspaces")
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def size(count: float) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{count / GIB:.2f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
+
+
+def seconds_per_step(plan: Plan, gpu: GPU, utilization: float) -> float:
+    return plan.flops / (gpu.tflops * 1e12 * utilization)
+
+
+def format_plan(
+    plan: Plan, name: str, gpu_name: str, gpu: GPU, utilization: float, switches=(), memory_given: bool = False
+) -> str:
+    """The plan as the terminal table ``rglcd plan`` prints; ``memory_given``: the GPU's memory came from the user."""
+    config = plan.config
+    engine = f"FSDP over {plan.processes}" if plan.sharded else ("DDP" if plan.processes > 1 else "1 process")
+    lines = [
+        f"rglcd plan: {name} — teacher {config.model.teacher}, {config.data.resolution} px, batch "
+        f"{config.optim.batch_size} per process × {config.optim.gradient_accumulation_steps} accumulation, {engine}, "
+        f"mixed precision {config.precision.mixed_precision}, "
+        + (f"LoRA rank {config.lora.rank}" if config.lora.rank else "full student")
+        + ("" if plan.device == "cuda" else ", on the CPU"),
+        "",
+        f"{'memory per process':<46} {'what':<44} {'size':>10}",
+    ]
+    lines += [f"{part.name:<46} {part.detail:<44} {size(part.bytes):>10}" for part in plan.parts]
+    lines.append(f"{'total':<46} {'':<44} {size(plan.total):>10}")
+    budget = gpu.memory_gib * GIB
+    verdict = "fits" if plan.total <= budget else "does NOT fit"
+    memory = f"a GPU of {gpu.memory_gib:g} GiB" if memory_given else f"{gpu_name} ({gpu.memory_gib:g} GiB)"
+    lines += ["", f"{memory}: {verdict} ({100 * plan.total / budget:.0f} % of its memory)"]
+    lines += ["", "activations by phase of the step (peak within each):"]
+    lines += [f"  {phase:<60} {size(peak):>10}" for phase, peak in plan.phases.items()]
+    seconds = seconds_per_step(plan, gpu, utilization)
+    lines += [
+        "",
+        f"FLOPs per optimizer step and process: {plan.flops / 1e12:,.2f} TFLOP (torch's FLOP formulas on the step)",
+        f"time on {gpu_name} at {utilization:.0%} of its {gpu.tflops:g} TFLOPS: {seconds:.2f} s per step; "
+        f"the paper's {PAPER_ITERATIONS:,} iterations: {seconds * PAPER_ITERATIONS / 3600:.1f} h"
+        + (
+            f"; this config's {config.optim.max_train_steps:,}: {seconds * config.optim.max_train_steps / 3600:.1f} h"
+            if config.optim.max_train_steps != PAPER_ITERATIONS
+            else ""
+        ),
+    ]
+    if switches:
+        lines += ["", "switches that make it fit, applied in order (total per process after each):"]
+        for switch, after in switches:
+            fits = "fits" if after.total <= budget else "does not fit"
+            lines.append(f"  + {switch.label:<70} {size(after.total):>10}  {fits}")
+        if switches[-1][1].total > budget:
+            lines.append("  still too large: use a GPU with more memory or more processes (--processes N)")
+    return "\n".join(lines)
+
+
+def parse_memory(text: str) -> float:
+    """'80GiB', '80GB', '80G' or '80' (GiB) -> GiB."""
+    number = text.strip().upper().removesuffix("IB").removesuffix("B").removesuffix("G").strip()
+    try:
+        value = float(number)
+    except ValueError as error:
+        raise ValueError(f"--gpu-memory: {text!r} is not a size like 80GiB") from error
+    if value <= 0:
+        raise ValueError(f"--gpu-memory: {text!r} must be positive")
+    return value
