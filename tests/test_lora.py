@@ -6,10 +6,10 @@ from safetensors.torch import load_file
 
 from rglcd.config import ConfigError, load_config
 from rglcd.demo import tiny_setup
-from rglcd.lora import AdaptersOff, AdapterView, adapter_pairs, add_lora
+from rglcd.lora import STUDENT, AdaptersOff, AdapterView, adapter_pairs, add_lora
 from rglcd.models import load_teacher, update_ema
 from rglcd.sampling import lcm_sample, lcm_scheduler, load_lcm
-from rglcd.train import train
+from rglcd.train import TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,13 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
         "distill.ema_decay=0.5",
     ]  # fmt: skip
     assert train(load_config("tiny", overrides)) == out / "student"
-    state = load_file(out / "checkpoints" / "checkpoint-3" / "model.safetensors")
+    checkpoint = out / "checkpoints" / "checkpoint-3"
+    state = load_file(checkpoint / "model.safetensors")
     teacher = load_teacher(tiny / "teacher")
-    base = {key.replace(".base_layer", ""): value for key, value in state.items() if ".lora_" not in key}
-    assert base.keys() == teacher.unet.state_dict().keys()
-    assert all(torch.equal(base[key], value) for key, value in teacher.unet.state_dict().items())  # base frozen
+    # Adapters only (the frozen base is the teacher's), and only the trained adapter has optimizer states.
+    assert state and all(".lora_" in key for key in state)
+    optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
+    assert len(optimizer_state) == sum(f".{STUDENT}." in key for key in state) == len(state) // 2
     online, ema = (
         load_file(out / "lora" / "pytorch_lora_weights.safetensors"),
         load_file(out / "target_lora" / "pytorch_lora_weights.safetensors"),
@@ -79,7 +81,8 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
     loaded = pipe(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
                   generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
     student = add_lora(teacher.unet, rank=4, alpha=16)  # alpha ≠ rank: the export must keep the scaling
-    student.load_state_dict(state)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    assert not unexpected and not any(".lora_" in key for key in missing)
     ours = lcm_sample(student, teacher.vae, teacher, lcm_scheduler(teacher.scheduler_config), prompts, num_steps=2,
                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
     torch.testing.assert_close(ours, loaded, atol=1e-6, rtol=0)
@@ -108,3 +111,27 @@ def test_the_ema_target_is_deterministic_under_lora_dropout(tiny):
         latents, timesteps, embeds = unet_inputs(unet, torch.Generator().manual_seed(0))
         first, second = (AdapterView(unet)(latents, timesteps, encoder_hidden_states=embeds).sample for _ in range(2))
     assert torch.equal(first, second) and unet.training  # and the student is back in training mode
+
+
+def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(tiny, tmp_path):
+    def run(out, steps, resume=None):
+        overrides = [
+            f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
+            "optim.batch_size=2", f"optim.max_train_steps={steps}", "logging.checkpointing_steps=2",
+            "logging.validation_steps=0", "logging.tracker=none", "lora.rank=4",
+        ]  # fmt: skip
+        train(load_config("tiny", overrides), resume=resume)
+        return [load_file(out / name / "pytorch_lora_weights.safetensors") for name in ("lora", "target_lora")]
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4, resume="latest")
+    for ours, theirs in zip(resumed, straight, strict=True):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    with pytest.raises(TrainingError, match="does not hold this run's adapters"):  # another rank cannot resume
+        overrides = [
+            f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}",
+            f"logging.output_dir={tmp_path / 'resumed'}", "optim.batch_size=2", "optim.max_train_steps=6",
+            "logging.tracker=none", "lora.rank=8",
+        ]  # fmt: skip
+        train(load_config("tiny", overrides), resume="latest")

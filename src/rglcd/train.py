@@ -135,6 +135,7 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
     # the teacher have no gradients or optimizer state and stay whole on every rank, as under DDP.
     if lora.rank:
         ema_target, ema_online = adapter_pairs(student)
+        checkpoint_adapters_only(accelerator)
     else:
         ema_target, ema_online = list(target.parameters()), list(student.parameters())
         accelerator.register_for_checkpointing(target)  # (a LoRA target is an adapter, saved with the student)
@@ -450,6 +451,34 @@ def prepare_batch(batch: dict, teacher, generator: torch.Generator, resolution: 
         cond_embeds, added = text_conditioning(teacher, batch["captions"], resolution)
     latents = sample_posterior(parameters, generator) * vae.config.scaling_factor
     return latents, cond_embeds, added
+
+
+def checkpoint_adapters_only(accelerator) -> None:
+    """A LoRA run's checkpoints hold its adapters (the trained one and the EMA target), not the frozen UNet under
+    them, which is the teacher's and loads with it: megabytes per checkpoint instead of the UNet's gigabytes."""
+    from accelerate.utils import SAFE_MODEL_NAME
+    from safetensors.torch import load_file
+
+    def save(models, weights, output_dir) -> None:
+        for index, state in enumerate(weights):
+            weights[index] = {key: value for key, value in state.items() if ".lora_" in key}
+
+    def load(models, input_dir) -> None:
+        student = models.pop(0)  # loaded here, so that accelerate does not ask the file for the base weights
+        path = Path(input_dir) / f"{SAFE_MODEL_NAME}.safetensors"
+        wrong = "lora.rank or lora.target_modules changed?"
+        try:
+            missing, unexpected = student.load_state_dict(load_file(path), strict=False)
+        except RuntimeError as error:  # shapes that differ
+            raise TrainingError(f"{path} does not hold this run's adapters ({wrong}): {str(error)[:300]}") from error
+        if unexpected or any(".lora_" in key for key in missing):
+            raise TrainingError(
+                f"{path} does not hold this run's adapters ({wrong}): {len(unexpected)} unexpected, "
+                f"{sum('.lora_' in key for key in missing)} missing tensors"
+            )
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 def check_engine(accelerator, config: TrainConfig) -> bool:
