@@ -39,11 +39,13 @@ GIB = 2**30
 # glibc's malloc raises its mmap threshold as large blocks are freed, after which freed memory stays resident: fixed,
 # it returns what torch frees to the system, so the resident set follows the live tensors as `rglcd plan` counts them.
 CHILD_ENVIRONMENT = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "HF_HUB_OFFLINE": "1"}
-RUNS = {  # name: (preset, architecture, overrides beyond the common ones)
-    "sd15-512-lora": ("sd15-512-lora", "SD15", ["lora.fuse_on_export=true"]),
-    "sd21-768-lora": ("sd21-768", "SD21", ["lora.rank=64", "lora.fuse_on_export=true", "optim.learning_rate=1e-4"]),
-    "sd15-512": ("sd15-512", "SD15", []),
-    "sdxl-1024-lora": ("sdxl-1024", "SDXL", ["lora.rank=64", "lora.fuse_on_export=true", "optim.learning_rate=1e-4"]),
+RUNS = {  # name: (preset, architecture, reward, overrides beyond the common ones)
+    "sd15-512-lora": ("sd15-512-lora", "SD15", "hpsv2.1", ["lora.fuse_on_export=true"]),
+    "sd21-768-lora": ("sd21-768", "SD21", "hpsv2.1", ["lora.rank=64", "lora.fuse_on_export=true"]),
+    # The whole student beside its AdamW states and EMA target: with HPSv2.1 (3.7 GiB in float32) `rglcd plan`
+    # puts it above this machine's 24 GiB, so this run takes ImageReward (1.7 GiB), RG-LCD's other expert.
+    "sd15-512": ("sd15-512", "SD15", "imagereward", []),
+    "sdxl-1024-lora": ("sdxl-1024", "SDXL", "hpsv2.1", ["lora.rank=64", "lora.fuse_on_export=true"]),
 }
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -94,11 +96,14 @@ def make_assets(work: Path, architectures: set[str], resolution: int) -> dict:
 
 
 def overrides(run: str, assets: dict, out: Path, resolution: int, steps: int) -> list[str]:
-    _, architecture, extra = RUNS[run]
-    hps = json.dumps([{"name": "hpsv2.1", "beta": 1.0, "kwargs": {"checkpoint": str(assets["hps"])}}])
+    _, architecture, reward, extra = RUNS[run]
+    weights = {"checkpoint": str(assets["hps"])}
+    if reward == "imagereward":
+        weights = {"checkpoint": str(assets["image_reward"]), "tokenizer": str(assets["image_reward"])}
+    terms = json.dumps([{"name": reward, "beta": 1.0, "kwargs": weights}])
     return [
         f"model.teacher={assets['teachers'][architecture]}", f"data.source={assets['data']}",
-        f"data.resolution={resolution}", "data.shuffle_buffer=0", f"reward.terms={hps}", "reward.decode_batch_size=0",
+        f"data.resolution={resolution}", "data.shuffle_buffer=0", f"reward.terms={terms}", "reward.decode_batch_size=0",
         "optim.batch_size=1", "optim.gradient_accumulation_steps=1", "optim.lr_warmup_steps=0",
         f"optim.max_train_steps={steps}", "precision.mixed_precision=bf16", "precision.teacher_dtype=bf16",
         "logging.validation_steps=0", "logging.tracker=none", "logging.checkpointing_steps=2",
@@ -274,7 +279,7 @@ def benchmark(run: str, assets: dict, work: Path, resolution: int, iterations: i
     log.unlink(missing_ok=True)
     rglcd = [sys.executable, "-m", "rglcd"]
     preset = RUNS[run][0]
-    result = {"run": run, "preset": preset, "resolution": resolution}
+    result = {"run": run, "preset": preset, "reward": RUNS[run][2], "resolution": resolution}
 
     seconds, peak = run_command([*rglcd, "train", preset, *overrides(run, assets, out, resolution, 5)], log)
     summary = json.loads((out / "train_summary.json").read_text())
@@ -331,9 +336,9 @@ def report(results: list[dict], baseline: int) -> str:
     lines = [
         f"process baseline (Python + torch + libraries, no model): {baseline / GIB:.2f} GiB",
         "",
-        "| run | s/step (trainer) | first step s | steps' peak GiB | plan + baseline GiB | plan error | "
+        "| run | reward | s/step (trainer) | first step s | steps' peak GiB | plan + baseline GiB | plan error | "
         "process peak GiB | whole step / passes | resume | sample 2 steps s | eval s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in results:
         parts = r["parts"]
@@ -341,7 +346,7 @@ def report(results: list[dict], baseline: int) -> str:
         predicted = r["planned_bytes"] + baseline
         error = (predicted - r["peak_bytes"]) / r["peak_bytes"]
         lines.append(
-            f"| {r['run']} | {r['step_seconds']['median_after_first']:.1f} | {r['step_seconds']['first']:.1f} | "
+            f"| {r['run']} | {r['reward']} | {r['step_seconds']['median_after_first']:.1f} | {r['step_seconds']['first']:.1f} | "
             f"{r['peak_bytes'] / GIB:.2f} | {predicted / GIB:.2f} | {error:+.0%} | "
             f"{r['process_peak_bytes'] / GIB:.2f} | "
             f"{parts['whole step (the trainer' + chr(39) + 's iteration)'] / passes:.2f} | ok | "
@@ -350,7 +355,7 @@ def report(results: list[dict], baseline: int) -> str:
     for r in results:
         parts = r["parts"]
         whole = parts["whole step (the trainer's iteration)"]
-        lines += ["", f"{r['run']}: the step's parts, each timed alone (median of the iterations)", ""]
+        lines += ["", f"{r['run']} ({r['reward']}): the step's parts, each timed alone (median of the iterations)", ""]
         lines += [f"  {name:<48} {seconds:>7.2f} s  {seconds / whole:>5.0%}" for name, seconds in parts.items()]
     return "\n".join(lines)
 
