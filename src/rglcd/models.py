@@ -48,11 +48,20 @@ class Teacher:
     def vae_scale_factor(self) -> int:
         return vae_scale_factor(self.vae.config)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
-        for module in (self.unet, *self.encoders()):
-            module.to(device)
-            if dtype is not None and module.dtype != dtype:
-                module.to(dtype)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, unet: bool = True) -> Teacher:
+        """Move (and cast) the parts; ``unet=False`` leaves the UNet alone (a LoRA run's, which is the student)."""
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        # diffusers warns of "modules that should be kept in float32: []" on every cast, even when there are none.
+        diffusers_logging.set_verbosity_error()
+        try:
+            for module in [self.unet, *self.encoders()] if unet else self.encoders():
+                module.to(device)
+                if dtype is not None and module.dtype != dtype:
+                    module.to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         return self
 
 

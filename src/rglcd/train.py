@@ -371,8 +371,7 @@ def build_networks(config: TrainConfig, teacher, device: torch.device) -> Networ
         student = add_lora(teacher.unet, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
         student.to(device)  # float32: its base weights are shared with the teacher
         networks = Networks(student, AdapterView(student), AdaptersOff(student))
-        for frozen in teacher.encoders():
-            frozen.to(device, teacher_dtype)
+        teacher.to(device, teacher_dtype, unet=False)
     else:
         student = build_student(teacher.unet, config.model.time_cond_proj_dim)  # float32 master weights
         target = build_target(student).to(device)
