@@ -260,12 +260,12 @@ def timed(function, iterations: int) -> float:
     return statistics.median(samples)
 
 
-def planned(run: str, assets: dict, resolution: int) -> float:
+def planned(run: str, assets: dict, resolution: int) -> int:
     from rglcd.config import load_config
     from rglcd.plan import make_plan
 
     config = load_config(RUNS[run][0], overrides(run, assets, Path("/tmp/unused"), resolution, 3))
-    return make_plan(config, device="cpu").total
+    return int(make_plan(config, device="cpu").total)
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -328,7 +328,13 @@ def benchmark(run: str, assets: dict, work: Path, resolution: int, iterations: i
     if parts.returncode != 0:
         raise SystemExit(f"timing the parts of {run} failed:\n{parts.stderr[-3000:]}")
     result["parts"] = json.loads(parts.stdout.strip().splitlines()[-1])
-    result["planned_bytes"] = planned(run, assets, resolution)
+    planned = subprocess.run(
+        [sys.executable, __file__, "--plan-only", run, "--work", str(work), "--resolution", str(resolution)],
+        capture_output=True, text=True, env=CHILD_ENVIRONMENT,
+    )  # fmt: skip
+    if planned.returncode != 0:
+        raise SystemExit(f"rglcd plan of {run} failed:\n{planned.stderr[-3000:]}")
+    result["planned_bytes"] = int(planned.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -355,7 +361,8 @@ def report(results: list[dict], baseline: int) -> str:
     for r in results:
         parts = r["parts"]
         whole = parts["whole step (the trainer's iteration)"]
-        lines += ["", f"{r['run']} ({r['reward']}): the step's parts, each timed alone (median of the iterations)", ""]
+        title = f"{r['run']} ({r['reward']}): the step's parts, each timed alone (median of the iterations)"
+        lines += ["", title, ""]
         lines += [f"  {name:<48} {seconds:>7.2f} s  {seconds / whole:>5.0%}" for name, seconds in parts.items()]
     return "\n".join(lines)
 
@@ -367,9 +374,11 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed repetitions of each part")
     parser.add_argument("--work", default="/tmp/rglcd-full-size", help="teachers, weights, data and runs")
     parser.add_argument("--keep", action="store_true", help="keep --work (about 30 GB) for another run")
-    parser.add_argument("--time-parts", metavar="RUN", help=argparse.SUPPRESS)  # the benchmark's own sub-process
+    parser.add_argument("--time-parts", metavar="RUN", help=argparse.SUPPRESS)  # the benchmark's own sub-processes
+    parser.add_argument("--plan-only", metavar="RUN", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    runs = [args.time_parts] if args.time_parts else [n.strip() for n in args.runs.split(",") if n.strip()]
+    single = args.time_parts or args.plan_only
+    runs = [single] if single else [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
@@ -378,6 +387,9 @@ def main() -> None:
     assets = make_assets(work, {RUNS[name][1] for name in runs}, args.resolution)
     if args.time_parts:  # a fresh process per run, so the parts are timed with only that run's models in memory
         print(json.dumps(time_parts(args.time_parts, assets, args.resolution, args.iterations)))
+        return
+    if args.plan_only:
+        print(planned(args.plan_only, assets, args.resolution))
         return
     baseline = process_baseline()
     results = []
