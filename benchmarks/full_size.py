@@ -107,6 +107,7 @@ def overrides(run: str, assets: dict, out: Path, resolution: int, steps: int) ->
         "optim.batch_size=1", "optim.gradient_accumulation_steps=1", "optim.lr_warmup_steps=0",
         f"optim.max_train_steps={steps}", "precision.mixed_precision=bf16", "precision.teacher_dtype=bf16",
         "logging.validation_steps=0", "logging.tracker=none", "logging.checkpointing_steps=2",
+        "logging.checkpoints_total_limit=1",  # a whole SD 1.5 student's checkpoint is 13 GB
         f"logging.output_dir={out}", *extra,
     ]  # fmt: skip
 
@@ -335,6 +336,8 @@ def benchmark(run: str, assets: dict, work: Path, resolution: int, iterations: i
     if planned.returncode != 0:
         raise SystemExit(f"rglcd plan of {run} failed:\n{planned.stderr[-3000:]}")
     result["planned_bytes"] = int(planned.stdout.strip().splitlines()[-1])
+    for bulky in ("checkpoints", "student", "target_unet", "lora", "target_lora"):  # tens of GB at full size
+        shutil.rmtree(out / bulky, ignore_errors=True)
     return result
 
 
@@ -352,7 +355,8 @@ def report(results: list[dict], baseline: int) -> str:
         predicted = r["planned_bytes"] + baseline
         error = (predicted - r["peak_bytes"]) / r["peak_bytes"]
         lines.append(
-            f"| {r['run']} | {r['reward']} | {r['step_seconds']['median_after_first']:.1f} | {r['step_seconds']['first']:.1f} | "
+            f"| {r['run']} | {r['reward']} | {r['step_seconds']['median_after_first']:.1f} | "
+            f"{r['step_seconds']['first']:.1f} | "
             f"{r['peak_bytes'] / GIB:.2f} | {predicted / GIB:.2f} | {error:+.0%} | "
             f"{r['process_peak_bytes'] / GIB:.2f} | "
             f"{parts['whole step (the trainer' + chr(39) + 's iteration)'] / passes:.2f} | ok | "
@@ -373,7 +377,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=2, help="timed repetitions of each part")
     parser.add_argument("--work", default="/tmp/rglcd-full-size", help="teachers, weights, data and runs")
-    parser.add_argument("--keep", action="store_true", help="keep --work (about 30 GB) for another run")
+    parser.add_argument("--keep", action="store_true", help="keep --work (teachers and weights: 27 GB) for another run")
     parser.add_argument("--time-parts", metavar="RUN", help=argparse.SUPPRESS)  # the benchmark's own sub-processes
     parser.add_argument("--plan-only", metavar="RUN", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -11,9 +11,12 @@ from rglcd import architectures
 from rglcd.architectures import PUBLISHED, build_teacher, parameter_count
 from rglcd.config import load_config
 from rglcd.lora import LCM_LORA_TARGETS
-from rglcd.plan import _build_on_meta, make_plan, trace_step
+from rglcd.models import text_conditioning
+from rglcd.plan import _build_on_meta, make_plan, memory_parts, trace_step
 from rglcd.rewards import build_reward
 from rglcd.rewards.latent import LATENT_RN50, LatentClip
+from rglcd.step import StepNoise, rglcd_step
+from rglcd.train import build_distillation, prepare_batch
 
 # Millions of parameters. Sources: the SD 1.5 / 2.1 counts are the "DiffusionWrapper has … M params" lines the
 # original LDM code logs and the per-module counts of the diffusers checkpoints; SDXL's UNet 2,567,463,684; the
@@ -71,41 +74,56 @@ def test_the_official_latent_proxy_has_its_size():
     assert tuple(proxy.clip.visual.attnpool.positional_embedding.shape) == (5, 2048)
 
 
-@pytest.fixture(scope="module", params=PRESETS)
-def traced(request):
-    """Each preset's run built on the meta device and one step traced, at the preset's resolution and reward."""
-    config = load_config(request.param, ["optim.batch_size=2"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_steps_at_its_resolution_on_the_meta_device(preset):
+    """The preset's run built on the meta device (as `rglcd plan` builds it) and one RG-LCD step with its reward,
+    forward and backward, at its own resolution: shapes, the guidance input, v-prediction, SDXL's conditions, LoRA."""
+    config = load_config(preset, ["optim.batch_size=2"])
     run = _build_on_meta(config)
-    facts = {
-        "prediction_type": run.teacher.schedule.prediction_type,
-        "guidance_input": getattr(run.networks.student.time_embedding, "cond_proj", None),
-        "lora_modules": [name for name, _ in run.networks.student.named_modules() if name.endswith(".lora_A")],
-    }
-    return request.param, config, facts, trace_step(run, config)
-
-
-def test_every_preset_steps_at_its_resolution_on_the_meta_device(traced):
-    preset, config, facts, trace = traced
-    side, mixed = config.data.resolution // 8, config.precision.mixed_precision
-    assert trace.outputs["model_pred"] == ((2, 4, side, side), torch.float32)
-    assert trace.outputs["target"] == ((2, 4, side, side), torch.float32)
-    # HPSv2.1 at its ViT-H-14 size, through the decoder, in the autocast dtype (fp16 presets) or bf16 (SDXL's)
-    assert trace.outputs["reward"] == ((2,), {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed])
-    assert facts["prediction_type"] == ("v_prediction" if preset == "sd21-768" else "epsilon")
+    student, teacher = run.networks.student, run.teacher
+    resolution, side = config.data.resolution, config.data.resolution // 8
+    with torch.device("meta"):
+        batch = {"pixel_values": torch.zeros(2, 3, resolution, resolution), "captions": ["a cat", "a red car"]}
+        latents, cond, added = prepare_batch(batch, teacher, torch.Generator(), resolution)
+        uncond, uncond_added = text_conditioning(teacher, ["", ""], resolution)
+        distillation = build_distillation(config, teacher, student)
+        noise = StepNoise.draw(latents, distillation, torch.Generator())
+        output = rglcd_step(
+            student=student, target=run.networks.target, teacher_unet=run.networks.teacher_unet, vae=teacher.vae,
+            distillation=distillation, latents=latents, cond_embeds=cond.float(), uncond_embeds=uncond.float(),
+            added_cond=added, uncond_added_cond=uncond_added, noise=noise,
+            prompts=batch["captions"], reward_fn=run.expert, reward_beta=1.0,
+        )  # fmt: skip
+        output.loss.backward()
+    assert output.model_pred.shape == output.target.shape == (2, 4, side, side)
+    assert output.reward.shape == (2,)  # HPSv2.1 at its ViT-H-14 size, through the decoder
+    trained = [param for param in student.parameters() if param.requires_grad]
+    assert trained and all(param.grad is not None and param.grad.shape == param.shape for param in trained)
+    assert teacher.schedule.prediction_type == ("v_prediction" if preset == "sd21-768" else "epsilon")
     if preset == "sdxl-1024":  # the pooled text embedding and the six size numbers
-        assert trace.outputs["added_cond.text_embeds"][0] == (2, 1280)
-        assert trace.outputs["added_cond.time_ids"][0] == (2, 6)
+        assert added["text_embeds"].shape == (2, 1280) and added["time_ids"].shape == (2, 6)
     if config.lora.rank:  # every LCM-LoRA target is found in the real UNet, and there is no guidance input
-        assert facts["guidance_input"] is None
+        assert student.config.time_cond_proj_dim is None
+        adapted = [name for name, _ in student.named_modules() if name.endswith(".lora_A")]
         for target in LCM_LORA_TARGETS:
-            assert any(f".{target}.lora_A" in f".{name}" for name in facts["lora_modules"]), target
-    else:  # the student's guidance embedding w -> 256 -> the time embedding
-        assert facts["guidance_input"].in_features == 256
-    assert trace.flops > 1e12 and trace.peak > 0
+            assert any(f".{target}.lora_A" in f".{name}" for name in adapted), target
+    else:  # the student's guidance embedding w -> 256 -> the time embedding's input
+        assert student.time_embedding.cond_proj.in_features == 256
+        assert not any(param.requires_grad for param in run.networks.target.parameters())  # the frozen EMA target
+
+
+def test_a_traced_step_records_its_phases_and_outputs():
+    """The fake-tensor trace `rglcd plan` measures with, at SDXL's size (its largest): autocast dtypes included."""
+    config = load_config("sdxl-1024", ["optim.batch_size=1"])
+    trace = trace_step(_build_on_meta(config), config)
+    assert trace.outputs["model_pred"] == ((1, 4, 128, 128), torch.float32)
+    assert trace.outputs["reward"] == ((1,), torch.bfloat16)  # the reward under SDXL's bf16 autocast
+    assert trace.outputs["added_cond.time_ids"][0] == (1, 6)
     assert list(trace.phases)[:3] == [
         "encode the batch (VAE encoder, text encoders)", "forward: student, teacher, target, decoder and reward",
         "backward",
     ]  # fmt: skip
+    assert trace.flops > 1e12 and trace.peak > max(trace.phases.values()) * 0.99
 
 
 def test_gradient_checkpointing_lowers_the_traced_activations_and_costs_flops():
@@ -132,6 +150,7 @@ def test_a_plan_counts_every_part_of_a_full_student():
     assert parts["DDP gradient buckets"] == parts["gradients"]
     assert parts["reward: hpsv2.1"] == 4 * 986_109_441
     assert plan.total == sum(parts.values())
-    sharded = make_plan(config, processes=4, sharded=True)
-    assert {part.name: part.bytes for part in sharded.parts}["optimizer states"] == parts["optimizer states"] // 4
-    assert "DDP gradient buckets" not in {part.name for part in sharded.parts}
+    sharded = {part.name: part.bytes for part in memory_parts(_build_on_meta(config), config, 4, sharded=True)}
+    assert sharded["optimizer states"] == parts["optimizer states"] // 4
+    assert sharded["student UNet"] == parts["student UNet"] // 4 and sharded["EMA target UNet"] == 4 * unet
+    assert "DDP gradient buckets" not in sharded

@@ -37,6 +37,7 @@ from .train import (
     build_optimizer,
     build_proxy,
     prepare_batch,
+    set_trainable,
 )
 
 GIB = 2**30
@@ -217,53 +218,70 @@ class Trace:
     outputs: dict[str, tuple]  # (shape, dtype) of what the step made: latents, model_pred, target, reward, ...
 
 
+@dataclass
+class _FakeStep:
+    """What the traced step uses, made in the FakeTensorMode before the trace (it exists before a step runs)."""
+
+    distillation: object
+    trained: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    proxy_params: list[nn.Parameter] | None
+    proxy_optimizer: torch.optim.Optimizer | None
+    uncond: torch.Tensor
+    uncond_added: dict | None
+    autocast: dict
+
+
+def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
+    """The run's tensors made fake, its optimizers with their states, the empty prompt's conditioning."""
+    _to_fake(run.modules())
+    trained = [param for param in run.networks.student.parameters() if param.requires_grad]
+    # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
+    # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
+    optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
+    proxy_params = proxy_optimizer = None
+    if run.proxy is not None:
+        _, proxy_params, proxy_optimizer = build_proxy(config, run.proxy)
+    for opt in filter(None, (optimizer, proxy_optimizer)):
+        for group in opt.param_groups:  # torch's default on a GPU: one foreach kernel over all tensors
+            group["foreach"] = device == "cuda"
+        _allocate_state(opt)  # the states exist from the first step on: part of the weights, not the trace
+    if config.optim.gradient_accumulation_steps > 1:  # gradients live across micro-batches, like the weights
+        for param in trained:
+            param.grad = torch.zeros_like(param)
+    precision = config.precision.mixed_precision
+    autocast = dict(device_type="cpu", dtype=DTYPES.get(precision, torch.bfloat16), enabled=precision != "no")
+    uncond, uncond_added = _unconditional(run, config)
+    distillation = build_distillation(config, run.teacher, run.networks.student)
+    return _FakeStep(distillation, trained, optimizer, proxy_params, proxy_optimizer, uncond, uncond_added, autocast)
+
+
 def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
     """One step of ``rglcd train`` on fake tensors at the config's batch size and resolution: what it allocates
     (at its peak and per phase) and its FLOPs. ``run`` is consumed (its tensors become fake)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    optim, resolution = config.optim, config.data.resolution
+    teacher, networks, proxy = run.teacher, run.networks, run.proxy
     with FakeTensorMode(allow_non_fake_inputs=True):
-        _to_fake(run.modules())
-        student, teacher = run.networks.student, run.teacher
-        distillation = build_distillation(config, teacher, student)
-        trained = [param for param in student.parameters() if param.requires_grad]
-        # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
-        # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
-        optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
-        proxy_params = proxy_optimizer = None
-        if run.proxy is not None:
-            _, proxy_params, proxy_optimizer = build_proxy(config, run.proxy)
-        for opt in filter(None, (optimizer, proxy_optimizer)):
-            for group in opt.param_groups:  # torch's default on a GPU: one foreach kernel over all tensors
-                group["foreach"] = device == "cuda"
-            _allocate_state(opt)  # the states exist from the first step on: part of the weights, not the trace
-        uncond, uncond_added = _unconditional(run, config)
+        fake = _prepare(run, config, device)
         generator = torch.Generator().manual_seed(0)
-        accumulating = optim.gradient_accumulation_steps > 1
-        if accumulating:  # gradients live across micro-batches: allocated before the trace, like the weights
-            for param in trained:
-                param.grad = torch.zeros_like(param)
-        autocast = dict(device_type="cpu", dtype=DTYPES.get(config.precision.mixed_precision, torch.bfloat16))
-        autocast["enabled"] = config.precision.mixed_precision != "no"
         live = StepTracer()
         with live:
             batch = _fake_batch(run, config)
-            latents, cond, added = prepare_batch(batch, teacher, generator, resolution)
-            noise = StepNoise.draw(latents, distillation, generator)
+            latents, cond, added = prepare_batch(batch, teacher, generator, config.data.resolution)
+            noise = StepNoise.draw(latents, fake.distillation, generator)
             live.mark("encode the batch (VAE encoder, text encoders)" if not run.cached else "read the cached batch")
             reward_fn, beta = run.expert, 1.0 if run.expert is not None else 0.0
-            if run.proxy is not None:
-                for param in proxy_params:
-                    param.requires_grad_(False)
-                reward_fn, beta = run.proxy, config.reward.latent.beta
-            with torch.autocast(**autocast):
+            if proxy is not None:  # the student's reward, frozen for its backward pass
+                reward_fn, beta = proxy, config.reward.latent.beta
+                set_trainable(fake.proxy_params, False)
+            with torch.autocast(**fake.autocast):
                 output = rglcd_step(
-                    student=student, target=run.networks.target, teacher_unet=run.networks.teacher_unet,
-                    vae=teacher.vae, distillation=distillation, latents=latents, cond_embeds=cond.float(),
-                    uncond_embeds=uncond, added_cond=_float(added), uncond_added_cond=uncond_added, noise=noise,
-                    prompts=batch["captions"], reward_fn=reward_fn, reward_beta=beta,
-                    reward_on_latents=run.proxy is not None, decode_batch_size=config.reward.decode_batch_size,
+                    student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
+                    vae=teacher.vae, distillation=fake.distillation, latents=latents, cond_embeds=cond.float(),
+                    uncond_embeds=fake.uncond, added_cond=_float(added), uncond_added_cond=fake.uncond_added,
+                    noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=beta,
+                    reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
             live.mark("forward: student, teacher, target" + (", decoder and reward" if beta else ""))
             made = {
@@ -274,34 +292,35 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
             }
             made.update({f"added_cond.{key}": value for key, value in (added or {}).items()})
             outputs = {name: (tuple(t.shape), t.dtype) for name, t in made.items() if t is not None}
-            del made
             output.loss.backward()
             live.mark("backward")
-            torch.nn.utils.clip_grad_norm_(trained, optim.max_grad_norm, foreach=device == "cuda")
-            optimizer.step()
+            torch.nn.utils.clip_grad_norm_(fake.trained, config.optim.max_grad_norm, foreach=device == "cuda")
+            fake.optimizer.step()
             live.mark("clip gradients, optimizer step")
-            if run.proxy is not None:
-                for param in proxy_params:
-                    param.requires_grad_(True)
-                indices = torch.arange(config.reward.latent.batch_size)
-                with torch.autocast(**autocast):
-                    fit = proxy_fit(
-                        run.proxy, run.expert, teacher.vae, model_pred=output.model_pred, target=output.target,
-                        latents=latents, prompts=batch["captions"], indices=indices, kind=config.reward.latent.loss,
-                        decode_batch_size=config.reward.decode_batch_size,
-                    )  # fmt: skip
-                fit.loss.backward()
-                proxy_optimizer.step()
+            if proxy is not None:
+                _trace_proxy_fit(run, config, fake, output, latents, batch["captions"])
                 live.mark("latent proxy fit (expert on 3 latents, proxy step)")
-                del fit
-            del output, batch, latents, cond, added, noise
-            if not accumulating:
-                optimizer.zero_grad(set_to_none=True)
+            del made, output, batch, latents, cond, added, noise
+            if config.optim.gradient_accumulation_steps == 1:
+                fake.optimizer.zero_grad(set_to_none=True)
             live.mark("(the step's tensors released)")
             _ema_step(run, config)
             live.mark("EMA update")
     # FLOPs of one micro-batch; an optimizer step runs gradient_accumulation_steps of them.
-    return Trace(live.peak, live.phases, live.flops * optim.gradient_accumulation_steps, outputs)
+    return Trace(live.peak, live.phases, live.flops * config.optim.gradient_accumulation_steps, outputs)
+
+
+def _trace_proxy_fit(run: _Run, config: TrainConfig, fake: _FakeStep, output, latents, captions) -> None:
+    """Alg. 4's fit of the latent proxy after the student's update, as ``rglcd.train`` runs it."""
+    set_trainable(fake.proxy_params, True)
+    with torch.autocast(**fake.autocast):
+        fit = proxy_fit(
+            run.proxy, run.expert, run.teacher.vae, model_pred=output.model_pred, target=output.target,
+            latents=latents, prompts=captions, indices=torch.arange(config.reward.latent.batch_size),
+            kind=config.reward.latent.loss, decode_batch_size=config.reward.decode_batch_size,
+        )  # fmt: skip
+    fit.loss.backward()
+    fake.proxy_optimizer.step()
 
 
 def _allocate_state(optimizer: torch.optim.Optimizer) -> None:

@@ -216,7 +216,7 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
             latents, cond_embeds, added = prepare_batch(batch, teacher, generator, config.data.resolution)
             noise = StepNoise.draw(latents, distillation, generator)
             if proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
-                _set_trainable(proxy_params, False)
+                set_trainable(proxy_params, False)
                 proxy.eval()
             with accelerator.autocast():
                 output = rglcd_step(
@@ -580,7 +580,7 @@ def _to_float(added: dict | None) -> dict | None:
     return None if added is None else {key: value.float() for key, value in added.items()}
 
 
-def _set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
+def set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
     for param in params:
         param.requires_grad_(trainable)
 
@@ -590,7 +590,7 @@ def _fit_proxy(
 ) -> dict[str, float]:
     """Alg. 4, after the student update: one step of the latent proxy RM towards the expert's preferences."""
     latent = config.reward.latent
-    _set_trainable(proxy_params, True)
+    set_trainable(proxy_params, True)
     proxy.train()
     indices = torch.randperm(len(latents), generator=generator)[: latent.batch_size].to(latents.device)
     with accelerator.autocast():
