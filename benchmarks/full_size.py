@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -144,6 +143,7 @@ def process_baseline() -> int:
 def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict:
     """The step's unavoidable passes, each timed alone, beside the trainer's iteration, with the run's models."""
     import torch
+    from step_breakdown import timed  # median milliseconds after a warm-up (this script's folder is on the path)
 
     from rglcd.config import load_config
     from rglcd.data import TrainStream
@@ -244,21 +244,10 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
         "VAE decode + reward, forward+backward": decode_and_reward_forward_backward,
         "optimizer, clipping, EMA": optimizer_and_ema,
     }
-    seconds = {name: timed(function, iterations) for name, function in passes.items()}
-    seconds["encode the batch (VAE encoder, text encoders)"] = timed(encode_batch, iterations)
-    seconds["whole step (the trainer's iteration)"] = timed(whole_step, iterations)
+    seconds = {name: timed(function, iterations) / 1000 for name, function in passes.items()}
+    seconds["encode the batch (VAE encoder, text encoders)"] = timed(encode_batch, iterations) / 1000
+    seconds["whole step (the trainer's iteration)"] = timed(whole_step, iterations) / 1000
     return seconds
-
-
-def timed(function, iterations: int) -> float:
-    """Median seconds of ``function()`` over ``iterations`` runs, after one warm-up run."""
-    function()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def planned(run: str, assets: dict, resolution: int) -> int:
