@@ -147,11 +147,10 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
 
     from rglcd.config import load_config
     from rglcd.data import TrainStream
-    from rglcd.lora import adapter_pairs
     from rglcd.models import decode_latents, load_teacher, text_conditioning, update_ema
     from rglcd.schedules import guidance_scale_embedding
     from rglcd.step import StepNoise, consistency_function, rglcd_step, teacher_ddim_cfg_step
-    from rglcd.train import build_distillation, build_expert, build_networks, build_optimizer, prepare_batch
+    from rglcd.train import build_distillation, build_expert, build_networks, build_optimizer, ema_pairs, prepare_batch
 
     config = load_config(RUNS[run][0], overrides(run, assets, Path("/tmp/unused"), resolution, 1))
     cpu = torch.device("cpu")
@@ -162,10 +161,7 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
     distillation = build_distillation(config, teacher, student)
     trained = [param for param in student.parameters() if param.requires_grad]
     optimizer = build_optimizer(config, trained)
-    if config.lora.rank:
-        ema_target, ema_online = adapter_pairs(student)
-    else:
-        ema_target, ema_online = list(networks.target.parameters()), list(student.parameters())
+    ema_target, ema_online = ema_pairs(student, networks.target)
     stream = TrainStream(str(assets["data"]), resolution=resolution, batch_size=1, shuffle_buffer=0)
     batch = next(iter(stream))
     generator = torch.Generator().manual_seed(0)

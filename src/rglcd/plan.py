@@ -7,7 +7,7 @@ the config's autocast, backward, gradient clipping, the optimizer step, the EMA 
 fake tensors (torch's FakeTensorMode: shapes, dtypes and kernels' output sizes, no data) at the config's batch size
 and resolution, while a dispatch mode follows every storage from its allocation to its release. The peak of what
 the step allocates on top of the weights and optimizer states is the activations-and-temporaries line; torch's
-FLOP counter reads the same step. What the trace cannot see (the CUDA context, allocator fragmentation) is a stated
+FLOP formulas count the same ops. What the trace cannot see (the CUDA context, allocator fragmentation) is a stated
 allowance, not a measurement.
 """
 
@@ -36,6 +36,8 @@ from .train import (
     build_networks,
     build_optimizer,
     build_proxy,
+    ema_pairs,
+    float_conditions,
     prepare_batch,
     set_trainable,
 )
@@ -241,7 +243,7 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
     proxy_params = proxy_optimizer = None
     if run.proxy is not None:
-        _, proxy_params, proxy_optimizer = build_proxy(config, run.proxy)
+        proxy_params, proxy_optimizer = build_proxy(config, run.proxy)
     for opt in filter(None, (optimizer, proxy_optimizer)):
         for group in opt.param_groups:  # torch's default on a GPU: one foreach kernel over all tensors
             group["foreach"] = device == "cuda"
@@ -279,7 +281,7 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
                 output = rglcd_step(
                     student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
                     vae=teacher.vae, distillation=fake.distillation, latents=latents, cond_embeds=cond.float(),
-                    uncond_embeds=fake.uncond, added_cond=_float(added), uncond_added_cond=fake.uncond_added,
+                    uncond_embeds=fake.uncond, added_cond=float_conditions(added), uncond_added_cond=fake.uncond_added,
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=beta,
                     reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
@@ -332,10 +334,6 @@ def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _float(added: dict | None) -> dict | None:
-    return None if added is None else {key: value.float() for key, value in added.items()}
-
-
 def _unconditional(run: _Run, config: TrainConfig):
     """The empty prompt's conditioning, made once before the loop (as the trainer does)."""
     from .models import text_conditioning
@@ -343,12 +341,15 @@ def _unconditional(run: _Run, config: TrainConfig):
     batch_size, resolution = config.optim.batch_size, config.data.resolution
     with torch.no_grad():
         if run.cached:
-            hidden = run.teacher.text_encoder.config.hidden_size
-            if run.teacher.is_sdxl:
-                hidden += run.teacher.text_encoder_2.config.hidden_size
-            return torch.zeros(batch_size, run.teacher.tokenizer.model_max_length, hidden), None
+            return torch.zeros(batch_size, run.teacher.tokenizer.model_max_length, _text_width(run.teacher)), None
         embeds, added = text_conditioning(run.teacher, [""] * batch_size, resolution)
-    return embeds.float(), _float(added)
+    return embeds.float(), float_conditions(added)
+
+
+def _text_width(teacher) -> int:
+    """The width of a cached caption embedding: the text encoder's, or SDXL's two concatenated."""
+    width = teacher.text_encoder.config.hidden_size
+    return width + (teacher.text_encoder_2.config.hidden_size if teacher.is_sdxl else 0)
 
 
 def _fake_batch(run: _Run, config: TrainConfig) -> dict:
@@ -359,12 +360,9 @@ def _fake_batch(run: _Run, config: TrainConfig) -> dict:
         return {"pixel_values": torch.rand(batch_size, 3, resolution, resolution) * 2 - 1, "captions": captions}
     vae, teacher = run.teacher.vae, run.teacher
     side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    hidden = teacher.text_encoder.config.hidden_size + (
-        teacher.text_encoder_2.config.hidden_size if teacher.is_sdxl else 0
-    )
     batch = {
         "latent_parameters": torch.zeros(batch_size, 2 * vae.config.latent_channels, side, side),
-        "prompt_embeds": torch.zeros(batch_size, teacher.tokenizer.model_max_length, hidden),
+        "prompt_embeds": torch.zeros(batch_size, teacher.tokenizer.model_max_length, _text_width(teacher)),
         "captions": captions,
     }
     if teacher.is_sdxl:
@@ -373,14 +371,9 @@ def _fake_batch(run: _Run, config: TrainConfig) -> dict:
 
 
 def _ema_step(run: _Run, config: TrainConfig) -> None:
-    from .lora import adapter_pairs
     from .models import update_ema
 
-    if config.lora.rank:
-        targets, online = adapter_pairs(run.networks.student)
-    else:
-        targets, online = list(run.networks.target.parameters()), list(run.networks.student.parameters())
-    update_ema(targets, online, config.distill.ema_decay)
+    update_ema(*ema_pairs(run.networks.student, run.networks.target), config.distill.ema_decay)
 
 
 # ------------------------------------------------------------------------------------------------- the plan

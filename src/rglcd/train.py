@@ -133,16 +133,15 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     # The EMA pairs, taken after prepare: FSDP replaces the student's parameters with sharded ones. The target and
     # the teacher have no gradients or optimizer state and stay whole on every rank, as under DDP.
+    ema_target, ema_online = ema_pairs(student, target)
     if lora.rank:
-        ema_target, ema_online = adapter_pairs(student)
         checkpoint_adapters_only(accelerator)
     else:
-        ema_target, ema_online = list(target.parameters()), list(student.parameters())
         accelerator.register_for_checkpointing(target)  # (a LoRA target is an adapter, saved with the student)
     proxy = proxy_optimizer = None
     if config.reward.mode == "latent":
-        pretrained = LatentClip.from_pretrained(config.reward.latent.model)
-        proxy, proxy_params, proxy_optimizer = build_proxy(config, pretrained)
+        proxy = LatentClip.from_pretrained(config.reward.latent.model)
+        proxy_params, proxy_optimizer = build_proxy(config, proxy)
         # Not wrapped for DDP (the fit calls its methods, not its forward); its gradients are averaged over the
         # processes by hand in _fit_proxy, and it is saved and resumed with the run.
         proxy.to(accelerator.device)
@@ -202,7 +201,7 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
                 uncond_added = sdxl_added_cond(uncond_pooled, config.data.resolution)
         else:
             uncond_embeds, uncond_added = text_conditioning(teacher, [""] * optim.batch_size, config.data.resolution)
-        uncond_embeds, uncond_added = uncond_embeds.float(), _to_float(uncond_added)  # once, for every step
+        uncond_embeds, uncond_added = uncond_embeds.float(), float_conditions(uncond_added)  # once, for every step
     batches = iter(stream)
     progress = tqdm(
         total=optim.max_train_steps, initial=global_step, desc="RG-LCD", disable=not accelerator.is_local_main_process
@@ -222,7 +221,7 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
                 output = rglcd_step(
                     student=student, target=target, teacher_unet=teacher_unet, vae=vae, distillation=distillation,
                     latents=latents, cond_embeds=cond_embeds.float(),
-                    uncond_embeds=uncond_embeds, added_cond=_to_float(added), uncond_added_cond=uncond_added,
+                    uncond_embeds=uncond_embeds, added_cond=float_conditions(added), uncond_added_cond=uncond_added,
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
                     reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
                 )  # fmt: skip
@@ -389,6 +388,14 @@ def build_networks(config: TrainConfig, teacher, device: torch.device) -> Networ
     return networks
 
 
+def ema_pairs(student: torch.nn.Module, target) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(θ⁻, θ) for :func:`rglcd.models.update_ema`: the target's and the student's parameters, or for a LoRA run
+    (the target is the EMA adapter's view of the student's UNet) the EMA and the trained adapters."""
+    if isinstance(target, AdapterView):
+        return adapter_pairs(student)
+    return list(target.parameters()), list(student.parameters())
+
+
 def build_distillation(config: TrainConfig, teacher, student: torch.nn.Module) -> Distillation:
     return Distillation(
         teacher.schedule,
@@ -419,15 +426,15 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
     )
 
 
-def build_proxy(config: TrainConfig, proxy: LatentClip) -> tuple[LatentClip, list, torch.optim.Optimizer]:
-    """Alg. 4's latent proxy RM with its unlocked groups and its own AdamW: (proxy, trained params, optimizer)."""
+def build_proxy(config: TrainConfig, proxy: LatentClip) -> tuple[list, torch.optim.Optimizer]:
+    """Unlock Alg. 4's latent proxy RM's trained groups and give them their own AdamW: (trained params, optimizer)."""
     latent, optim = config.reward.latent, config.optim
     proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
     params = [param for param in proxy.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon
     )
-    return proxy, params, optimizer
+    return params, optimizer
 
 
 @torch.no_grad()
@@ -575,7 +582,7 @@ def _step_time_summary(seconds: list[float]) -> dict:
     }
 
 
-def _to_float(added: dict | None) -> dict | None:
+def float_conditions(added: dict | None) -> dict | None:
     """SDXL's added conditions in float32, or None."""
     return None if added is None else {key: value.float() for key, value in added.items()}
 
