@@ -12,9 +12,8 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .models import REQUIRED_COMPONENTS, Teacher, TeacherLoadError, read_pipeline_index
+from .models import Teacher, has_component, load_raw_config, read_sd_layout_index
 from .schedules import NoiseSchedule
 
 # OpenAI CLIP's vocabulary: 256 byte symbols, the same with "</w>", 48,894 merges, then the two special tokens.
@@ -199,31 +198,23 @@ def architecture_of(source: str, revision: str | None = None) -> PipelineArchite
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoConfig
 
-    index = read_pipeline_index(source, revision)
-    missing = [name for name in REQUIRED_COMPONENTS if not index.get(name) or index[name] == [None, None]]
-    if missing:
-        raise TeacherLoadError(f"{source} is not a Stable-Diffusion-layout pipeline: it lacks {', '.join(missing)}")
+    index = read_sd_layout_index(source, revision)
 
     def text_config(subfolder: str) -> dict:
         return AutoConfig.from_pretrained(source, subfolder=subfolder, revision=revision).to_dict()
 
-    has_second = bool(index.get("text_encoder_2")) and index["text_encoder_2"] != [None, None]
-    scheduler = _raw_config(DDPMScheduler, source, "scheduler", revision)
+    has_second = has_component(index, "text_encoder_2")
+    scheduler = load_raw_config(DDPMScheduler, source, "scheduler", revision)
     return PipelineArchitecture(
         name=source,
-        unet=_raw_config(UNet2DConditionModel, source, "unet", revision),
-        vae=_raw_config(AutoencoderKL, source, "vae", revision),
+        unet=load_raw_config(UNet2DConditionModel, source, "unet", revision),
+        vae=load_raw_config(AutoencoderKL, source, "vae", revision),
         text_encoder=text_config("text_encoder"),
         scheduler={"_class_name": index["scheduler"][1], **scheduler},
         text_encoder_2=text_config("text_encoder_2") if has_second else None,
         source=source,
         revision=revision,
     )
-
-
-def _raw_config(loader: Any, source: str, subfolder: str, revision: str | None) -> dict:
-    config = loader.load_config(source, subfolder=subfolder, revision=revision)
-    return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def _text_encoder(config: dict, with_projection: bool):

@@ -94,17 +94,11 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
 
     All parts are returned frozen (``requires_grad_(False)``, eval mode) in float32 on the CPU.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     source = str(source)
-    index = read_pipeline_index(source, revision)
-    missing = [name for name in REQUIRED_COMPONENTS if not index.get(name) or index[name] == [None, None]]
-    if missing:
-        raise TeacherLoadError(
-            f"{source} is not a Stable-Diffusion-layout pipeline: model_index.json lacks {', '.join(missing)}. "
-            f"rglcd needs {', '.join(REQUIRED_COMPONENTS)}."
-        )
+    index = read_sd_layout_index(source, revision)
 
     def load(component: str, loader):
         try:
@@ -118,9 +112,9 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
     vae = load("vae", lambda s, **kw: AutoencoderKL.from_pretrained(s, **kw, variant=variant))
     text_encoder = load("text_encoder", lambda s, **kw: CLIPTextModel.from_pretrained(s, **kw, variant=variant))
     tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
-    scheduler_config = load("scheduler", _load_scheduler_config)
+    scheduler_config = load("scheduler", lambda s, **kw: load_raw_config(DDPMScheduler, s, **kw))
     text_encoder_2 = tokenizer_2 = None
-    if index.get("text_encoder_2") and index["text_encoder_2"] != [None, None]:  # SDXL
+    if has_component(index, "text_encoder_2"):  # SDXL
         text_encoder_2 = load(
             "text_encoder_2", lambda s, **kw: CLIPTextModelWithProjection.from_pretrained(s, **kw, variant=variant)
         )
@@ -141,11 +135,26 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
     )
 
 
-def _load_scheduler_config(source: str, subfolder: str, revision: str | None) -> dict:
-    from diffusers import DDPMScheduler
+def has_component(index: dict, name: str) -> bool:
+    return bool(index.get(name)) and index[name] != [None, None]
 
-    # The raw JSON (no DDPM defaults filled in): the exported LCMScheduler starts from the checkpoint's own.
-    config = DDPMScheduler.load_config(source, subfolder=subfolder, revision=revision)
+
+def read_sd_layout_index(source: str, revision: str | None) -> dict:
+    """The pipeline's model_index.json, checked to hold every component rglcd needs."""
+    index = read_pipeline_index(source, revision)
+    missing = [name for name in REQUIRED_COMPONENTS if not has_component(index, name)]
+    if missing:
+        raise TeacherLoadError(
+            f"{source} is not a Stable-Diffusion-layout pipeline: model_index.json lacks {', '.join(missing)}. "
+            f"rglcd needs {', '.join(REQUIRED_COMPONENTS)}."
+        )
+    return index
+
+
+def load_raw_config(loader, source: str, subfolder: str, revision: str | None) -> dict:
+    """A component's config.json as written, without the defaults a class would fill in or the "_" keys (for a
+    scheduler: the exported LCMScheduler starts from the checkpoint's own)."""
+    config = loader.load_config(source, subfolder=subfolder, revision=revision)
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
