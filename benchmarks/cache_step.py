@@ -16,11 +16,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from step_breakdown import timed  # this folder's
 
-from rglcd.data import CachedStream, TrainStream, sample_posterior, write_cache
+from rglcd.data import CachedStream, TrainStream, write_cache
 from rglcd.demo import tiny_setup
-from rglcd.models import build_student, build_target, encode_prompts, load_teacher, update_ema
+from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input, update_ema
 from rglcd.rewards import build_reward
 from rglcd.step import Distillation, StepNoise, rglcd_step
 
@@ -53,19 +54,20 @@ def main() -> None:
     def from_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         batch = next(image_batches)
         parameters = vae.encode(batch["pixel_values"]).latent_dist.parameters  # [B, 2C, h, w]
-        latents = sample_posterior(parameters, generator) * vae.config.scaling_factor  # [B, C, h, w]
+        latents = DiagonalGaussianDistribution(parameters).sample(generator) * vae.config.scaling_factor  # [B, C, h, w]
         return latents, encode_prompts(tokenizer, text_encoder, batch["captions"]), batch["captions"]
 
     @torch.no_grad()
     def from_cache() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         batch = next(cached_batches)
-        latents = sample_posterior(batch["latent_parameters"], generator) * vae.config.scaling_factor
+        latents = DiagonalGaussianDistribution(batch["latent_parameters"]).sample(generator) * vae.config.scaling_factor
         return latents, batch["prompt_embeds"], batch["captions"]
 
     def whole_step(prepare, reward) -> None:
         latents, cond, captions = prepare()
         output = rglcd_step(
-            student=student, target=target, teacher_unet=teacher.unet, vae=vae, distillation=distillation,
+            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+            reward_input=reward_input(vae),
             latents=latents, cond_embeds=cond, uncond_embeds=uncond,
             noise=StepNoise.draw(latents, distillation, generator), prompts=captions, reward_fn=reward,
             reward_beta=1.0 if reward is not None else 0.0,

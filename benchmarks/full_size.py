@@ -147,10 +147,17 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
 
     from rglcd.config import load_config
     from rglcd.data import TrainStream
-    from rglcd.models import decode_latents, load_teacher, text_conditioning, update_ema
+    from rglcd.models import decode_latents, load_teacher, reward_input, text_conditioning, update_ema
     from rglcd.schedules import guidance_scale_embedding
     from rglcd.step import StepNoise, consistency_function, rglcd_step, teacher_ddim_cfg_step
-    from rglcd.train import build_distillation, build_expert, build_networks, build_optimizer, ema_pairs, prepare_batch
+    from rglcd.train.build import (
+        build_distillation,
+        build_expert,
+        build_networks,
+        build_optimizer,
+        ema_pairs,
+        prepare_batch,
+    )
 
     config = load_config(RUNS[run][0], overrides(run, assets, Path("/tmp/unused"), resolution, 1))
     cpu = torch.device("cpu")
@@ -221,7 +228,8 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
         noise = StepNoise.draw(latents, distillation, generator)
         with autocast:
             output = rglcd_step(
-                student=student, target=networks.target, teacher_unet=networks.teacher_unet, vae=teacher.vae,
+                student=student, target=networks.target, teacher_unet=networks.teacher_unet,
+                reward_input=reward_input(teacher.vae),
                 distillation=distillation, latents=latents, cond_embeds=cond.float(), uncond_embeds=uncond,
                 added_cond=None if added is None else {k: v.float() for k, v in added.items()},
                 uncond_added_cond=uncond_added, noise=noise, prompts=batch["captions"], reward_fn=expert,

@@ -18,7 +18,15 @@ import torch
 
 from rglcd.data import TrainStream
 from rglcd.demo import tiny_setup
-from rglcd.models import build_student, build_target, decode_latents, encode_prompts, load_teacher, update_ema
+from rglcd.models import (
+    build_student,
+    build_target,
+    decode_latents,
+    encode_prompts,
+    load_teacher,
+    reward_input,
+    update_ema,
+)
 from rglcd.rewards import build_reward
 from rglcd.schedules import guidance_scale_embedding
 from rglcd.step import Distillation, StepNoise, consistency_function, rglcd_step, teacher_ddim_cfg_step
@@ -90,7 +98,8 @@ def main() -> None:
             z = posterior.sample(generator) * teacher.vae.config.scaling_factor
             c = encode_prompts(teacher.tokenizer, teacher.text_encoder, batch["captions"])
         output = rglcd_step(
-            student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+            reward_input=reward_input(teacher.vae),
             latents=z, cond_embeds=c, uncond_embeds=uncond, noise=StepNoise.draw(z, distillation, generator),
             prompts=batch["captions"], reward_fn=reward, reward_beta=1.0,
         )  # fmt: skip

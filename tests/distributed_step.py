@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from rglcd.losses import ConsistencyDistance
-from rglcd.models import build_student, build_target, encode_prompts, load_teacher, update_ema
+from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input, update_ema
 from rglcd.rewards import build_reward
 from rglcd.step import Distillation, StepNoise, rglcd_step
 
@@ -49,7 +49,8 @@ def main(teacher_dir: str, out: str) -> None:
         noise = StepNoise.draw(latents, distillation, generator)
         mine = StepNoise(noise.noise[rows], noise.indices[rows], noise.guidance[rows])
         output = rglcd_step(
-            student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+            reward_input=reward_input(teacher.vae),
             latents=latents[rows], cond_embeds=cond[rows], uncond_embeds=uncond[rows], noise=mine,
             prompts=PROMPTS[rows], reward_fn=reward, reward_beta=0.5,
         )  # fmt: skip

@@ -11,12 +11,12 @@ from rglcd import architectures
 from rglcd.architectures import PUBLISHED, build_teacher, parameter_count
 from rglcd.config import load_config
 from rglcd.lora import LCM_LORA_TARGETS
-from rglcd.models import text_conditioning
+from rglcd.models import reward_input, text_conditioning
 from rglcd.plan import _build_on_meta, make_plan, memory_parts, trace_step
 from rglcd.rewards import build_reward
 from rglcd.rewards.latent import LATENT_RN50, LatentClip
 from rglcd.step import StepNoise, rglcd_step
-from rglcd.train import build_distillation, prepare_batch
+from rglcd.train.build import build_distillation, prepare_batch
 
 # Millions of parameters. Sources: the SD 1.5 / 2.1 counts are the "DiffusionWrapper has … M params" lines the
 # original LDM code logs and the per-module counts of the diffusers checkpoints; SDXL's UNet 2,567,463,684; the
@@ -89,7 +89,8 @@ def test_every_preset_steps_at_its_resolution_on_the_meta_device(preset):
         distillation = build_distillation(config, teacher, student)
         noise = StepNoise.draw(latents, distillation, torch.Generator())
         output = rglcd_step(
-            student=student, target=run.networks.target, teacher_unet=run.networks.teacher_unet, vae=teacher.vae,
+            student=student, target=run.networks.target, teacher_unet=run.networks.teacher_unet,
+            reward_input=reward_input(teacher.vae),
             distillation=distillation, latents=latents, cond_embeds=cond.float(), uncond_embeds=uncond.float(),
             added_cond=added, uncond_added_cond=uncond_added, noise=noise,
             prompts=batch["captions"], reward_fn=run.expert, reward_beta=1.0,

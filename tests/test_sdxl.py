@@ -9,7 +9,7 @@ import torch
 from rglcd.config import load_config
 from rglcd.demo import tiny_setup
 from rglcd.losses import ConsistencyDistance
-from rglcd.models import build_student, build_target, load_teacher, sdxl_time_ids, text_conditioning
+from rglcd.models import build_student, build_target, load_teacher, reward_input, sdxl_time_ids, text_conditioning
 from rglcd.rewards import build_reward
 from rglcd.sampling import lcm_sample
 from rglcd.step import Distillation, StepNoise, rglcd_step
@@ -48,7 +48,8 @@ def test_sdxl_step_uses_the_added_conditions_and_trains_the_student(sdxl_dir):
     distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"))
     noise = StepNoise.draw(latents, distillation, generator)
     common = dict(
-        student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+        student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+        reward_input=reward_input(teacher.vae),
         latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
         reward_fn=build_reward("colorfulness"), reward_beta=0.5, uncond_added_cond=uncond_added,
     )  # fmt: skip

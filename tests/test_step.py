@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rglcd.losses import ConsistencyDistance
-from rglcd.models import build_student, build_target, encode_prompts, load_teacher
+from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input
 from rglcd.rewards import build_reward
 from rglcd.step import Distillation, StepNoise, rglcd_step
 
@@ -46,7 +46,8 @@ def setup(request, teacher_dirs):
 def run_both(setup, reward=None, beta=0.0):
     teacher, student, target, distillation, latents, cond, uncond, noise = setup
     ours = rglcd_step(
-        student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+        student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+        reward_input=reward_input(teacher.vae),
         latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
         reward_fn=reward, reward_beta=beta,
     )  # fmt: skip
@@ -115,9 +116,9 @@ def test_a_latent_reward_reads_the_unscaled_prediction_without_decoding(setup):
         return latents.mean(dim=(1, 2, 3))
 
     output = rglcd_step(
-        student=student, target=target, teacher_unet=teacher.unet, vae=teacher.vae, distillation=distillation,
+        student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
         latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
-        reward_fn=latent_reward, reward_beta=0.5, reward_on_latents=True,
+        reward_fn=latent_reward, reward_beta=0.5, reward_input=reward_input(teacher.vae, on_latents=True),
     )  # fmt: skip
     (latents_seen,) = seen
     assert latents_seen.shape == latents.shape  # latents, not decoded images

@@ -120,11 +120,14 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypa
         train(config, resume="latest")
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2"]  # the half-written one is never listed
     assert resolve_resume(out, "latest").name == "checkpoint-2"
-    assert (out / "checkpoints" / "checkpoint-4.tmp").exists()
+    stale = out / "checkpoints" / "checkpoint-4.partial"
+    assert not stale.exists()  # an interrupted save clears its partial folder
+    stale.mkdir()  # what a kill leaves behind instead
+    (stale / "half-written.bin").write_bytes(b"")
     monkeypatch.undo()
-    train(config, resume="latest")  # resumes from checkpoint-2 and replaces the stale .tmp
+    train(config, resume="latest")  # resumes from checkpoint-2 and replaces the stale partial folder
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
-    assert not (out / "checkpoints" / "checkpoint-4.tmp").exists()
+    assert not stale.exists() and not (out / "checkpoints" / "checkpoint-4" / "half-written.bin").exists()
 
 
 @register_reward("test-nan")

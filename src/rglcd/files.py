@@ -16,7 +16,7 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
     clears.
     """
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_folder(out)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         yield partial
@@ -25,3 +25,10 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         raise
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
+
+
+def partial_folder(out: str | Path) -> Path:
+    """Where :func:`atomic_folder` writes ``out`` until it is complete (processes that write into it alongside the
+    one holding the context need the path)."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")

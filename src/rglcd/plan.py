@@ -25,12 +25,14 @@ from torch import nn
 from .architectures import architecture_of, build_teacher
 from .config import TrainConfig
 from .gpus import GPU
+from .models import reward_input, text_conditioning, update_ema
 from .rewards.base import reward_factory
 from .rewards.latent import KIND, LatentClip, LatentClipConfig, proxy_fit
 from .rewards.weights import read_model_config
 from .step import StepNoise, rglcd_step
-from .train import (
+from .train.build import (
     DTYPES,
+    Proxy,
     build_distillation,
     build_expert,
     build_networks,
@@ -227,8 +229,7 @@ class _FakeStep:
     distillation: object
     trained: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
-    proxy_params: list[nn.Parameter] | None
-    proxy_optimizer: torch.optim.Optimizer | None
+    proxy: Proxy | None  # the proxy's trained parameters and optimizer
     uncond: torch.Tensor
     uncond_added: dict | None
     autocast: dict
@@ -241,10 +242,8 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
     # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
     optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
-    proxy_params = proxy_optimizer = None
-    if run.proxy is not None:
-        proxy_params, proxy_optimizer = build_proxy(config, run.proxy)
-    for opt in filter(None, (optimizer, proxy_optimizer)):
+    proxy = build_proxy(config, run.proxy) if run.proxy is not None else None
+    for opt in filter(None, (optimizer, proxy and proxy.optimizer)):
         for group in opt.param_groups:  # torch's default on a GPU: one foreach kernel over all tensors
             group["foreach"] = device == "cuda"
         _allocate_state(opt)  # the states exist from the first step on: part of the weights, not the trace
@@ -255,7 +254,7 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     autocast = dict(device_type="cpu", dtype=DTYPES.get(precision, torch.bfloat16), enabled=precision != "no")
     uncond, uncond_added = _unconditional(run, config)
     distillation = build_distillation(config, run.teacher, run.networks.student)
-    return _FakeStep(distillation, trained, optimizer, proxy_params, proxy_optimizer, uncond, uncond_added, autocast)
+    return _FakeStep(distillation, trained, optimizer, proxy, uncond, uncond_added, autocast)
 
 
 def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
@@ -276,14 +275,14 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
             reward_fn, beta = run.expert, 1.0 if run.expert is not None else 0.0
             if proxy is not None:  # the student's reward, frozen for its backward pass
                 reward_fn, beta = proxy, config.reward.latent.beta
-                set_trainable(fake.proxy_params, False)
+                set_trainable(fake.proxy.params, False)
             with torch.autocast(**fake.autocast):
                 output = rglcd_step(
                     student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
-                    vae=teacher.vae, distillation=fake.distillation, latents=latents, cond_embeds=cond.float(),
+                    distillation=fake.distillation, latents=latents, cond_embeds=cond.float(),
                     uncond_embeds=fake.uncond, added_cond=float_conditions(added), uncond_added_cond=fake.uncond_added,
                     noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=beta,
-                    reward_on_latents=proxy is not None, decode_batch_size=config.reward.decode_batch_size,
+                    reward_input=reward_input(teacher.vae, proxy is not None, config.reward.decode_batch_size),
                 )  # fmt: skip
             live.mark("forward: student, teacher, target" + (", decoder and reward" if beta else ""))
             made = {
@@ -314,7 +313,7 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
 
 def _trace_proxy_fit(run: _Run, config: TrainConfig, fake: _FakeStep, output, latents, captions) -> None:
     """Alg. 4's fit of the latent proxy after the student's update, as ``rglcd.train`` runs it."""
-    set_trainable(fake.proxy_params, True)
+    set_trainable(fake.proxy.params, True)
     with torch.autocast(**fake.autocast):
         fit = proxy_fit(
             run.proxy, run.expert, run.teacher.vae, model_pred=output.model_pred, target=output.target,
@@ -322,7 +321,7 @@ def _trace_proxy_fit(run: _Run, config: TrainConfig, fake: _FakeStep, output, la
             kind=config.reward.latent.loss, decode_batch_size=config.reward.decode_batch_size,
         )  # fmt: skip
     fit.loss.backward()
-    fake.proxy_optimizer.step()
+    fake.proxy.optimizer.step()
 
 
 def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
@@ -336,7 +335,6 @@ def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
 
 def _unconditional(run: _Run, config: TrainConfig):
     """The empty prompt's conditioning, made once before the loop (as the trainer does)."""
-    from .models import text_conditioning
 
     batch_size, resolution = config.optim.batch_size, config.data.resolution
     with torch.no_grad():
@@ -371,7 +369,6 @@ def _fake_batch(run: _Run, config: TrainConfig) -> dict:
 
 
 def _ema_step(run: _Run, config: TrainConfig) -> None:
-    from .models import update_ema
 
     update_ema(*ema_pairs(run.networks.student, run.networks.target), config.distill.ema_decay)
 

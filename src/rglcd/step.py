@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from .losses import ConsistencyDistance
-from .models import decode_latents
 from .schedules import (
     NoiseSchedule,
     boundary_scalings,
@@ -26,6 +25,8 @@ from .schedules import (
 
 # images [B,3,H,W] in [0,1] (or, for a latent proxy RM, VAE latents [B,C,h,w]), prompts -> [B]
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
+# the one-step prediction ẑ_0 (scaled latents [B,C,h,w]) -> what the reward reads (rglcd.models.vae.reward_input)
+RewardInput = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,6 @@ def rglcd_step(
     student: nn.Module,
     target: nn.Module,
     teacher_unet: nn.Module,
-    vae: nn.Module,
     distillation: Distillation,
     latents: Tensor,
     cond_embeds: Tensor,
@@ -159,21 +159,20 @@ def rglcd_step(
     prompts: Sequence[str] = (),
     reward_fn: RewardFn | None = None,
     reward_beta: float = 0.0,
-    reward_on_latents: bool = False,
-    decode_batch_size: int = 0,
+    reward_input: RewardInput | None = None,
     added_cond: dict[str, Tensor] | None = None,
     uncond_added_cond: dict[str, Tensor] | None = None,
 ) -> StepOutput:
     """The RG-LCD loss for one batch of clean latents z [B,C,h,w] (already × VAE scaling factor).
 
     ``cond_embeds`` / ``uncond_embeds`` are the text embeddings [B,L,D] of the captions and of the empty
-    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss. The reward scores the decoded
-    one-step prediction (Alg. 3; ``decode_batch_size`` > 0 decodes in micro-batches) or, with
-    ``reward_on_latents``, the latent ``model_pred / scaling_factor`` itself (Alg. 4's latent proxy RM).
+    prompt. With ``reward_beta`` = 0 (or no reward) this is exactly the LCD loss. The reward scores
+    ``reward_input(model_pred)``: the decoded one-step image (Alg. 3) or, for Alg. 4's latent proxy RM, the
+    unscaled latent itself.
     ``added_cond`` / ``uncond_added_cond``: SDXL's added conditions of the captions and of the empty prompt.
     """
-    if reward_beta != 0 and reward_fn is None:
-        raise ValueError("reward_beta is non-zero but no reward_fn was given")
+    if reward_beta != 0 and (reward_fn is None or reward_input is None):
+        raise ValueError("reward_beta is non-zero but no reward_fn and reward_input were given")
     schedule = distillation.schedule
     grid = distillation.grid.to(latents.device)
     start = grid[noise.indices]  # t_{n+k}
@@ -199,10 +198,7 @@ def rglcd_step(
     reward = None
     loss = distill_loss
     if reward_fn is not None and reward_beta != 0:
-        if reward_on_latents:
-            reward = reward_fn(model_pred / vae.config.scaling_factor, list(prompts))
-        else:
-            # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
-            reward = reward_fn(decode_latents(vae, model_pred, decode_batch_size), list(prompts))
+        # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
+        reward = reward_fn(reward_input(model_pred), list(prompts))
         loss = distill_loss - reward_beta * reward.mean()
     return StepOutput(loss, distill_loss.detach(), reward, model_pred, target_pred)

@@ -19,7 +19,8 @@ and writes DIR atomically (``DIR.partial`` is renamed when complete)::
 Reading, e.g. in the trainer (the fingerprint is of the teacher as :func:`rglcd.models.load_teacher` returns it,
 before any cast to half precision)::
 
-    from rglcd.data.cache import CachedStream, check_cache, is_cache, sample_posterior, teacher_fingerprint
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from rglcd.data.cache import CachedStream, check_cache, is_cache, teacher_fingerprint
 
     if is_cache(source):
         check_cache(source, teacher_fingerprint(teacher), resolution, center_crop=..., random_flip=...)
@@ -28,7 +29,7 @@ before any cast to half precision)::
         uncond_embeds = stream.uncond_embeds.expand(B, -1, -1)  # [B, L, D]
     ...
     batch = next(batches)  # {"latent_parameters": [B, 2C, h, w], "prompt_embeds": [B, L, D], "captions": [B]}
-    latents = sample_posterior(batch["latent_parameters"], generator) * vae.config.scaling_factor
+    latents = DiagonalGaussianDistribution(batch["latent_parameters"]).sample(generator) * vae.config.scaling_factor
     cond_embeds = batch["prompt_embeds"]
     added = sdxl_added_cond(batch["pooled_prompt_embeds"], resolution)  # SDXL only: [B, P] and the size ids
 
@@ -397,17 +398,3 @@ def _load_uncond(folder: Path, shapes: dict[str, list[int]]) -> dict[str, Tensor
                 f"{shapes[name]} of {INFO_FILE}; make the cache again with `rglcd cache`"
             )
     return uncond
-
-
-def sample_posterior(latent_parameters: Tensor, generator: torch.Generator) -> Tensor:
-    """A sample of the VAE posterior from its parameters: [B, 2C, h, w] -> [B, C, h, w], not yet scaled.
-
-    As diffusers' ``DiagonalGaussianDistribution(parameters).sample(generator)``: mean + std·ε with the logvar
-    clamped to [-30, 20]. ε is drawn in float32 on the generator's device and then moved to the parameters'
-    device and dtype, so a CPU generator gives the same latents whatever device the parameters are on.
-    Multiply by ``vae.config.scaling_factor`` for the diffusion latents.
-    """
-    mean, logvar = latent_parameters.chunk(2, dim=1)  # [B, C, h, w] each
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32).to(mean)
-    return mean + std * noise

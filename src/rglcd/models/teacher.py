@@ -1,10 +1,8 @@
-"""Teacher loading (any Stable-Diffusion-layout diffusers checkpoint), the student and its EMA target."""
+"""The teacher: loading any Stable-Diffusion-layout diffusers checkpoint, and its prompt (and SDXL) conditioning."""
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .schedules import NoiseSchedule
+from ..schedules import NoiseSchedule
+from .vae import vae_scale_factor
 
 # The components an SD-layout pipeline folder must have (model_index.json keys).
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -63,11 +62,6 @@ class Teacher:
         finally:
             diffusers_logging.set_verbosity(verbosity)
         return self
-
-
-def vae_scale_factor(vae_config) -> int:
-    """Pixels per latent along a side: 2^(number of VAE blocks − 1) (8 for SD and SDXL)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def read_pipeline_index(source: str, revision: str | None) -> dict:
@@ -158,47 +152,6 @@ def load_raw_config(loader, source: str, subfolder: str, revision: str | None) -
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
-def build_student(teacher_unet: nn.Module, time_cond_proj_dim: int = 256) -> nn.Module:
-    """The online student f_θ: the teacher's UNet plus a guidance-scale embedding input (``timestep_cond``).
-
-    A teacher that already has ``time_cond_proj_dim`` is copied as is. Otherwise the new projection
-    ``time_embedding.cond_proj`` starts at zero, so at step 0 the student is exactly the teacher's
-    conditional network and w enters only through learning.
-    """
-    from diffusers import UNet2DConditionModel
-
-    if teacher_unet.config.get("time_cond_proj_dim") is not None:
-        student = copy.deepcopy(teacher_unet)
-    else:
-        # An override as a keyword: from_config drops the keys a loaded config.json lacked (SD 1.5's has no
-        # time_cond_proj_dim), also when they are set in the dict it is given.
-        student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
-        result = student.load_state_dict(teacher_unet.state_dict(), strict=False)
-        new_keys = set(result.missing_keys)
-        if result.unexpected_keys or new_keys != {"time_embedding.cond_proj.weight"}:
-            raise RuntimeError(
-                f"teacher weights do not fit the student: missing {sorted(new_keys)}, "
-                f"unexpected {sorted(result.unexpected_keys)}"
-            )
-        nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    student.requires_grad_(True).train()
-    return student
-
-
-def build_target(student: nn.Module) -> nn.Module:
-    """The target f_θ⁻: a frozen copy of the student, moved by :func:`update_ema` only."""
-    target = copy.deepcopy(student)
-    target.requires_grad_(False).eval()
-    return target
-
-
-@torch.no_grad()
-def update_ema(target_params: Iterable[Tensor], online_params: Iterable[Tensor], decay: float) -> None:
-    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM/RG-LCD use μ = 0.95)."""
-    for target, online in zip(target_params, online_params, strict=True):
-        target.mul_(decay).add_(online.detach(), alpha=1 - decay)
-
-
 def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
     """CLIP text embeddings as Stable Diffusion pipelines make them: [B] -> [B, L, D] (padded to max length)."""
     return text_encoder(_token_ids(tokenizer, text_encoder, prompts))[0]
@@ -247,13 +200,3 @@ def text_conditioning(parts: Any, prompts: list[str], resolution: int) -> tuple[
 def sdxl_added_cond(pooled: Tensor, resolution: int) -> dict[str, Tensor]:
     """SDXL's ``added_cond_kwargs`` from the pooled text embeddings [B, P]: those and the size conditioning."""
     return {"text_embeds": pooled, "time_ids": sdxl_time_ids(len(pooled), resolution, resolution).to(pooled)}
-
-
-def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 0) -> Tensor:
-    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (differentiable).
-
-    ``batch_size`` > 0 decodes in micro-batches of that size, bounding the decoder's peak memory.
-    """
-    chunks = latents.split(batch_size) if batch_size > 0 else (latents,)
-    images = torch.cat([vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample for chunk in chunks])
-    return (images.float() / 2 + 0.5).clamp(0, 1)

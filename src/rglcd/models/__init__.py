@@ -1,0 +1,41 @@
+"""The models of a run: the teacher and its conditioning, the student and its EMA target, VAE helpers."""
+
+from .student import build_student, build_target, update_ema
+from .teacher import (
+    REQUIRED_COMPONENTS,
+    Teacher,
+    TeacherLoadError,
+    encode_prompts,
+    encode_sdxl_prompts,
+    has_component,
+    load_raw_config,
+    load_teacher,
+    read_pipeline_index,
+    read_sd_layout_index,
+    sdxl_added_cond,
+    sdxl_time_ids,
+    text_conditioning,
+)
+from .vae import decode_latents, reward_input, vae_scale_factor
+
+__all__ = [
+    "REQUIRED_COMPONENTS",
+    "Teacher",
+    "TeacherLoadError",
+    "build_student",
+    "build_target",
+    "decode_latents",
+    "encode_prompts",
+    "encode_sdxl_prompts",
+    "has_component",
+    "load_raw_config",
+    "load_teacher",
+    "read_pipeline_index",
+    "read_sd_layout_index",
+    "reward_input",
+    "sdxl_added_cond",
+    "sdxl_time_ids",
+    "text_conditioning",
+    "update_ema",
+    "vae_scale_factor",
+]

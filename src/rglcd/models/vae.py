@@ -1,0 +1,31 @@
+"""VAE helpers: the latent scale, and decoding latents to images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent along a side: 2^(number of VAE blocks − 1) (8 for SD and SDXL)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 0) -> Tensor:
+    """Scaled latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (differentiable).
+
+    ``batch_size`` > 0 decodes in micro-batches of that size, bounding the decoder's peak memory.
+    """
+    chunks = latents.split(batch_size) if batch_size > 0 else (latents,)
+    images = torch.cat([vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample for chunk in chunks])
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def reward_input(vae: nn.Module, on_latents: bool = False, decode_batch_size: int = 0) -> Callable[[Tensor], Tensor]:
+    """What a reward reads of the one-step prediction ẑ_0 (scaled latents [B, C, h, w]): the decoded images
+    [B, 3, H, W] in [0, 1] (Alg. 3), or with ``on_latents`` the unscaled latents (Alg. 4's latent proxy RM)."""
+    if on_latents:
+        return lambda latents: latents / vae.config.scaling_factor
+    return lambda latents: decode_latents(vae, latents, decode_batch_size)

@@ -1,0 +1,358 @@
+"""``rglcd train``: the RG-LCD loop (Li et al. 2024, Alg. 3 and 4) on accelerate, read top to bottom.
+
+build (teacher, student and EMA target, reward or latent proxy, data, optimizer) → maybe resume → loop (step →
+backward → optimizer → proxy fit → EMA → log / validate / checkpoint) → export.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data import TrainStream, check_cache, is_cache, teacher_fingerprint
+from ..lora import STUDENT, TARGET, export_fused, save_lora
+from ..models import Teacher, load_teacher, reward_input, update_ema
+from ..rewards.latent import LatentClip, proxy_fit
+from ..sampling import export_pipeline
+from ..step import Distillation, StepNoise, StepOutput, rglcd_step
+from .build import (
+    Networks,
+    Proxy,
+    build_accelerator,
+    build_distillation,
+    build_expert,
+    build_networks,
+    build_optimizers,
+    build_proxy,
+    build_stream,
+    ema_pairs,
+    float_conditions,
+    prepare_batch,
+    set_trainable,
+    unconditional,
+)
+from .checkpoints import checkpoint_adapters_only, load_checkpoint, resolve_resume, save_checkpoint
+from .errors import TrainingError
+from .monitor import (
+    flat_scalars,
+    peak_memory_of_the_steps,
+    rank_checksums,
+    reset_peak_memory,
+    step_time_summary,
+    validate_samples,
+    whole,
+)
+
+logger = logging.getLogger("rglcd.train")
+
+
+def train(config: TrainConfig, resume: str | None = None) -> Path:
+    """Run (or resume) a distillation; returns the exported student: a pipeline folder, or for a LoRA run the
+    LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``)."""
+    exported = distil(config, resume)
+    if not (config.lora.rank and config.lora.fuse_on_export):
+        return exported
+    if PartialState().is_main_process:
+        # Last, once the run's models are released: it loads the teacher pipeline again.
+        gc.collect()
+        export_fused(
+            config.model.teacher, exported, Path(config.logging.output_dir) / "student",
+            config.distill.num_ddim_timesteps, config.distill.timestep_scaling, revision=config.model.revision,
+            variant=config.model.variant,
+        )  # fmt: skip
+    return Path(config.logging.output_dir) / "student"
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's steps read and change."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    sharded: bool  # FSDP2 shards the student's weights, gradients and Adam states
+    teacher: Teacher
+    networks: Networks  # the student here is the one accelerate prepared
+    distillation: Distillation
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    expert: torch.nn.Module | None  # the reward(s) maximised (Alg. 3) or the proxy's expert (Alg. 4)
+    proxy: Proxy | None
+    stream: TrainStream
+    generator: torch.Generator  # the step's randomness: noise, grid indices, w, VAE posterior samples
+    uncond: tuple[torch.Tensor, dict | None]  # the empty prompt's embeddings and SDXL conditions
+    global_step: int = 0
+    nan_streak: int = 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.logging.output_dir)
+
+
+def distil(config: TrainConfig, resume: str | None = None) -> Path:
+    """The run itself: build, maybe resume, train, and export the student (a pipeline folder, or a LoRA run's
+    adapter weights)."""
+    accelerator, sharded = build_accelerator(config)
+    set_seed(config.seed)
+    out = Path(config.logging.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
+    # Built before the teacher, so that missing reward weights are reported before it loads.
+    expert = build_expert(config)
+    teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
+    cached = is_cache(config.data.source)
+    if cached:  # made by this teacher's VAE and text encoder, at this resolution? (before any cast)
+        check_cache(
+            config.data.source, teacher_fingerprint(teacher), config.data.resolution,
+            center_crop=config.data.center_crop, random_flip=config.data.random_flip,
+        )  # fmt: skip
+    networks = build_networks(config, teacher, accelerator.device)
+    distillation = build_distillation(config, teacher, networks.student)
+    expert = expert.to(accelerator.device) if expert is not None else None
+    optimizer, lr_scheduler = build_optimizers(config, networks.student, accelerator.num_processes)
+    networks.student, optimizer, lr_scheduler = accelerator.prepare(networks.student, optimizer, lr_scheduler)
+    proxy = register_for_checkpoints(config, accelerator, networks)
+    stream = build_stream(config, cached, accelerator.process_index, accelerator.num_processes)
+    generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    uncond = unconditional(config, teacher, stream, accelerator.device)
+    run = Run(
+        config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
+        generator, uncond,
+    )  # fmt: skip
+    checkpoint = resolve_resume(out, resume)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, stream, generator, sharded)
+        run.global_step, run.nan_streak = state["global_step"], state["nan_streak"]
+    if accelerator.is_main_process:
+        accelerator.init_trackers("rglcd", config=flat_scalars(config.to_dict()))
+    step_seconds = run_steps(run)
+    return export(run, step_seconds, peak_memory_of_the_steps(accelerator.device))
+
+
+def register_for_checkpoints(config: TrainConfig, accelerator: Accelerator, networks: Networks) -> Proxy | None:
+    """What a checkpoint holds besides the student, optimizer and schedule: the EMA target (a LoRA run's is an
+    adapter, saved with the student's adapters) and Alg. 4's proxy with its optimizer; returns the proxy."""
+    if config.lora.rank:
+        checkpoint_adapters_only(accelerator)
+    else:
+        accelerator.register_for_checkpointing(networks.target)
+    if config.reward.mode != "latent":
+        return None
+    proxy = build_proxy(config, LatentClip.from_pretrained(config.reward.latent.model))
+    # Not wrapped for DDP (the fit calls its methods, not its forward); its gradients are averaged over the
+    # processes by hand in fit_proxy.
+    proxy.model.to(accelerator.device)
+    accelerator.register_for_checkpointing(proxy.model, proxy.optimizer)
+    return proxy
+
+
+def run_steps(run: Run) -> list[float]:
+    """The loop, until ``optim.max_train_steps``; returns each optimizer step's wall-clock seconds."""
+    config, accelerator, optim = run.config, run.accelerator, run.config.optim
+    # The EMA pairs, taken after prepare: FSDP replaces the student's parameters with sharded ones.
+    ema_target, ema_online = ema_pairs(run.networks.student, run.networks.target)
+    batches = iter(run.stream)
+    progress = tqdm(
+        total=optim.max_train_steps, initial=run.global_step, desc="RG-LCD",
+        disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
+    step_started, step_seconds = time.perf_counter(), []
+    reset_peak_memory(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
+    while run.global_step < optim.max_train_steps:
+        with accelerator.accumulate(run.networks.student):
+            batch = next(batches)
+            output, latents = forward(run, batch)
+            finite = all_finite(accelerator, output.loss)
+            if finite:
+                accelerator.backward(output.loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(run.networks.student.parameters(), optim.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                proxy_logs = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else {}
+            run.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        if not finite:  # no update, no EMA step; stop after too many in a row
+            skip_non_finite_step(run)
+            continue
+        run.nan_streak = 0
+        update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
+        run.global_step += 1
+        progress.update(1)
+        step_seconds.append(time.perf_counter() - step_started)
+        logs = {**step_logs(run, output, grad_norm, step_seconds[-1]), **proxy_logs}
+        progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
+        after_step(run, logs)
+        step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
+    progress.close()
+    return step_seconds
+
+
+def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
+    """The RG-LCD loss of one batch (Alg. 3; the reward is the frozen proxy under Alg. 4), and the batch's latents."""
+    config, networks = run.config, run.networks
+    latents, cond_embeds, added = prepare_batch(batch, run.teacher, run.generator, config.data.resolution)
+    noise = StepNoise.draw(latents, run.distillation, run.generator)
+    reward_fn, reward_beta = run.expert, 1.0 if run.expert is not None else 0.0  # Mix carries each term's beta
+    if run.proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
+        reward_fn, reward_beta = run.proxy.model, config.reward.latent.beta
+        set_trainable(run.proxy.params, False)
+        run.proxy.model.eval()
+    uncond_embeds, uncond_added = run.uncond
+    with run.accelerator.autocast():
+        output = rglcd_step(
+            student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
+            distillation=run.distillation, latents=latents, cond_embeds=cond_embeds.float(),
+            uncond_embeds=uncond_embeds, added_cond=float_conditions(added), uncond_added_cond=uncond_added,
+            noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
+            reward_input=reward_input(run.teacher.vae, run.proxy is not None, config.reward.decode_batch_size),
+        )  # fmt: skip
+    return output, latents
+
+
+def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (all skip the update together, so DDP stays in step)."""
+    return bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+
+
+def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """Alg. 4, after the student update: one step of the latent proxy RM towards the expert's preferences."""
+    accelerator, proxy, latent = run.accelerator, run.proxy, run.config.reward.latent
+    set_trainable(proxy.params, True)
+    proxy.model.train()
+    indices = torch.randperm(len(latents), generator=run.generator)[: latent.batch_size].to(latents.device)
+    with accelerator.autocast():
+        fit = proxy_fit(
+            proxy.model, run.expert, run.teacher.vae,
+            model_pred=output.model_pred, target=output.target, latents=latents, prompts=captions, indices=indices,
+            kind=latent.loss, smooth_ground_truth=latent.smooth_ground_truth, expert_scale=latent.expert_scale,
+            expert_scale_from_proxy=latent.expert_scale_from_proxy,
+            decode_batch_size=run.config.reward.decode_batch_size,
+        )  # fmt: skip
+    if all_finite(accelerator, fit.loss):
+        (fit.loss * latent.loss_scale / run.config.optim.gradient_accumulation_steps).backward()
+    else:  # a non-finite preference loss would poison the proxy, and with it every later student step
+        logger.warning("non-finite latent proxy loss; the proxy's update from this batch is skipped")
+    if accelerator.sync_gradients:
+        if accelerator.num_processes > 1:  # as DDP does for the student: every rank takes the mean gradient
+            for param in proxy.params:
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, reduction="mean")
+        proxy.optimizer.step()
+        proxy.optimizer.zero_grad(set_to_none=True)
+    return {
+        "proxy_loss": fit.loss.item(),
+        "proxy_accuracy": fit.accuracy.item(),
+        "expert_logit": fit.expert_logit.item(),
+    }
+
+
+def skip_non_finite_step(run: Run) -> None:
+    """Count a step whose loss was NaN/Inf; after ``logging.max_consecutive_nan_steps`` in a row, checkpoint, stop."""
+    run.nan_streak += 1
+    logger.warning("non-finite loss at step %d (%d in a row); update skipped", run.global_step + 1, run.nan_streak)
+    if run.nan_streak >= run.config.logging.max_consecutive_nan_steps:
+        path = checkpoint(run)
+        raise TrainingError(
+            f"the loss was NaN/Inf for {run.nan_streak} steps in a row (last good state: {path}). Lower "
+            "optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no, then "
+            "resume with --resume latest."
+        )
+
+
+def step_logs(run: Run, output: StepOutput, grad_norm: torch.Tensor | None, seconds: float) -> dict[str, float]:
+    optim = run.config.optim
+    samples_per_step = optim.batch_size * optim.gradient_accumulation_steps * run.accelerator.num_processes
+    logs = {
+        "loss": output.loss.item(),
+        "distill_loss": output.distill_loss.item(),
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "samples_per_second": samples_per_step / max(seconds, 1e-9),
+        "skipped_samples": run.stream.stats.skipped,
+    }
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    if output.reward is not None:
+        logs["reward"] = output.reward.mean().item()
+    return logs
+
+
+def after_step(run: Run, logs: dict[str, float]) -> None:
+    """Log every ``log_every`` steps (and the last), validate every ``validation_steps``, checkpoint every
+    ``checkpointing_steps``."""
+    step, logging_config, accelerator = run.global_step, run.config.logging, run.accelerator
+    if step % logging_config.log_every == 0 or step == run.config.optim.max_train_steps:
+        accelerator.log(logs, step=step)
+    if logging_config.validation_steps and step % logging_config.validation_steps == 0:
+        student = accelerator.unwrap_model(run.networks.student)
+        validate_samples(accelerator, run.config, run.teacher, student, run.distillation, step, run.sharded)
+    if step % logging_config.checkpointing_steps == 0:
+        checkpoint(run)
+
+
+def checkpoint(run: Run) -> Path:
+    state = {"global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded}
+    keep = run.config.logging.checkpoints_total_limit
+    return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep)
+
+
+def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
+    """Write the student (a pipeline folder, or a LoRA run's adapters), the EMA target, the fitted proxy and
+    ``train_summary.json``; returns the student's folder."""
+    accelerator, networks, out = run.accelerator, run.networks, run.out
+    accelerator.wait_for_everyone()
+    final_student = accelerator.unwrap_model(networks.student)
+    trained = {"student": final_student}  # a LoRA student holds its target adapter
+    if not run.config.lora.rank:
+        trained["target"] = networks.target
+    if run.proxy is not None:
+        trained["latent_rm"] = run.proxy.model
+    checksums, ranks_agree = rank_checksums(accelerator, trained)
+    if run.sharded:  # one whole copy on the main process (a collective: every rank takes part)
+        student_weights = accelerator.get_state_dict(networks.student)
+        if accelerator.is_main_process:  # on the CPU, where the gathered weights are: no second UNet on the GPU
+            final_student = copy.deepcopy(networks.target.cpu())
+            final_student.load_state_dict(student_weights)
+    if accelerator.is_main_process:
+        save_models(run, final_student)
+        summary = {
+            "global_step": run.global_step, "processes": accelerator.num_processes, "parameter_checksums": checksums,
+            "ranks_agree": ranks_agree, "skipped_samples": run.stream.stats.skipped,
+            "skip_reasons": run.stream.stats.reasons, "step_seconds": step_time_summary(step_seconds),
+            "peak_memory_bytes": peak_memory,
+        }  # fmt: skip
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()
+    if not ranks_agree:  # raised only now: what the main process holds is exported and can be inspected
+        raise TrainingError(f"the processes' parameters diverged (checksums in {out / 'train_summary.json'})")
+    return out / "lora" if run.config.lora.rank else out / "student"
+
+
+def save_models(run: Run, student: torch.nn.Module) -> None:
+    out, teacher = run.out, run.teacher
+    for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
+        frozen.float()
+    if run.config.lora.rank:
+        save_lora(student, out / "lora", STUDENT, teacher.is_sdxl)
+        save_lora(student, out / "target_lora", TARGET, teacher.is_sdxl)
+    else:
+        distillation = run.distillation
+        export_pipeline(
+            out / "student", student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
+        )
+        run.networks.target.save_pretrained(out / "target_unet")
+    if run.proxy is not None:
+        run.proxy.model.save_pretrained(out / "latent_rm", {"fitted_steps": run.global_step})

@@ -1,0 +1,120 @@
+"""What a run reports: parameter checksums across ranks, the steps' peak memory and time, validation grids, and the
+config as tracker hyper-parameters."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..sampling import lcm_sample, lcm_scheduler, save_grid
+
+logger = logging.getLogger("rglcd.train")
+
+
+def whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter whole: FSDP's shards (a DTensor) gathered from every rank, a collective; else the parameter."""
+    full_tensor = getattr(param, "full_tensor", None)  # DTensor's; torch.distributed.tensor is public from 2.5 on
+    return full_tensor() if full_tensor is not None else param
+
+
+def rank_checksums(accelerator, modules: dict[str, torch.nn.Module]) -> tuple[dict[str, float], bool]:
+    """Each module's parameter checksum (Σ p + Σ p², float64, over whole parameters) on this rank, and whether
+    every rank has the same (DDP keeps the student in step, the EMA target follows it, the proxy's gradients are
+    averaged by hand; FSDP shards are gathered first)."""
+    local = torch.tensor(
+        [
+            sum((p.double().sum() + p.double().square().sum()).item() for p in map(whole, module.parameters()))
+            for module in modules.values()
+        ],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
+    every_rank = accelerator.gather(local[None]).cpu()  # [processes, modules]
+    agree = torch.equal(every_rank, every_rank[:1].expand_as(every_rank))
+    if not agree:
+        logger.error("parameters diverged across processes: per rank %s for %s", every_rank.tolist(), list(modules))
+    return dict(zip(modules, local.tolist(), strict=True)), agree
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak memory anew: the GPU's allocator statistics, or on Linux the process's resident
+    high-water mark (``/proc/self/clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the high-water mark then counts from the start of the process
+        pass
+
+
+def peak_memory_of_the_steps(device: torch.device) -> dict:
+    """The peak since :func:`reset_peak_memory`: bytes allocated on the GPU, or the process's resident high-water
+    mark on the CPU (which also holds Python, torch and the libraries)."""
+    if device.type == "cuda":
+        return {"device": "cuda", "max_allocated": torch.cuda.max_memory_allocated(device)}
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return {"device": "cpu", "resident_high_water_mark": None}
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    return {"device": "cpu", "resident_high_water_mark": kib * 1024}
+
+
+def step_time_summary(seconds: list[float]) -> dict:
+    """Wall-clock seconds per optimizer step of this launch (the first one warms up, so it is kept apart)."""
+    later = sorted(seconds[1:])
+    return {
+        "steps": len(seconds),
+        "first": seconds[0] if seconds else None,
+        "median_after_first": later[len(later) // 2] if later else None,
+        "min_after_first": later[0] if later else None,
+        "max_after_first": later[-1] if later else None,
+    }
+
+
+@torch.no_grad()
+def validate_samples(
+    accelerator, config: TrainConfig, teacher, student, distillation, global_step: int, sharded: bool = False
+) -> None:
+    """Sample the validation prompts at 1, 2 and 4 steps (fixed seed) into one PNG grid, and log it. A sharded
+    student samples on every rank (its forward gathers weights from all of them); the main process writes."""
+    if not config.logging.validation_prompts or not (sharded or accelerator.is_main_process):
+        return
+    student.eval()
+    scheduler = lcm_scheduler(teacher.scheduler_config, distillation.num_ddim_timesteps, distillation.timestep_scaling)
+    rows = []
+    for num_steps in (1, 2, 4):
+        images = lcm_sample(
+            student, teacher.vae, teacher, scheduler, list(config.logging.validation_prompts), num_steps=num_steps,
+            generator=torch.Generator(accelerator.device).manual_seed(config.seed), resolution=config.data.resolution,
+        )  # fmt: skip
+        rows.append(torch.cat(list(images.float().cpu()), dim=2))  # [3, H, P·W]
+    student.train()
+    if not accelerator.is_main_process:
+        return
+    grid = torch.cat(rows, dim=1)  # [3, 3·H, P·W]: rows are 1, 2, 4 steps
+    folder = Path(config.logging.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_grid(grid[None], folder / f"step-{global_step:08d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/1-2-4-steps", grid, global_step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid.permute(1, 2, 0).numpy())}, step=global_step)
+
+
+def flat_scalars(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"optim.learning_rate": 1e-6, ...}; lists and None become strings (tracker hparams)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
