@@ -20,7 +20,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from step_breakdown import timed  # this folder's
 
 from rglcd.data import CachedStream, TrainStream, write_cache
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input, update_ema
 from rglcd.rewards import build_reward
 from rglcd.step import Distillation, StepNoise, rglcd_step

@@ -62,7 +62,7 @@ def make_assets(work: Path, architectures: set[str], resolution: int) -> dict:
 
     from rglcd import architectures as published
     from rglcd.data import write_shards
-    from rglcd.demo import colour_samples
+    from rglcd.experiments.demo import colour_samples
     from rglcd.rewards.clip import HPSv2
     from rglcd.rewards.imagereward import ImageReward
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rglcd.data import TrainStream
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 from rglcd.models import (
     build_student,
     build_target,

@@ -22,7 +22,7 @@ from rglcd.data import (
     write_cache,
     write_shards,
 )
-from rglcd.demo import colour_samples
+from rglcd.experiments.demo import colour_samples
 from rglcd.models import encode_prompts, load_teacher
 from rglcd.tiny import save_tiny_pipeline
 

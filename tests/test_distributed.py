@@ -16,7 +16,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from rglcd.config import ConfigError, load_config
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 from rglcd.train import check_engine
 
 HERE = Path(__file__).parent

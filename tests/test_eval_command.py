@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from rglcd.export import export_pipeline
 from rglcd.models import build_student, load_teacher
-from rglcd.sampling import export_pipeline
 
 
 @pytest.fixture(scope="module")

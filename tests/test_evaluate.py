@@ -24,9 +24,9 @@ from rglcd.evaluate import (
     read_images,
     relative_to_teacher,
 )
+from rglcd.export import export_pipeline
 from rglcd.models import build_student, load_teacher
 from rglcd.report import comparison_grid, group_tables, markdown_table, write_report
-from rglcd.sampling import export_pipeline
 
 CAPTIONS = ["a red picture", "a blue picture", "a green picture"]
 

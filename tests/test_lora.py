@@ -5,10 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from rglcd.config import ConfigError, load_config
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
+from rglcd.export import load_lcm
 from rglcd.lora import STUDENT, AdaptersOff, AdapterView, adapter_pairs, add_lora
 from rglcd.models import load_teacher, update_ema
-from rglcd.sampling import lcm_sample, lcm_scheduler, load_lcm
+from rglcd.sampling import lcm_sample, lcm_scheduler
 from rglcd.train import TrainingError, train
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 from rglcd.plan import StepTracer, parse_memory
 
 

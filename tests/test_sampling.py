@@ -2,8 +2,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler
 
+from rglcd.export import export_pipeline, load_lcm
 from rglcd.models import TeacherLoadError, build_student, load_teacher
-from rglcd.sampling import export_pipeline, lcm_sample, load_lcm
+from rglcd.sampling import lcm_sample
 
 PROMPTS = ["a red circle", "two blue squares"]
 

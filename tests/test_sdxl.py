@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rglcd.config import load_config
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 from rglcd.losses import ConsistencyDistance
 from rglcd.models import build_student, build_target, load_teacher, reward_input, sdxl_time_ids, text_conditioning
 from rglcd.rewards import build_reward

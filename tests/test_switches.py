@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 
 COMBINATIONS = [
     (mixed, teacher_dtype, checkpointing, attention)

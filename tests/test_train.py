@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rglcd.config import load_config
 from rglcd.data import DataError
-from rglcd.demo import colour_samples, tiny_setup
+from rglcd.experiments.demo import colour_samples, tiny_setup
 from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 from rglcd.train import TrainingError, checkpoints, resolve_resume, train

@@ -19,7 +19,8 @@ def _device(name: str):
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .sampling import lcm_sample, load_lcm, to_pil
+    from .export import load_lcm
+    from .sampling import lcm_sample, to_pil
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -99,7 +100,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     student_dir = run_demo(args.out, steps=args.steps, prediction_type=args.prediction_type, seed=args.seed)
     print(f"student pipeline: {student_dir}  samples: {student_dir.parent}/samples-*-steps.png")
@@ -144,7 +145,7 @@ def cmd_world_judge(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from .world.quickstart import QuickstartSettings, run_quickstart
+    from .experiments.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings(out=Path(args.out), train_steps=args.train_steps, prompts=args.prompts)
     results = run_quickstart(settings)
@@ -170,7 +171,7 @@ def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_world_overoptimisation(args: argparse.Namespace) -> None:
-    from .world.overoptimisation import OveroptimisationSettings, run_overoptimisation
+    from .experiments.overoptimisation import OveroptimisationSettings, run_overoptimisation
 
     settings = OveroptimisationSettings(
         out=Path(args.out), train_steps=args.train_steps, direct_beta=args.direct_beta,
@@ -214,18 +215,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import presets
-    from .gpus import GPUS
-    from .prompts import SPEC_HELP
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """CONFIG and its overrides, as ``rglcd train`` and ``rglcd plan`` read them."""
+    from .config import presets  # (no model libraries: --help stays quick)
 
+    parser.add_argument("config", help=f"a preset ({', '.join(presets())}) or a YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.learning_rate=1e-5")
+
+
+def _add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--device", default="auto", help=f"auto, cpu, cuda, cuda:1, ...{note}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rglcd",
         description="Reward Guided Latent Consistency Distillation: distil a latent diffusion teacher into a "
         "1-4 step consistency model aligned to a reward.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_sample_command(commands)
+    _add_train_command(commands)
+    _add_plan_command(commands)
+    _add_cache_command(commands)
+    _add_eval_command(commands)
+    _add_quickstart_command(commands)
+    _add_world_command(commands)
+    _add_lrm_command(commands)
+    _add_demo_command(commands)
+    return parser
 
+
+def _add_sample_command(commands) -> None:
     sample = commands.add_parser(
         "sample", help="few-step samples from an exported RG-LCM/LCM pipeline",
         description="Write PNGs sampled with multistep latent consistency sampling (LCMScheduler). "
@@ -242,21 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _add_device_argument(sample)
     sample.add_argument("--out", required=True, help="output folder")
     sample.set_defaults(run=cmd_sample)
 
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train", help="distil a teacher into an RG-LCM (accelerate: `accelerate launch -m rglcd train ...`)",
         description="Run RG-LCD from a preset or a YAML config, with section.field=value overrides. The config "
         "is validated before any model loads and written to OUTPUT_DIR/config.yaml.",
         epilog="example: rglcd train tiny optim.max_train_steps=20 logging.output_dir=runs/try",
     )  # fmt: skip
-    train.add_argument("config", help=f"a preset ({', '.join(presets())}) or a YAML file")
-    train.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.learning_rate=1e-5")
+    _add_config_arguments(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
     train.set_defaults(run=cmd_train)
+
+
+def _add_plan_command(commands) -> None:
+    from .gpus import GPUS  # (a table: no torch)
 
     plan = commands.add_parser(
         "plan", help="will a training config fit on a GPU, and how long will it take? (no weights needed)",
@@ -270,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  rglcd plan sd15-512 optim.batch_size=4 --gpu RTX-4090",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    plan.add_argument("config", help=f"a preset ({', '.join(presets())}) or a YAML file")
-    plan.add_argument("overrides", nargs="*", help="section.field=value, as for rglcd train")
+    _add_config_arguments(plan)
     plan.add_argument(
         "--gpu", default="A100-80GB", choices=sorted(GPUS), help="memory and peak TFLOPS (default: A100-80GB)"
     )
@@ -286,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cuda (default): a GPU run; cpu: as benchmarks/full_size.py runs it")  # fmt: skip
     plan.set_defaults(run=cmd_plan)
 
+
+def _add_cache_command(commands) -> None:
     cache = commands.add_parser(
         "cache", help="encode a dataset once (VAE latents, text embeddings) so training skips both encoders",
         description="Read DATA once in order (centre crop, no flip), encode every usable sample with the teacher's "
@@ -303,8 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--dtype", default="float32", choices=("float32", "float16"), help="on disk (float16 halves the size)"
     )
-    cache.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _add_device_argument(cache)
     cache.set_defaults(run=cmd_cache)
+
+
+def _add_eval_command(commands) -> None:
+    from .prompts import SPEC_HELP
 
     evaluation = commands.add_parser(
         "eval", help="the paper's evaluation: models × step counts × metrics on a prompt set, one report",
@@ -337,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON, e.g. \'{"aesthetic": {"checkpoint": "sa_0_4_vit_l_14_linear.pth"}}\'',
     )  # fmt: skip
     evaluation.add_argument(
-        "--fid-features", choices=("inception", "world-judge"), help="default: world-judge for world"
+        "--fid-features", help="FID feature space: inception, or a plugin's (world-judge); default: the prompt set's"
     )
     evaluation.add_argument(
         "--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth (torch-fidelity)"
@@ -350,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="runs/eval", help="report folder (default: runs/eval)")
     evaluation.set_defaults(run=cmd_eval)
 
+
+def _add_quickstart_command(commands) -> None:
     quickstart = commands.add_parser(
         "quickstart", help="the whole method in the miniature world: distil LCM and RG-LCM, evaluate, report",
         description="Make or load (cache, else shipped weights) the world data, teacher, rewards and judge; distil "
@@ -361,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts")
     quickstart.set_defaults(run=cmd_quickstart)
 
+
+def _add_world_command(commands) -> None:
     world = commands.add_parser("world", help="make the miniature world's data, teacher, rewards and judge")
     world_commands = world.add_subparsers(dest="world_command", required=True)
     data = world_commands.add_parser("data", help="rendered, captioned scenes as webdataset shards")
@@ -405,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     overoptimisation.add_argument("--lrm-steps", type=int, default=1_500, help="proxy pretraining steps")
     overoptimisation.set_defaults(run=cmd_world_overoptimisation)
 
+
+def _add_lrm_command(commands) -> None:
     lrm = commands.add_parser("lrm", help="the latent proxy reward model (RG-LCD Alg. 4)")
     lrm_commands = lrm.add_subparsers(dest="lrm_command", required=True)
     pretrain = lrm_commands.add_parser(
@@ -427,9 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--batch-size", type=int, default=128)
     pretrain.add_argument("--learning-rate", type=float, default=5e-4)
     pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (the latents stay in RAM)")
+    _add_device_argument(pretrain, " (the latents stay in RAM)")
     pretrain.set_defaults(run=cmd_lrm_pretrain)
 
+
+def _add_demo_command(commands) -> None:
     demo = commands.add_parser(
         "demo", help="RG-LCD end to end on a tiny random teacher (CPU, ~1 min)",
         description="Write a tiny Stable-Diffusion-layout teacher and webdataset shards to OUT (once), run "
@@ -440,7 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from .files import cache_dir
 from .lora import LCM_LORA_TARGETS
-from .losses import DISTANCE_KINDS
+from .losses import DISTANCES
 
 
 class ConfigError(ValueError):
@@ -59,7 +62,7 @@ class DistillConfig:
     num_ddim_timesteps: int = 50  # N; skip k = T // N
     w_min: float = 5.0  # guidance range, LCM convention
     w_max: float = 15.0
-    loss: Literal["l2", "huber", "pseudo_huber", "cauchy"] = "huber"
+    loss: str = "huber"  # a registered distance (rglcd.losses.DISTANCES): l2, huber, pseudo_huber, cauchy
     distance_c: float | None = None  # None: 0.001 for huber (the paper), 0.00054·√d for pseudo_huber/cauchy
     ema_decay: float = 0.95  # μ of the target network
     sigma_data: float = 0.5
@@ -231,7 +234,7 @@ def _parse_override(override: str) -> dict:
     return value
 
 
-def load_config(path_or_preset: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path_or_preset: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A preset name or a YAML file, then ``section.field=value`` overrides; validated."""
     data: dict = {}
     if path_or_preset:
@@ -254,8 +257,6 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     # "$RGLCD_CACHE/..." (the world preset) and "~/..." paths resolve on this machine.
-    from .world.paths import cache_dir
-
     for owner, name in (
         (config.model, "teacher"),
         (config.data, "source"),
@@ -270,31 +271,37 @@ def load_config(path_or_preset: str | Path | None = None, overrides: list[str] =
 
 def _vae_scale_factor(teacher: str) -> int:
     """2^(blocks − 1) from a local teacher's vae/config.json (no weights read); 8, SD's, otherwise."""
-    from .models import vae_scale_factor
+    from .models import vae_scale_factor  # here: `rglcd --help` reads the presets without the model libraries
 
     vae_config = Path(teacher) / "vae" / "config.json"
     return vae_scale_factor(json.loads(vae_config.read_text())) if vae_config.is_file() else 8
 
 
+Check = Callable[[bool, str], None]  # check(ok, message): the message is an error unless ok
+
+
 def validate(config: TrainConfig) -> None:
     """Check values and paths (no model is loaded). Raises ConfigError listing every problem with its fix."""
-    from .rewards import available_rewards
-    from .rewards.latent import KIND, PRETRAIN_COMMAND
-    from .rewards.weights import read_model_config
-
-    errors = []
-    vae_scale_factor = _vae_scale_factor(config.model.teacher) if config.model.teacher else 8
+    errors: list[str] = []
 
     def check(ok: bool, message: str) -> None:
         if not ok:
             errors.append(message)
 
-    c = config
+    vae_scale_factor = _vae_scale_factor(config.model.teacher) if config.model.teacher else 8
+    _check_model_and_lora(config, check)
+    _check_data_and_distill(config, vae_scale_factor, check)
+    _check_reward(config, vae_scale_factor, check)
+    _check_optim_and_logging(config, check)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _check_model_and_lora(c: TrainConfig, check: Check) -> None:
     check(bool(c.model.teacher), "model.teacher: required; a hub id or a local diffusers pipeline folder")
-    teacher_path = Path(c.model.teacher)
     looks_local = c.model.teacher.startswith((".", "/", "~")) or c.model.teacher.count("/") != 1
     check(
-        not c.model.teacher or teacher_path.exists() or not looks_local,
+        not c.model.teacher or Path(c.model.teacher).exists() or not looks_local,
         f"model.teacher: {c.model.teacher} does not exist; give an existing folder or a hub id (owner/name)",
     )
     check(c.model.time_cond_proj_dim > 0, "model.time_cond_proj_dim: must be > 0 (256 is LCM's)")
@@ -303,6 +310,9 @@ def validate(config: TrainConfig) -> None:
     check(0.0 <= c.lora.dropout < 1.0, "lora.dropout: must be in [0, 1)")
     check(not c.lora.rank or bool(c.lora.target_modules), "lora.target_modules: name at least one module")
     check(not c.lora.fuse_on_export or c.lora.rank > 0, "lora.fuse_on_export: only for LoRA runs (lora.rank > 0)")
+
+
+def _check_data_and_distill(c: TrainConfig, vae_scale_factor: int, check: Check) -> None:
     check(bool(c.data.source), "data.source: required; webdataset shards (path, {000..009} pattern, pipe:) or a folder")
     check(
         c.data.resolution > 0 and c.data.resolution % vae_scale_factor == 0,
@@ -317,9 +327,16 @@ def validate(config: TrainConfig) -> None:
     )
     check(d.w_min <= d.w_max, f"distill.w_min ({d.w_min}) > distill.w_max ({d.w_max}): swap them")
     check(d.w_min >= 0, "distill.w_min: must be >= 0 (LCM convention: w = 0 is the conditional model)")
-    check(d.loss in DISTANCE_KINDS, f"distill.loss: one of {DISTANCE_KINDS}")
+    check(d.loss in DISTANCES, f"distill.loss: {d.loss!r} is not one of {', '.join(map(repr, DISTANCES.names()))}")
     check(d.distance_c is None or d.distance_c > 0, "distill.distance_c: must be > 0, or null for the default")
     check(0.0 <= d.ema_decay < 1.0, "distill.ema_decay: must be in [0, 1); the paper uses 0.95")
+
+
+def _check_reward(c: TrainConfig, vae_scale_factor: int, check: Check) -> None:
+    # Here: the reward modules load open_clip and transformers, which `rglcd --help` (it reads the presets) need not.
+    from .rewards import available_rewards
+    from .rewards.latent import PRETRAIN_COMMAND
+
     for i, term in enumerate(c.reward.terms):
         check(
             term.name in available_rewards(),
@@ -327,36 +344,46 @@ def validate(config: TrainConfig) -> None:
         )
         check(term.std > 0, f"reward.terms[{i}].std: must be > 0 (1 = no standardisation)")
     check(c.reward.decode_batch_size >= 0, "reward.decode_batch_size: must be >= 0 (0 = whole batch)")
-    if c.reward.mode == "latent":
-        latent = c.reward.latent
-        check(bool(c.reward.terms), "reward.terms: latent mode needs the expert reward(s) the proxy is fitted to")
-        proxy_config = None
-        if latent.model:
-            try:
-                proxy_config = read_model_config(Path(latent.model), KIND, f"make one with `{PRETRAIN_COMMAND}`")
-            except (FileNotFoundError, ValueError):
-                pass
-        check(
-            proxy_config is not None,
-            f"reward.latent.model: {latent.model or '(empty)'} is not a latent proxy RM folder; make one with "
-            f"`{PRETRAIN_COMMAND}`",
-        )
-        if proxy_config is not None:
-            size = proxy_config["latent_size"]
-            expected = c.data.resolution // vae_scale_factor
-            check(
-                size == expected,
-                f"reward.latent.model: its latents are {size}² but data.resolution {c.data.resolution} gives "
-                f"{expected}²; pretrain it with `rglcd lrm pretrain --resolution {c.data.resolution}`",
-            )
-        check(latent.learning_rate > 0, "reward.latent.learning_rate: must be > 0 (the paper's is 3.3e-6)")
-        check(
-            0 < latent.batch_size <= c.optim.batch_size,
-            f"reward.latent.batch_size: must be in [1, optim.batch_size = {c.optim.batch_size}]",
-        )
-        check(latent.unlocked_image_groups >= 0, "reward.latent.unlocked_image_groups: must be >= 0")
-        check(latent.unlocked_text_groups >= 0, "reward.latent.unlocked_text_groups: must be >= 0")
-        check(latent.loss_scale > 0, "reward.latent.loss_scale: must be > 0")
+    if c.reward.mode != "latent":
+        return
+    latent = c.reward.latent
+    check(bool(c.reward.terms), "reward.terms: latent mode needs the expert reward(s) the proxy is fitted to")
+    size = _proxy_latent_size(latent.model)
+    check(
+        size is not None,
+        f"reward.latent.model: {latent.model or '(empty)'} is not a latent proxy RM folder; make one with "
+        f"`{PRETRAIN_COMMAND}`",
+    )
+    expected = c.data.resolution // vae_scale_factor
+    check(
+        size is None or size == expected,
+        f"reward.latent.model: its latents are {size}² but data.resolution {c.data.resolution} gives "
+        f"{expected}²; pretrain it with `rglcd lrm pretrain --resolution {c.data.resolution}`",
+    )
+    check(latent.learning_rate > 0, "reward.latent.learning_rate: must be > 0 (the paper's is 3.3e-6)")
+    check(
+        0 < latent.batch_size <= c.optim.batch_size,
+        f"reward.latent.batch_size: must be in [1, optim.batch_size = {c.optim.batch_size}]",
+    )
+    check(latent.unlocked_image_groups >= 0, "reward.latent.unlocked_image_groups: must be >= 0")
+    check(latent.unlocked_text_groups >= 0, "reward.latent.unlocked_text_groups: must be >= 0")
+    check(latent.loss_scale > 0, "reward.latent.loss_scale: must be > 0")
+
+
+def _proxy_latent_size(model: str) -> int | None:
+    """The latent side a latent proxy RM folder was made for (its config.json); None if it is not one."""
+    from .rewards.latent import KIND, PRETRAIN_COMMAND  # (as _check_reward)
+    from .rewards.weights import read_model_config
+
+    if not model:
+        return None
+    try:
+        return read_model_config(Path(model), KIND, f"make one with `{PRETRAIN_COMMAND}`")["latent_size"]
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _check_optim_and_logging(c: TrainConfig, check: Check) -> None:
     o = c.optim
     check(o.learning_rate > 0, "optim.learning_rate: must be > 0 (the paper uses 1e-6)")
     check(o.batch_size > 0, "optim.batch_size: must be > 0")
@@ -364,22 +391,23 @@ def validate(config: TrainConfig) -> None:
     check(o.max_train_steps > 0, "optim.max_train_steps: must be > 0")
     check(o.max_grad_norm > 0, "optim.max_grad_norm: must be > 0")
     check(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps: must be >= 0")
-    if o.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            errors.append("optim.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` or set false")
+    check(
+        not o.use_8bit_adam or _installed("bitsandbytes"),
+        "optim.use_8bit_adam: bitsandbytes is not installed; `pip install bitsandbytes` or set false",
+    )
     log = c.logging
-    if log.tracker == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            errors.append("logging.tracker: wandb is not installed; `pip install wandb` or use tensorboard")
+    check(
+        log.tracker != "wandb" or _installed("wandb"),
+        "logging.tracker: wandb is not installed; `pip install wandb` or use tensorboard",
+    )
     check(bool(log.output_dir), "logging.output_dir: required")
     check(log.checkpointing_steps > 0, "logging.checkpointing_steps: must be > 0")
     check(log.checkpoints_total_limit > 0, "logging.checkpoints_total_limit: must be > 0")
     check(log.validation_steps >= 0, "logging.validation_steps: must be >= 0 (0 disables validation)")
     check(log.log_every > 0, "logging.log_every: must be > 0")
     check(log.max_consecutive_nan_steps > 0, "logging.max_consecutive_nan_steps: must be > 0")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _installed(module: str) -> bool:
+    """Whether an optional dependency can be imported (found, not imported)."""
+    return importlib.util.find_spec(module) is not None

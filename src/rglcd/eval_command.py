@@ -2,16 +2,16 @@
 
 Models (exported LCM/RG-LCM folders, sampled with their LCMScheduler at ``steps``; teachers, sampled with
 DDIM + CFG at ``teacher_steps``) generate the images of a prompt set (the HPSv2 benchmark, PartiPrompts, COCO
-captions, a text file, the miniature's held-out prompts) with the same noise per prompt, and are scored by any
-registered reward, the HPSv2 protocol per style, FID, the world's judge and the high-frequency energy ratio.
-Everything is checked (models, prompt files, metric names, weights) before the first image is generated.
+captions, a text file, a plugin's such as the miniature's held-out prompts) with the same noise per prompt, and are
+scored by any registered reward, the HPSv2 protocol per style, FID, the high-frequency energy ratio and any metric a
+plugin registers (:data:`METRICS`; the world's judge). Everything is checked (models, prompt files, metric names,
+weights) before the first image is generated.
 """
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from .evaluate import (
     HPSV2_CHUNK,
     Contender,
     EvalError,
-    FeatureExtractor,
     FrechetDistance,
     Metrics,
     evaluate,
@@ -28,15 +27,11 @@ from .evaluate import (
     relative_to_teacher,
 )
 from .metrics import high_frequency_share
-from .prompts import Prompt, load_prompts
+from .plugins import Registry
+from .prompts import Prompt, load_prompts, prompt_set
 from .report import write_report
+from .rewards import REWARDS, build_reward
 
-SPECIAL_METRICS = {
-    "judge": "the miniature's judge: fraction of the prompt's attributes found (world prompts only)",
-    "fid": "Fréchet distance to the reference images (COCO images, or fresh world renders) via torchmetrics",
-    "hf_ratio": "share of spectral energy above half Nyquist, relative to the teacher's (over-optimisation monitor)",
-}
-WORLD_LCM_GUIDANCE = 6.0  # the world students' training range is w ∈ [2, 8]; 6.0 is w = 5
 LCM_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
 COCO_FID_SIZE = 256  # GigaGAN's and DMD2's COCO protocol: centre crop, 256²
 
@@ -45,15 +40,15 @@ COCO_FID_SIZE = 256  # GigaGAN's and DMD2's COCO protocol: centre crop, 256²
 class EvalSettings:
     models: list[str]  # "PATH" or "LABEL=PATH": exported LCM folders or teacher pipelines (folders or hub ids)
     out: Path = Path("runs/eval")
-    prompts: str = "world"
+    prompts: str = "world"  # a prompt set spec (rglcd.prompts)
     limit: int | None = None  # at most this many prompts per group
     steps: tuple[int, ...] = (1, 2, 4, 8)
     teacher_steps: tuple[int, ...] = (25, 50)
-    guidance: float | None = None  # LCM guidance; None: 6.0 for world prompts, else 8.5
+    guidance: float | None = None  # LCM guidance; None: the prompt set's (world: 6.0), else 8.5
     teacher_guidance: float = 7.5
-    metrics: list[str] | None = None  # None: the prompt set's defaults (default_metrics)
+    metrics: list[str] | None = None  # None: the prompt set's defaults
     reward_kwargs: dict[str, dict] = field(default_factory=dict)  # per reward name: constructor arguments
-    fid_features: str | None = None  # "inception" or "world-judge"; None: world-judge for world prompts
+    fid_features: str | None = None  # a name in FID_FEATURES ("inception", the world's "world-judge"); None: the set's
     inception_weights: str | None = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     fid_size: int | None = None  # None: 256 for COCO, the images' own size otherwise
     resolution: int | None = None  # None: each model's native size
@@ -61,13 +56,49 @@ class EvalSettings:
     seed: int = 0
 
 
-def default_metrics(prompts_spec: str) -> list[str]:
-    kind = prompts_spec.split(":", 1)[0]
-    if kind == "world":
-        return ["world-clip", "judge", "fid", "hf_ratio"]
-    if kind == "coco":
-        return ["fid", "clipscore"]
-    return ["hpsv2.1", "hf_ratio"]
+@dataclass(frozen=True)
+class MetricRequest:
+    """What a metric is built from: the prompts (with their records and references) and the settings."""
+
+    prompts: list[Prompt]
+    settings: EvalSettings
+
+
+@dataclass(frozen=True)
+class EvalMetric:
+    description: str
+    add: Callable[[Metrics, MetricRequest], None]  # adds its per-image or per-set measure; EvalError if it cannot
+
+
+METRICS: Registry[EvalMetric] = Registry("metric")  # besides every registered reward
+# A FID feature space: the request -> a FrechetDistance holding the reference images' features.
+FID_FEATURES: Registry[Callable[[MetricRequest], FrechetDistance]] = Registry("FID feature extractor")
+
+
+def register_metric(name: str, description: str) -> Callable:
+    """Decorator of ``add(metrics, request)``, which puts the measure into ``metrics.per_image`` (name -> ``f(images,
+    texts, records) -> [B]``) or ``metrics.per_set`` (a FrechetDistance-like accumulator)."""
+
+    def decorate(add: Callable[[Metrics, MetricRequest], None]) -> Callable[[Metrics, MetricRequest], None]:
+        METRICS.register(name)(EvalMetric(description, add))
+        return add
+
+    return decorate
+
+
+@register_metric("hf_ratio", "share of spectral energy above half Nyquist, relative to the teacher's")
+def _high_frequency(metrics: Metrics, request: MetricRequest) -> None:
+    metrics.per_image["high_frequency"] = lambda images, texts, records: high_frequency_share(images)
+
+
+@register_metric("fid", "Fréchet distance to the prompt set's reference images via torchmetrics")
+def _fid(metrics: Metrics, request: MetricRequest) -> None:
+    features = request.settings.fid_features or prompt_set(request.settings.prompts).fid_features
+    try:
+        extractor = FID_FEATURES[features]
+    except ValueError as error:
+        raise EvalError(f"--fid-features: {error}") from error
+    metrics.per_set["fid"] = extractor(request)
 
 
 def parse_model(text: str) -> tuple[str, str]:
@@ -80,9 +111,9 @@ def parse_model(text: str) -> tuple[str, str]:
     return (label.strip() or Path(path).name or path), path
 
 
-def build_contenders(settings: EvalSettings, world: bool) -> list[Contender]:
+def build_contenders(settings: EvalSettings) -> list[Contender]:
     contenders, labels = [], set()
-    lcm_guidance = settings.guidance or (WORLD_LCM_GUIDANCE if world else LCM_GUIDANCE)
+    lcm_guidance = settings.guidance or prompt_set(settings.prompts).lcm_guidance or LCM_GUIDANCE
     for text in settings.models:
         label, path = parse_model(text)
         if label in labels:
@@ -100,60 +131,32 @@ def build_contenders(settings: EvalSettings, world: bool) -> list[Contender]:
     return contenders
 
 
-def build_metrics(names: list[str], prompts: list[Prompt], settings: EvalSettings, world: bool) -> Metrics:
+def build_metrics(names: Sequence[str], prompts: list[Prompt], settings: EvalSettings) -> Metrics:
     """Every metric, built (weights loaded, references read) before anything is generated."""
-    from .rewards import available_rewards, build_reward
-
-    unknown = [name for name in names if name not in SPECIAL_METRICS and name not in available_rewards()]
+    unknown = [name for name in names if name not in METRICS and name not in REWARDS]
     if unknown:
-        choices = ", ".join([*available_rewards(), *SPECIAL_METRICS])
+        choices = ", ".join([*REWARDS.names(), *METRICS.names()])
         raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {choices}")
     metrics = Metrics(per_image={}, per_set={}, benchmark_scales={})
-    world_judge = functools.cache(_world_judge)  # loaded once for the judge metric and the judge-feature FID
+    request = MetricRequest(prompts, settings)
     for name in names:
-        if name in available_rewards():
-            try:
-                reward = build_reward(name, **settings.reward_kwargs.get(name, {}))
-            except (FileNotFoundError, ValueError, TypeError) as error:  # weights missing, bad --reward-kwargs
-                raise EvalError(f"metric {name}: {error}") from error
-            metrics.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
-            metrics.benchmark_scales[name] = reward.benchmark_scale
-        elif name == "judge":
-            if not world:
-                raise EvalError("the judge metric needs the world prompts (--prompts world)")
-            judge = world_judge()
-            metrics.per_image["judge_accuracy"] = lambda images, texts, records, judge=judge: judge.attribute_scores(
-                images, records
-            )
-        elif name == "hf_ratio":
-            metrics.per_image["high_frequency"] = lambda images, texts, records: high_frequency_share(images)
-        elif name == "fid":
-            metrics.per_set["fid"] = _fid(prompts, settings, world, world_judge)
+        if name in METRICS:
+            METRICS[name].add(metrics, request)
+            continue
+        try:
+            reward = build_reward(name, **settings.reward_kwargs.get(name, {}))
+        except (FileNotFoundError, ValueError, TypeError) as error:  # weights missing, bad --reward-kwargs
+            raise EvalError(f"metric {name}: {error}") from error
+        metrics.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
+        metrics.benchmark_scales[name] = reward.benchmark_scale
     return metrics
 
 
-def _world_judge():
-    from .world.judge import Judge, train_judge
-    from .world.paths import world_asset
-
-    return Judge.load(world_asset("judge", train_judge))
-
-
-def _fid(prompts: list[Prompt], settings: EvalSettings, world: bool, world_judge: Callable) -> FrechetDistance:
-    features = settings.fid_features or ("world-judge" if world else "inception")
-    if features == "world-judge":
-        if not world:
-            raise EvalError("--fid-features world-judge needs the world prompts (--prompts world)")
-        from .world.data import reference_images
-
-        judge = world_judge()
-        extractor = FeatureExtractor(judge.features, judge.feature_dim)
-        references = reference_images([prompt.record for prompt in prompts])
-        batches = (references[i : i + settings.batch_size] for i in range(0, len(references), settings.batch_size))
-        return FrechetDistance(extractor, batches, size=settings.fid_size)
-    if features != "inception":
-        raise EvalError(f"--fid-features must be inception or world-judge, not {features!r}")
-    paths = [prompt.reference for prompt in prompts if prompt.reference is not None]
+@FID_FEATURES.register("inception")
+def _inception_fid(request: MetricRequest) -> FrechetDistance:
+    """Inception-v3 features (torch-fidelity's weights) of the prompts' reference images (COCO)."""
+    settings = request.settings
+    paths = [prompt.reference for prompt in request.prompts if prompt.reference is not None]
     if not paths:
         raise EvalError("fid needs reference images: use --prompts coco:CAPTIONS_JSON:IMAGES_DIR (or world)")
     missing = [path for path in paths if not path.is_file()]
@@ -165,7 +168,7 @@ def _fid(prompts: list[Prompt], settings: EvalSettings, world: bool, world_judge
             "weights-inception-2015-12-05-6726825d.pth (torch-fidelity's release file; `pip install rglcd[fid]`)"
         )
     try:
-        import torch_fidelity  # noqa: F401
+        import torch_fidelity  # noqa: F401  (optional: the fid extra; torchmetrics' Inception needs it)
     except ImportError as error:
         raise EvalError("fid with Inception needs torch-fidelity: pip install 'rglcd[fid]'") from error
     batches = (batch for _, batch in read_images(paths, settings.batch_size))
@@ -175,18 +178,17 @@ def _fid(prompts: list[Prompt], settings: EvalSettings, world: bool, world_judge
 def run_eval(
     settings: EvalSettings,
     title: str = "rglcd eval",
-    notes: list[str] = (),
+    notes: Sequence[str] = (),
     context: dict | None = None,
     started: float | None = None,
 ) -> dict:
     """Check everything, generate what is missing, measure, and write the report folder. ``notes`` open the
     report's list; ``context`` is stored in results.json; ``started`` (a perf_counter) dates the whole run."""
     started = time.perf_counter() if started is None else started
-    world = settings.prompts.split(":", 1)[0] == "world"
     prompts = load_prompts(settings.prompts, settings.limit)
-    contenders = build_contenders(settings, world)
-    names = settings.metrics or default_metrics(settings.prompts)
-    metrics = build_metrics(names, prompts, settings, world)
+    contenders = build_contenders(settings)
+    names = settings.metrics or prompt_set(settings.prompts).metrics
+    metrics = build_metrics(names, prompts, settings)
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,8 @@ def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
 
 def load_contender(contender: Contender):
     """The pipeline parts a contender is sampled with (frozen, CPU or the first GPU)."""
+    from .export import load_lcm
     from .models import load_teacher
-    from .sampling import load_lcm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if contender.kind == "teacher":

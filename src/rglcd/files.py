@@ -1,11 +1,18 @@
-"""Folders written atomically: a crash or a kill never leaves a half-written folder where a finished one belongs."""
+"""Files and folders: the user cache, and folders written atomically (a crash or a kill never leaves a half-written
+folder where a finished one belongs)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$RGLCD_CACHE`` or ``~/.cache/rglcd``: world data, trained models and runs made on this machine."""
+    return Path(os.environ.get("RGLCD_CACHE", Path.home() / ".cache" / "rglcd"))
 
 
 @contextmanager

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 from torch import Tensor, nn
-
-from .files import atomic_folder
 
 # diffusers' train_lcm_distill_lora_sd_wds.py defaults: attention, feed-forward and ResNet convolutions.
 LCM_LORA_TARGETS = (
@@ -96,50 +93,3 @@ class AdapterView:
         finally:
             self.unet.set_adapter(STUDENT)
             self.unet.train(training)
-
-
-def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl: bool = False) -> Path:
-    """One adapter as diffusers LoRA weights (``folder/pytorch_lora_weights.safetensors``), for an SD or SDXL
-    pipeline's ``load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(unet, adapter_name=adapter)  # PEFT keys, which load_lora_weights reads
-    # The file carries no alpha, and loaders take alpha = rank (scaling 1): fold alpha / rank into B.
-    config = unet.peft_config[adapter]
-    scaling = config.lora_alpha / config.r
-    state = {key: value * scaling if ".lora_B." in key else value for key, value in state.items()}
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    with atomic_folder(folder) as partial:
-        pipeline_class.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)
-    return Path(folder)
-
-
-def export_fused(
-    teacher: str,
-    lora_folder: str | Path,
-    out_dir: str | Path,
-    num_ddim_timesteps: int,
-    timestep_scaling: float,
-    revision: str | None = None,
-    variant: str | None = None,
-) -> Path:
-    """The teacher's pipeline with the adapters fused into its UNet and an LCMScheduler, written atomically:
-    ``DiffusionPipeline.from_pretrained(out_dir)`` samples in a few steps without peft."""
-    from diffusers import DiffusionPipeline
-
-    from .models import read_pipeline_index
-    from .sampling import lcm_scheduler
-
-    # The weights distilled from (revision, variant); SD's safety checker is not part of the student.
-    optional = {
-        name: None for name in ("safety_checker", "feature_extractor") if name in read_pipeline_index(teacher, revision)
-    }
-    pipeline = DiffusionPipeline.from_pretrained(teacher, revision=revision, variant=variant, **optional)
-    pipeline.load_lora_weights(str(lora_folder))
-    pipeline.fuse_lora()
-    pipeline.unload_lora_weights()
-    pipeline.scheduler = lcm_scheduler(dict(pipeline.scheduler.config), num_ddim_timesteps, timestep_scaling)
-    with atomic_folder(out_dir) as partial:
-        pipeline.save_pretrained(partial)
-    return Path(out_dir)

@@ -1,6 +1,7 @@
-"""Prompt sets for ``rglcd eval``: the HPSv2 benchmark, PartiPrompts, COCO captions, the miniature world, or a file.
+"""Prompt sets for ``rglcd eval``: the HPSv2 benchmark, PartiPrompts, COCO captions, a plugin's (the miniature
+world's), or a file.
 
-A prompt set is named by a spec string:
+A prompt set is named by a spec string, ``NAME`` or ``NAME:ARGUMENT`` for a registered set (:data:`PROMPT_SETS`):
 
 ``hpsv2`` / ``hpsv2:DIR``
     The HPSv2 benchmark (Wu et al., 2023): 800 prompts in each of four styles, read from the files
@@ -19,8 +20,7 @@ A prompt set is named by a spec string:
     its first caption in annotation order. With IMAGES_DIR, each prompt's reference is ``IMAGES_DIR/file_name`` (for
     FID); the images themselves are opened, and so checked, by whoever uses them.
 ``world`` / ``world:N``
-    The miniature world's first N held-out scenes (default 64); the record is the scene, for the world's judge, and the
-    group is ``"one shape"`` or ``"two shapes"``.
+    Registered by the miniature world's plugin (:mod:`rglcd.world.plugin`): its first N held-out scenes.
 any other spec
     A text file with one prompt per line (blank lines and lines starting with ``#`` skipped), or a ``.jsonl`` file of
     objects with a ``"prompt"`` (or ``"caption"``) field, such as the ``eval_prompts.jsonl`` of ``rglcd world data``.
@@ -32,21 +32,23 @@ download and which local form to pass instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .plugins import Registry
 
 HPSV2_REPO = "zhwang/HPDv2"
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 PARTI_REPO = "nateraw/parti-prompts"
 PARTI_FILE = "PartiPrompts.tsv"
-WORLD_PROMPTS = 64
 
 SPEC_HELP = f"""prompt set: 'hpsv2' (HPSv2 benchmark, 4 styles x 800, from the hub dataset {HPSV2_REPO}) or 'hpsv2:DIR'
 (a folder holding {", ".join(style + ".json" for style in HPSV2_STYLES)}); 'parti' (PartiPrompts, 1632 prompts, from
 the hub dataset {PARTI_REPO}) or 'parti:FILE' (a local {PARTI_FILE}); 'coco:CAPTIONS_JSON' or
 'coco:CAPTIONS_JSON:IMAGES_DIR' (a COCO captions file: the first caption of each image; the images are FID
-references); 'world' or 'world:N' (the miniature world's first N held-out prompts, default {WORLD_PROMPTS}); or the
+references); 'world' or 'world:N' (the miniature world's first N held-out prompts, default 64); or the
 path of a text file (one prompt per line, '#' comments) or of a .jsonl file with a "prompt" or "caption" field"""
 
 
@@ -55,7 +57,38 @@ class Prompt:
     text: str
     group: str = ""  # HPSv2 style, Parti category, world scene kind; "" for ungrouped sets
     reference: Path | None = None  # a real image for FID (COCO)
-    record: Any = None  # the miniature world's Scene (for its judge)
+    record: Any = None  # what a plugin's metrics read of the prompt (the miniature world's Scene, for its judge)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A registered prompt set and how ``rglcd eval`` measures it unless told otherwise."""
+
+    load: Callable[[str], list[Prompt]]  # the spec's ARGUMENT ("" without one) -> the prompts, in order
+    metrics: tuple[str, ...] = ("hpsv2.1", "hf_ratio")  # the default metrics
+    lcm_guidance: float | None = None  # the LCM guidance scale; None: diffusers' pipeline default
+    fid_features: str = "inception"  # the FID feature extractor (a name in rglcd.eval_command.FID_FEATURES)
+
+
+PROMPT_SETS: Registry[PromptSet] = Registry("prompt set")
+FILE_SET = PromptSet(load=lambda path: _lines(Path(path).expanduser()))  # a text or .jsonl file's defaults
+
+
+def register_prompt_set(name: str, **defaults) -> Callable[[Callable[[str], list[Prompt]]], Callable]:
+    """Decorator of a loader ``(argument) -> prompts``: registers it as ``name`` with :class:`PromptSet`'s
+    ``defaults`` (metrics, lcm_guidance, fid_features)."""
+
+    def decorate(load: Callable[[str], list[Prompt]]) -> Callable[[str], list[Prompt]]:
+        PROMPT_SETS.register(name)(PromptSet(load, **defaults))
+        return load
+
+    return decorate
+
+
+def prompt_set(spec: str) -> PromptSet:
+    """The registered set ``spec`` names (``NAME`` or ``NAME:ARGUMENT``), else a file's."""
+    kind = spec.partition(":")[0]
+    return PROMPT_SETS[kind] if kind in PROMPT_SETS else FILE_SET
 
 
 class PromptSetError(ValueError):
@@ -67,17 +100,10 @@ def load_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
     if limit is not None and limit < 1:
         raise PromptSetError(f"the prompt limit must be at least 1, not {limit}")
     kind, _, argument = spec.partition(":")
-    if kind == "hpsv2":
-        prompts = _hpsv2(argument)
-    elif kind == "parti":
-        hub = argument or _hub_file(PARTI_REPO, PARTI_FILE, PARTI_FILE, f"parti:DIR/{PARTI_FILE}")
-        prompts = _parti(Path(hub).expanduser())
-    elif kind == "coco":
-        prompts = _coco(*argument.partition(":")[::2])
-    elif kind == "world":
-        prompts = _world(argument)
+    if kind in PROMPT_SETS:
+        prompts = PROMPT_SETS[kind].load(argument)
     elif Path(spec).expanduser().is_file():
-        prompts = _lines(Path(spec).expanduser())
+        prompts = FILE_SET.load(spec)
     else:
         raise PromptSetError(f"{spec!r} is neither a known prompt set nor an existing file; {SPEC_HELP}")
     if not prompts:
@@ -118,6 +144,7 @@ def _read_json(path: Path) -> Any:
         raise PromptSetError(f"{path} is not valid JSON (line {error.lineno}: {error.msg})") from error
 
 
+@register_prompt_set("hpsv2")
 def _hpsv2(folder: str) -> list[Prompt]:
     if folder:
         root = Path(folder).expanduser()
@@ -144,6 +171,13 @@ def _hpsv2(folder: str) -> list[Prompt]:
     return prompts
 
 
+@register_prompt_set("parti")
+def _parti_set(argument: str) -> list[Prompt]:
+    return _parti(
+        Path(argument or _hub_file(PARTI_REPO, PARTI_FILE, PARTI_FILE, f"parti:DIR/{PARTI_FILE}")).expanduser()
+    )
+
+
 def _parti(path: Path) -> list[Prompt]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -162,6 +196,11 @@ def _parti(path: Path) -> list[Prompt]:
             raise PromptSetError(f"{path}, line {number}: expected tab-separated fields under {header}, got {line!r}")
         prompts.append(Prompt(fields[text_column].strip(), group=fields[group_column].strip()))
     return prompts
+
+
+@register_prompt_set("coco", metrics=("fid", "clipscore"))
+def _coco_set(argument: str) -> list[Prompt]:
+    return _coco(*argument.partition(":")[::2])
 
 
 def _coco(captions: str, images: str) -> list[Prompt]:
@@ -186,18 +225,6 @@ def _coco(captions: str, images: str) -> list[Prompt]:
         Prompt(first_caption[image_id], reference=folder / file_name if folder else None)
         for image_id, file_name in entries
         if image_id in first_caption
-    ]
-
-
-def _world(count: str) -> list[Prompt]:
-    if count and not (count.isdigit() and int(count) > 0):
-        raise PromptSetError(f"world:N needs a positive number of prompts, not {count!r}")
-    from .world.data import eval_scenes
-
-    scenes = eval_scenes(int(count) if count else WORLD_PROMPTS)
-    return [
-        Prompt(scene.caption, group="one shape" if len(scene.objects) == 1 else "two shapes", record=scene)
-        for scene in scenes
     ]
 
 

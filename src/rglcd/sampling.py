@@ -1,4 +1,4 @@
-"""Multistep latent consistency sampling (LCM Alg. 2 / RG-LCD Alg. 2) and the diffusers export."""
+"""Sampling: multistep latent consistency sampling (LCM Alg. 2 / RG-LCD Alg. 2), the teacher's DDIM + CFG, images."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_folder
-from .models import Teacher, decode_latents, text_conditioning, vae_scale_factor
+from .models import decode_latents, text_conditioning, vae_scale_factor
 from .schedules import guidance_scale_embedding
 
 
@@ -134,67 +133,6 @@ def ddim_cfg_sample(
         output = output_uncond + guidance_scale * (output_cond - output_uncond)
         latents = scheduler.step(output, timestep, latents).prev_sample
     return decode_latents(vae, latents)
-
-
-def export_pipeline(
-    out_dir: str | Path,
-    student: nn.Module,
-    teacher: Teacher,
-    num_ddim_timesteps: int = 50,
-    timestep_scaling: float = 10.0,
-) -> Path:
-    """Write a LatentConsistencyModelPipeline folder (a StableDiffusionXLPipeline with an LCMScheduler for an SDXL
-    teacher): ``DiffusionPipeline.from_pretrained(out_dir)`` loads it.
-
-    Written to a sibling temporary folder first and renamed into place, so a crash never leaves a
-    half-written pipeline at ``out_dir``.
-    """
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionXLPipeline
-
-    out_dir = Path(out_dir)
-    scheduler = lcm_scheduler(teacher.scheduler_config, num_ddim_timesteps, timestep_scaling)
-    if teacher.is_sdxl:  # diffusers' SDXL pipeline feeds a guidance embedding to a UNet that has one
-        pipeline = StableDiffusionXLPipeline(
-            vae=teacher.vae, text_encoder=teacher.text_encoder, text_encoder_2=teacher.text_encoder_2,
-            tokenizer=teacher.tokenizer, tokenizer_2=teacher.tokenizer_2, unet=student, scheduler=scheduler,
-        )  # fmt: skip
-    else:
-        pipeline = LatentConsistencyModelPipeline(
-            vae=teacher.vae,
-            text_encoder=teacher.text_encoder,
-            tokenizer=teacher.tokenizer,
-            unet=student,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    with atomic_folder(out_dir) as partial:
-        pipeline.save_pretrained(partial)
-    return out_dir
-
-
-def load_lcm(model: str | Path, device: str | torch.device = "cpu"):
-    """Load an exported (or any diffusers LCM) pipeline folder or hub id; errors name what is wrong."""
-    from diffusers import DiffusionPipeline, LCMScheduler
-
-    from .models import TeacherLoadError, read_pipeline_index
-
-    index = read_pipeline_index(str(model), revision=None)
-    if "unet" not in index or "vae" not in index:
-        raise TeacherLoadError(f"{model} is not a UNet latent diffusion pipeline (model_index.json: {sorted(index)})")
-    pipeline = DiffusionPipeline.from_pretrained(str(model))
-    has_guidance_input = pipeline.unet.config.get("time_cond_proj_dim") is not None
-    # A distilled full student has a guidance embedding; a fused LoRA student has none but ships an LCMScheduler.
-    if not has_guidance_input and not isinstance(pipeline.scheduler, LCMScheduler):
-        raise TeacherLoadError(
-            f"{model} is not a distilled LCM: its UNet has no guidance embedding (time_cond_proj_dim) and its "
-            "scheduler is not an LCMScheduler. Sample a teacher with its own pipeline (or `rglcd eval`), or distil "
-            "it with rglcd first."
-        )
-    if not isinstance(pipeline.scheduler, LCMScheduler):
-        pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
-    return pipeline.to(device)
 
 
 def to_pil(images: Tensor) -> list:

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from ..plugins import Registry
+
 
 class RewardModel(nn.Module):
     """A frozen, differentiable scorer: ``forward(images [B,3,H,W] in [0,1], prompts) -> [B]``.
@@ -41,30 +43,17 @@ def check_batch(images: Tensor, prompts: Sequence[str]) -> None:
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
 
 
-_REGISTRY: dict[str, Callable[..., RewardModel]] = {}
-
-
-def register_reward(name: str):
-    """Class or factory decorator: ``@register_reward("hpsv2.1")``."""
-
-    def decorate(factory: Callable[..., RewardModel]):
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+REWARDS: Registry[Callable[..., RewardModel]] = Registry("reward")
+register_reward = REWARDS.register  # class or factory decorator: ``@register_reward("hpsv2.1")``
 
 
 def available_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return REWARDS.names()
 
 
 def reward_factory(name: str) -> Callable[..., RewardModel]:
     """The class or factory registered as ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards())}")
-    return _REGISTRY[name]
+    return REWARDS[name]
 
 
 def build_reward(name: str, **kwargs) -> RewardModel:

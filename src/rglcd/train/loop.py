@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data import TrainStream, check_cache, is_cache, teacher_fingerprint
-from ..lora import STUDENT, TARGET, export_fused, save_lora
+from ..export import export_fused, export_pipeline, save_lora
+from ..lora import STUDENT, TARGET
 from ..models import Teacher, load_teacher, reward_input, update_ema
 from ..rewards.latent import LatentClip, proxy_fit
-from ..sampling import export_pipeline
 from ..step import Distillation, StepNoise, StepOutput, rglcd_step
 from .build import (
     Networks,

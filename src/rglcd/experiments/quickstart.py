@@ -13,8 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_config
-from .data import write_world_shards
-from .paths import world_asset
+from ..eval_command import EvalSettings, run_eval
+from ..train import train
+from ..world.data import write_world_shards
+from ..world.judge import train_judge
+from ..world.paths import world_asset
+from ..world.rewards import train_world_aesthetic, train_world_clip
+from ..world.teacher import train_world_teacher
 
 TEACHER_LABEL = "teacher DDIM+CFG"
 
@@ -30,10 +35,6 @@ class QuickstartSettings:
 
 
 def prepare_world(data_samples: int) -> dict[str, Path]:
-    from .judge import train_judge
-    from .rewards import train_world_aesthetic, train_world_clip
-    from .teacher import train_world_teacher
-
     return {
         "data": world_asset("data", lambda out: write_world_shards(out, data_samples)),
         "teacher": world_asset("teacher", train_world_teacher),
@@ -46,8 +47,6 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
 def distil(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path:
     """``rglcd train world`` (the cached world teacher and data) for ``train_steps`` steps into ``out``; reused
     when its student exists."""
-    from ..train import train
-
     if (out / "student" / "model_index.json").is_file():
         return out / "student"
     common = [f"logging.output_dir={out}", f"optim.max_train_steps={train_steps}", f"seed={seed}"]
@@ -57,8 +56,6 @@ def distil(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path
 def world_evaluation(world: dict[str, Path], students: dict[str, Path], out: Path, prompts: int, seed: int, **kwargs):
     """The world experiments' :class:`EvalSettings`: the world teacher and ``students`` on ``prompts`` held-out
     world prompts, batches of 32; ``kwargs`` set the rest (steps, metrics, ...)."""
-    from ..eval_command import EvalSettings
-
     models = [f"{TEACHER_LABEL}={world['teacher']}", *(f"{label}={path}" for label, path in students.items())]
     return EvalSettings(models=models, out=out, prompts=f"world:{prompts}", batch_size=32, seed=seed, **kwargs)
 
@@ -69,8 +66,6 @@ def world_clip_terms(reward_beta: float) -> str:
 
 
 def run_quickstart(settings: QuickstartSettings) -> dict:
-    from ..eval_command import run_eval
-
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,18 +11,20 @@ import random
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
-from .config import load_config
-from .data import write_shards
-from .tiny import save_tiny_pipeline
+from ..config import load_config
+from ..data import write_shards
+from ..export import load_lcm
+from ..sampling import lcm_sample, save_grid
+from ..tiny import save_tiny_pipeline
+from ..train import train
 
 COLOURS = {"red": (230, 25, 25), "green": (25, 200, 50), "blue": (25, 50, 230), "yellow": (230, 230, 25)}
 
 
 def colour_samples(count: int, resolution: int, seed: int):
     """Plain-colour pictures with a lighter square and captions naming the colour, deterministic by seed."""
-    from PIL import Image, ImageDraw
-
     rng = random.Random(seed)
     for _ in range(count):
         name = rng.choice(list(COLOURS))
@@ -46,9 +48,6 @@ def tiny_setup(
 
 def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Set up, train with the ``tiny`` preset into ``out/rglcd``, and sample the student at 1, 2 and 4 steps."""
-    from .sampling import lcm_sample, load_lcm, save_grid
-    from .train import train
-
     out = tiny_setup(out, prediction_type=prediction_type, seed=seed)
     config = load_config(
         "tiny",

@@ -16,8 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..eval_command import run_eval
+from ..lrm import PretrainSettings, pretrain_lrm
 from ..rewards.weights import read_training_record
-from .paths import world_asset
+from ..world.paths import world_asset
 from .quickstart import distil, prepare_world, world_evaluation
 
 
@@ -40,8 +42,6 @@ class OveroptimisationSettings:
 
 def world_lrm(settings: OveroptimisationSettings, world: dict[str, Path]) -> Path:
     """The world's latent proxy RM, pretrained contrastively on the world data's latents (cached)."""
-    from ..lrm import PretrainSettings, pretrain_lrm
-
     pretrain = PretrainSettings(
         architecture="world",
         resolution=32,
@@ -73,8 +73,6 @@ def student_runs(settings: OveroptimisationSettings, lrm: Path) -> dict[str, lis
 
 
 def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
-    from ..eval_command import run_eval
-
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
