@@ -13,8 +13,23 @@ import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from .files import atomic_folder
 from .models import Teacher, has_component, load_raw_config, read_sd_layout_index
 from .schedules import NoiseSchedule
+from .tiny import sd_pipeline
 
 # OpenAI CLIP's vocabulary: 256 byte symbols, the same with "</w>", 48,894 merges, then the two special tokens.
 CLIP_NUM_MERGES = 49152 - 256 - 2
@@ -24,9 +39,6 @@ def clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>")
     """transformers' CLIPTokenizer with OpenAI CLIP's 49,408-token vocabulary (ids equal open_clip.tokenize's),
     rebuilt from the BPE file that ships inside open_clip's wheel. SD 2.1's and SDXL's second tokenizer pad with
     ``"!"``; the others with the end-of-text token."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]
     symbols = list(bytes_to_unicode().values())
@@ -195,9 +207,6 @@ def architecture_of(source: str, revision: str | None = None) -> PipelineArchite
     or reachable hub repo) — configs only, no weights are read."""
     if source in PUBLISHED and not Path(source).exists():
         return PUBLISHED[source]
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoConfig
-
     index = read_sd_layout_index(source, revision)
 
     def text_config(subfolder: str) -> dict:
@@ -218,8 +227,6 @@ def architecture_of(source: str, revision: str | None = None) -> PipelineArchite
 
 
 def _text_encoder(config: dict, with_projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     keep = {key: value for key, value in config.items() if not key.startswith("_") and key != "architectures"}
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return model_class(CLIPTextConfig(**keep))
@@ -228,8 +235,6 @@ def _text_encoder(config: dict, with_projection: bool):
 def build_teacher(architecture: PipelineArchitecture, source: str = "") -> Teacher:
     """The teacher's parts at their published sizes with random weights, frozen, in the current device context
     (``torch.device("meta")``, a FakeTensorMode, or real memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     parts = {
         "unet": UNet2DConditionModel.from_config(architecture.unet),
         "vae": AutoencoderKL.from_config(architecture.vae),
@@ -257,19 +262,12 @@ def _tokenizer(architecture: PipelineArchitecture, subfolder: str, pad_token: st
     """The source's own tokenizer (small files), or the published one rebuilt offline."""
     if architecture.source is None:
         return clip_tokenizer(pad_token=pad_token)
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(architecture.source, subfolder=subfolder, revision=architecture.revision)
 
 
 def save_random_pipeline(architecture: PipelineArchitecture, out: str | Path, seed: int = 0) -> Path:
     """Write the architecture with random weights as a diffusers pipeline folder (what ``save_pretrained`` of the
     hub checkpoint would write, other weights), loadable by :func:`rglcd.models.load_teacher` and diffusers."""
-    import diffusers
-    import torch
-
-    from .files import atomic_folder
-    from .tiny import sd_pipeline
 
     torch.manual_seed(seed)
     teacher = build_teacher(architecture)

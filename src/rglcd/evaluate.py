@@ -19,9 +19,13 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .export import load_lcm
+from .models import TeacherLoadError, load_teacher, read_pipeline_index
 from .sampling import ddim_cfg_sample, lcm_sample, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
@@ -53,8 +57,6 @@ class Contender:
 
 def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
     """``lcm`` for a pipeline whose scheduler is an LCMScheduler (an exported student), else ``teacher``."""
-    from .models import TeacherLoadError, read_pipeline_index
-
     try:
         index = read_pipeline_index(str(path), revision=None)
     except TeacherLoadError as error:
@@ -66,9 +68,6 @@ def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
 
 def load_contender(contender: Contender):
     """The pipeline parts a contender is sampled with (frozen, CPU or the first GPU)."""
-    from .export import load_lcm
-    from .models import load_teacher
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if contender.kind == "teacher":
         return load_teacher(contender.path).to(device)
@@ -127,8 +126,6 @@ def generate(
 
 def read_images(paths: Sequence[Path], batch_size: int) -> Iterator[tuple[int, Tensor]]:
     """(start index, images [b,3,H,W] in [0,1]) batch by batch, from PNG/JPEG files."""
-    from PIL import Image
-
     for start in range(0, len(paths), batch_size):
         arrays = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths[start : start + batch_size]])
         yield start, torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255  # [b, 3, H, W]
@@ -192,8 +189,6 @@ class FrechetDistance:
         inception_weights: str | Path | None = None,
         size: int | None = None,
     ):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
         options = {} if isinstance(features, nn.Module) else {"feature_extractor_weights_path": inception_weights}
         # normalize: inputs are floats in [0, 1]; the real statistics survive reset() between models.
         self.fid = FrechetInceptionDistance(features, normalize=True, reset_real_features=False, **options)

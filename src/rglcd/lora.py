@@ -37,7 +37,7 @@ def add_lora(
     targets: Sequence[str] = LCM_LORA_TARGETS,
 ) -> nn.Module:
     """Add the trained adapter and its EMA copy to ``unet`` in place; only the trained adapter requires grad."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # here: config reads LCM_LORA_TARGETS for `rglcd --help`; keep it light
 
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=list(targets))
     unet.requires_grad_(False)

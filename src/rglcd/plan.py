@@ -21,9 +21,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from .architectures import architecture_of, build_teacher
 from .config import TrainConfig
+from .data.cache import is_cache
 from .gpus import GPU
 from .models import reward_input, text_conditioning, update_ema
 from .rewards.base import reward_factory
@@ -84,8 +87,6 @@ class StepTracer(torch.utils._python_dispatch.TorchDispatchMode):
     output alive, which is why the counting is done here.)"""
 
     def __init__(self) -> None:
-        from torch.utils.flop_counter import flop_registry, shape_wrapper
-
         super().__init__()
         self.live = self.peak = self._phase_peak = 0
         self.flops = 0
@@ -134,8 +135,6 @@ def _is_tensor(value) -> bool:
 
 def _cpu_flash_attention_flops():
     """FLOP formulas for the CPU flash-attention kernels the fake trace runs (torch has only the GPU ones)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
     aten = torch.ops.aten
 
     # Formulas get the shapes of the tensor arguments.
@@ -199,8 +198,6 @@ def _with_random_reward_weights(config: TrainConfig) -> TrainConfig:
 
 
 def _build_on_meta(config: TrainConfig) -> _Run:
-    from .data.cache import is_cache
-
     meta = torch.device("meta")
     with meta:
         teacher = build_teacher(architecture_of(config.model.teacher, config.model.revision), config.model.teacher)
@@ -260,8 +257,6 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
 def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
     """One step of ``rglcd train`` on fake tensors at the config's batch size and resolution: what it allocates
     (at its peak and per phase) and its FLOPs. ``run`` is consumed (its tensors become fake)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     teacher, networks, proxy = run.teacher, run.networks, run.proxy
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = _prepare(run, config, device)

@@ -122,7 +122,7 @@ def load_prompts(spec: str, limit: int | None = None) -> list[Prompt]:
 def _hub_file(repo: str, filename: str, files: str, local: str, subfolder: str | None = None) -> Path:
     """A file of a hub dataset, from the hub cache or downloaded into it; unavailable, the error says to download
     ``files`` (the set's files in the repo) and pass ``local`` (the spec reading them from the download)."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # here: `rglcd eval --help` reads SPEC_HELP; keep it light
 
     try:
         return Path(hf_hub_download(repo, filename, subfolder=subfolder, repo_type="dataset"))

@@ -7,7 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+from PIL import Image
 from tqdm.auto import tqdm
+
+from .evaluate import image_path
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -54,9 +59,6 @@ def _format(value: Any) -> str:
 
 def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> Path:
     """A PNG with one row per prompt and one column per (model, steps), read from the written images."""
-    from PIL import Image
-
-    from .evaluate import image_path
 
     tiles = [
         [Image.open(image_path(Path(row["images"]), index)).convert("RGB") for row in rows] for index in prompt_indices
@@ -72,17 +74,11 @@ def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> 
 
 def _axes():
     """A small matplotlib figure and its axes, drawn off screen."""
-    import matplotlib
-
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     return plt.subplots(figsize=(5, 3.5))
 
 
 def _save(figure, axes, x_label: str, y_label: str, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     axes.set_xlabel(x_label)
     axes.set_ylabel(y_label)
     axes.legend(fontsize=8)

@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler, LCMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from torch import Tensor, nn
 
 from .models import decode_latents, text_conditioning, vae_scale_factor
@@ -32,8 +35,6 @@ def _conditioning(text: Any, prompts: list[str], size: int, dtype):
 
 def _initial_latents(unet, vae, batch_size: int, resolution: int | None, generator, dtype, init_noise_sigma: float):
     """Gaussian latents [B, C, R/f, R/f] drawn as diffusers' pipelines draw them (same generator order)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
     size = image_size(unet, vae, resolution) // vae_scale_factor(vae.config)
     shape = (batch_size, unet.config.in_channels, size, size)
     device = next(unet.parameters()).device
@@ -42,8 +43,6 @@ def _initial_latents(unet, vae, batch_size: int, resolution: int | None, generat
 
 def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int = 50, timestep_scaling: float = 10.0):
     """diffusers' LCMScheduler over the distillation grid, from the teacher's own scheduler config."""
-    from diffusers import LCMScheduler
-
     return _scheduler_from(
         LCMScheduler,
         scheduler_config,
@@ -114,8 +113,6 @@ def ddim_cfg_sample(
 
     ``guidance_scale`` is the CFG scale s of ε̂ = ε_∅ + s·(ε_c − ε_∅), as in diffusers' pipelines.
     """
-    from diffusers import DDIMScheduler
-
     # The checkpoint's own schedule and spacing, as a diffusers pipeline would run it; latents are never clipped.
     scheduler = _scheduler_from(DDIMScheduler, scheduler_config, clip_sample=False)
     device = next(unet.parameters()).device
@@ -137,8 +134,6 @@ def ddim_cfg_sample(
 
 def to_pil(images: Tensor) -> list:
     """[B,3,H,W] in [0,1] -> PIL images, rounded to uint8 as diffusers' image processor does."""
-    from PIL import Image
-
     arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(array) for array in arrays]
 

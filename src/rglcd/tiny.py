@@ -9,13 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
 def char_tokenizer(model_max_length: int = 77):
     """A real CLIPTokenizer over the 256 byte-level symbols (no merges): every character is a token."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
     symbols = sorted(ByteLevel.alphabet())
     vocab = {symbol: i for i, symbol in enumerate(symbols)}
     vocab.update({symbol + "</w>": len(symbols) + i for i, symbol in enumerate(symbols)})
@@ -29,8 +35,6 @@ def clip_text_encoder(
 ):
     """An untrained CLIPTextModel sized for ``tokenizer`` (its vocabulary, special tokens and context length);
     with ``projection_dim``, a CLIPTextModelWithProjection (SDXL's second encoder, whose projection is pooled)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     model_class = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
     return model_class(
         CLIPTextConfig(
@@ -50,8 +54,6 @@ def clip_text_encoder(
 
 def sd_scheduler(prediction_type: str):
     """A DDPM schedule with Stable Diffusion's scaled-linear betas and steps offset."""
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -64,8 +66,6 @@ def sd_scheduler(prediction_type: str):
 
 def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     """A StableDiffusionPipeline of these parts, without a safety checker."""
-    from diffusers import StableDiffusionPipeline
-
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -80,8 +80,6 @@ def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 
 def tiny_vae(resolution: int):
     """An AutoencoderKL with 3 blocks (scale factor 4) and 4 latent channels."""
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -96,8 +94,6 @@ def tiny_vae(resolution: int):
 
 def tiny_unet(resolution: int, cross_attention_dim: int, **extra):
     """A two-level UNet2DConditionModel for ``resolution // 4`` latents; ``extra``: e.g. SDXL's added conditions."""
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=resolution // 4,
         in_channels=4,
@@ -134,8 +130,6 @@ def build_tiny_pipeline(
 def build_tiny_sdxl_pipeline(prediction_type: str = "epsilon", resolution: int = 32, seed: int = 0):
     """A randomly initialised StableDiffusionXLPipeline: two text encoders (the second with a projection, whose
     output is the pooled embedding), a UNet with SDXL's text-and-time added conditions."""
-    from diffusers import StableDiffusionXLPipeline
-
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = char_tokenizer(model_max_length=16), char_tokenizer(model_max_length=16)
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Iterable
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
 
@@ -16,8 +17,6 @@ def build_student(teacher_unet: nn.Module, time_cond_proj_dim: int = 256) -> nn.
     ``time_embedding.cond_proj`` starts at zero, so at step 0 the student is exactly the teacher's
     conditional network and w enters only through learning.
     """
-    from diffusers import UNet2DConditionModel
-
     if teacher_unet.config.get("time_cond_proj_dim") is not None:
         student = copy.deepcopy(teacher_unet)
     else:

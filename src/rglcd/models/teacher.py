@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..schedules import NoiseSchedule
 from .vae import vae_scale_factor
@@ -49,8 +52,6 @@ class Teacher:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None, unet: bool = True) -> Teacher:
         """Move (and cast) the parts; ``unet=False`` leaves the UNet alone (a LoRA run's, which is the student)."""
-        from diffusers.utils import logging as diffusers_logging
-
         verbosity = diffusers_logging.get_verbosity()
         # diffusers warns of "modules that should be kept in float32: []" on every cast, even when there are none.
         diffusers_logging.set_verbosity_error()
@@ -65,8 +66,6 @@ class Teacher:
 
 
 def read_pipeline_index(source: str, revision: str | None) -> dict:
-    from diffusers import DiffusionPipeline
-
     local = Path(source)
     if local.exists() and not (local / "model_index.json").is_file():
         raise TeacherLoadError(
@@ -88,9 +87,6 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
 
     All parts are returned frozen (``requires_grad_(False)``, eval mode) in float32 on the CPU.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
     source = str(source)
     index = read_sd_layout_index(source, revision)
 

@@ -20,10 +20,16 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip import tokenize
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
+from ..architectures import clip_tokenizer
 from .base import RewardModel, check_batch, register_reward
 from .weights import load_state_dict, load_strict, resolve_file
 
@@ -57,8 +63,6 @@ def small_open_clip(config, *, vision_layers: int | tuple[int, ...], image_size:
     ``patch_size``, ``context_length``, ``text_width``, ``text_heads``, ``text_layers``): the world's CLIP and the
     latent proxy RM. ``vision_layers`` is a ViT's depth or a ResNet's blocks per stage."""
     # open_clip takes seconds to import: only models that are built pay for it.
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
     return CLIP(
         embed_dim=config.embed_dim,
         vision_cfg=CLIPVisionCfg(
@@ -157,9 +161,6 @@ def _build_open_clip(model: str | dict, pretrained: str | None, checkpoint: str 
     of open_clip's ``model_configs/*.json`` (tiny ones in tests); a dict needs ``checkpoint``.
     """
     # open_clip takes seconds to import: only rewards that are built pay for it.
-    import open_clip
-    from open_clip.transform import PreprocessCfg
-
     if isinstance(model, dict):
         if checkpoint is None:
             raise ValueError("an architecture given as a config dict needs checkpoint=<its weights file>")
@@ -217,8 +218,6 @@ class ClipScorer(RewardModel):
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         """Token ids [B, context_length] on the CPU: OpenAI CLIP's BPE, as ``open_clip.tokenize``."""
-        from open_clip import tokenize
-
         return tokenize(list(prompts), context_length=self.clip.context_length)
 
     def encode_images(self, images: Tensor) -> Tensor:
@@ -409,11 +408,7 @@ class PickScore(RewardModel):
         random_weights: bool = False,
     ):
         super().__init__()
-        from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
         if random_weights:  # the published architecture and preprocessing, untrained
-            from ..architectures import clip_tokenizer
-
             self.model = CLIPModel(CLIPConfig(**PICKSCORE_ARCHITECTURE))
             self.tokenizer = clip_tokenizer()
             self.preprocess = ClipPreprocess(224, floor_crop=True)

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
 
 from .base import RewardModel, check_batch, register_reward
 from .clip import ClipPreprocess, linear_mlp_head
@@ -64,8 +66,6 @@ class ImageRewardConfig:
 
 def _tokenizer(reference: str | Path, config: ImageRewardConfig):
     """BLIP's tokenizer: BERT uncased WordPiece + [DEC] as bos and [ENC] as an extra special token."""
-    from transformers import BertTokenizer
-
     vocab = resolve_file(reference, "vocab.txt")
     return _add_blip_tokens(BertTokenizer.from_pretrained(vocab.parent), config, vocab)  # lower-cases, as uncased
 
@@ -82,8 +82,6 @@ def _add_blip_tokens(tokenizer, config: ImageRewardConfig, source):
 
 def _stand_in_bert_tokenizer(size: int):
     """A WordPiece tokenizer of ``size`` entries (bert-base-uncased's special tokens, letters, digits, fillers)."""
-    from transformers import BertTokenizer
-
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     words += [*"abcdefghijklmnopqrstuvwxyz0123456789"] + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     words += [f"[unused{index}]" for index in range(size - len(words))]
@@ -118,9 +116,6 @@ class ImageReward(RewardModel):
     ):
         super().__init__()
         # timm and transformers take seconds to import: only models that are built pay for them.
-        from timm.models.vision_transformer import VisionTransformer
-        from transformers import BlipTextConfig, BlipTextModel
-
         config = config or ImageRewardConfig()
         self.config = config
         self.cap = cap

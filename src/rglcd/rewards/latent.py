@@ -22,8 +22,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import lock_text_tower
 from torch import Tensor, nn
 
+from ..models import decode_latents
 from .clip import ClipScorer, small_open_clip
 from .weights import load_model_weights, read_model_config, save_model_folder
 
@@ -115,8 +117,6 @@ class LatentClip(ClipScorer):
         norm, then earlier blocks). The logit scale stays trainable. The official runs unlock the resnet's
         attention pool (1 group) or the ViT's last 2 groups, and no text group.
         """
-        from open_clip.transformer import lock_text_tower
-
         self.requires_grad_(False)
         visual = self.clip.visual
         if self.config.image_tower == "vit":
@@ -210,8 +210,6 @@ def proxy_fit(
     logits are multiplied by ``expert_scale``, or by the LRM's own exp(logit_scale) when
     ``expert_scale_from_proxy`` (the official code's choice for ImageReward, which has no logit scale).
     """
-    from ..models import decode_latents
-
     scaled = torch.cat([x[indices].detach().float() for x in (model_pred, target, latents)])  # [3R, C, h, w]
     texts = [prompts[i] for i in indices.tolist()] * 3
     with torch.no_grad():

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 
@@ -28,8 +30,6 @@ def resolve_file(reference: str | Path, filename: str | None = None) -> Path:
         repo, in_repo = str(reference), filename
     else:
         raise FileNotFoundError(f"{reference!r} is neither a local file nor a hub file (owner/repo/filename)")
-    from huggingface_hub import hf_hub_download
-
     try:
         return Path(hf_hub_download(repo, in_repo))
     except (OSError, ValueError) as error:  # offline and not cached, unknown repo or file, invalid repo id
@@ -43,8 +43,6 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
     """A state dict from a ``.safetensors`` or torch file, bare or under ``"state_dict"`` (as HPSv2 and open_clip's
     trainer save it), without the ``module.`` prefix that DistributedDataParallel adds."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -67,8 +65,6 @@ MODEL_RECORD_FILE = "config.json"
 
 
 def save_model_folder(model: nn.Module, out: str | Path, kind: str, config: dict, training: dict | None) -> Path:
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, out / MODEL_WEIGHTS_FILE)
@@ -94,8 +90,6 @@ def read_training_record(folder: str | Path) -> dict:
 
 
 def load_model_weights(model: nn.Module, folder: Path, make_it: str) -> None:
-    from safetensors.torch import load_file
-
     try:
         model.load_state_dict(load_file(folder / MODEL_WEIGHTS_FILE))
     except RuntimeError as error:
