@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def write_report(
     columns: list[str],
     results: dict,
     notes: list[str],
-    tradeoffs: list[tuple[str, str]] = (),
+    tradeoffs: Sequence[tuple[str, str]] = (),
     plotted: list[str] | None = None,
     grid_prompts: int = 8,
 ) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,9 @@ from .schedules import (
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
 # the one-step prediction ẑ_0 (scaled latents [B,C,h,w]) -> what the reward reads (rglcd.models.vae.reward_input)
 RewardInput = Callable[[Tensor], Tensor]
+# A diffusers UNet2DConditionModel, or a LoRA run's view of one (rglcd.lora.AdapterView, AdaptersOff): called as the
+# UNet is, returning an output with ``.sample``.
+UNet = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class StepOutput:
 
 
 def consistency_function(
-    unet: nn.Module,
+    unet: UNet,
     z_t: Tensor,
     timesteps: Tensor,
     w_embedding: Tensor | None,
@@ -109,7 +113,7 @@ def consistency_function(
 
 @torch.no_grad()
 def teacher_ddim_cfg_step(
-    teacher_unet: nn.Module,
+    teacher_unet: UNet,
     z_t: Tensor,
     indices: Tensor,
     guidance: Tensor,
@@ -149,8 +153,8 @@ def teacher_ddim_cfg_step(
 def rglcd_step(
     *,
     student: nn.Module,
-    target: nn.Module,
-    teacher_unet: nn.Module,
+    target: UNet,
+    teacher_unet: UNet,
     distillation: Distillation,
     latents: Tensor,
     cond_embeds: Tensor,

@@ -46,6 +46,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import torch as safetensors_torch
@@ -213,17 +214,9 @@ class CachedStream(TrainStream):
         "again with `rglcd cache`"
     )
 
-    def __init__(
-        self,
-        cache: str | os.PathLike[str],
-        *,
-        batch_size: int,
-        caption_dropout: float = 0.0,
-        seed: int = 0,
-        shuffle_buffer: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, cache: str | os.PathLike[str], **order: Any) -> None:
+        """``order``: :class:`~rglcd.data.TrainStream`'s batch_size, caption_dropout, seed, shuffle_buffer, rank
+        and world_size (the resolution is the cache's)."""
         self.info = read_cache_info(cache)
         channels, *latent_size = self.info["latent_shape"]
         self._shapes = {
@@ -233,16 +226,7 @@ class CachedStream(TrainStream):
         if self.info.get("pooled_prompt_embeds_shape"):  # an SDXL teacher's
             self._shapes[POOLED] = self.info["pooled_prompt_embeds_shape"]
         self._uncond = _load_uncond(Path(cache), self._shapes)  # float32 {"prompt_embeds": [L, D], ...}
-        super().__init__(
-            cache,
-            resolution=self.info["resolution"],
-            batch_size=batch_size,
-            caption_dropout=caption_dropout,
-            seed=seed,
-            shuffle_buffer=shuffle_buffer,
-            rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(cache, resolution=self.info["resolution"], **order)
 
     @property
     def uncond_embeds(self) -> Tensor:

@@ -104,7 +104,9 @@ def build_networks(config: TrainConfig, teacher: Teacher, device: torch.device) 
     return networks
 
 
-def ema_pairs(student: torch.nn.Module, target) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def ema_pairs(
+    student: torch.nn.Module, target: torch.nn.Module | AdapterView
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(θ⁻, θ) for :func:`rglcd.models.update_ema`: the target's and the student's parameters, or for a LoRA run
     (the target is the EMA adapter's view of the student's UNet) the EMA and the trained adapters."""
     if isinstance(target, AdapterView):
