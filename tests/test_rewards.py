@@ -30,3 +30,16 @@ def test_mix_rejects_an_empty_list_and_a_non_positive_std():
         build_reward("mix", terms=[])
     with pytest.raises(ValueError, match="std must be > 0"):
         build_reward("mix", terms=[{"name": "colorfulness", "std": 0.0}])
+
+
+def test_colorfulness_exact_values_and_gradient():
+    """Hasler & Süsstrunk on flat images: grey has no colour; pure red has rg = 1, yb = 0.5, no spread."""
+    grey, red = torch.full((3, 4, 4), 0.5), torch.zeros(3, 4, 4)
+    red[0] = 1.0
+    images = torch.stack([grey, red]).requires_grad_(True)
+    scores = build_reward("colorfulness")(images, ["grey", "red"])
+    eps = 1e-8
+    expected = [1.3 * eps**0.5, eps**0.5 + 0.3 * (1.25 + eps) ** 0.5]
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    scores.sum().backward()
+    assert images.grad is not None and images.grad[1].abs().sum() > 0
