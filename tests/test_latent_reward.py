@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rglcd.config import ConfigError, load_config
-from rglcd.demo import tiny_setup
+from rglcd.experiments.demo import tiny_setup
 from rglcd.models import load_teacher
 from rglcd.rewards import build_reward
 from rglcd.rewards.latent import WORLD_LATENT_CLIP, LatentClip, LatentClipConfig, preference_loss, proxy_fit

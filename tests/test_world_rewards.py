@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
-import rglcd.world.rewards as world_rewards
+import rglcd.world.paths as world_paths
 from rglcd.rewards import available_rewards, build_reward
 from rglcd.world.render import COLOURS, POSITION_PHRASES, SHAPES, render, render_batch, scenes
 from rglcd.world.rewards import (
@@ -81,7 +81,7 @@ def test_save_load_round_trip_gives_identical_scores(saved, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_default_weights_come_from_the_cache_then_the_package(saved, name, tmp_path, monkeypatch):
     monkeypatch.setenv("RGLCD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(world_rewards, "shipped_dir", lambda: tmp_path / "shipped")
+    monkeypatch.setattr(world_paths, "shipped_dir", lambda: tmp_path / "shipped")
     with pytest.raises(FileNotFoundError, match="rglcd world rewards") as missing:
         build_reward(name)
     assert str(tmp_path / "cache" / "world" / NAMES[name]) in str(missing.value)

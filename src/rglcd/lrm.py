@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .optim import adamw_without_decay_on_gains, warmup_cosine
+from .fitting import adamw_without_decay_on_gains, fit, warmup_cosine
 from .rewards.latent import LATENT_RN50, WORLD_LATENT_CLIP, LatentClip, LatentClipConfig
 
 ARCHITECTURES = {"latent-rn50": LATENT_RN50, "world": WORLD_LATENT_CLIP}
@@ -119,26 +119,30 @@ def pretrain_lrm(
         model = LatentClip(config).to(settings.device)
     tokens = model.tokenize(captions[:train_count])  # [N, context_length], once
     loss_fn = ClipLoss()
-    optimizer = adamw_without_decay_on_gains(model, settings.learning_rate, settings.weight_decay)
-    schedule = warmup_cosine(optimizer, settings.steps)
-    losses = []
-    model.train()
-    for _ in (bar := tqdm(range(settings.steps), desc="LRM pretrain", disable=not progress)):
+
+    def batch_loss() -> Tensor:
         chosen = torch.randint(train_count, (settings.batch_size,), generator=generator)
         chosen_mean = mean[chosen]  # [B, C, h, w]
         latents = chosen_mean + std[chosen] * torch.randn(chosen_mean.shape, generator=generator)
         image = model.encode_images(latents.to(settings.device))
         text = model.clip.encode_text(tokens[chosen].to(settings.device), normalize=True)
-        loss = loss_fn(image, text, model.clip.logit_scale.exp())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        return loss_fn(image, text, model.clip.logit_scale.exp())
+
+    def cap_temperature(step: int) -> None:
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
             model.clip.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
+    optimizer = adamw_without_decay_on_gains(model, settings.learning_rate, settings.weight_decay)
+    model.train()
+    losses = fit(
+        batch_loss,
+        settings.steps,
+        optimizer,
+        warmup_cosine(optimizer, settings.steps),
+        desc="LRM pretrain",
+        progress=progress,
+        after_step=cap_temperature,
+    )
     model.eval()
     accuracy = retrieval_accuracy(model, mean[train_count:], captions[train_count:])
     record = {

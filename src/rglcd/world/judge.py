@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..fitting import fit
 from .paths import JUDGE_SEED
 from .render import COLOURS, POSITIONS, SHAPES, SIZES, Scene, Shape, render_batch, scenes
 
@@ -216,18 +217,14 @@ def train_judge(
     torch.manual_seed(seed)  # weight initialisation
     generator = torch.Generator().manual_seed(seed)  # batches and augmentation
     judge = Judge().train()
+
+    def batch_loss() -> Tensor:
+        index = torch.randint(samples, (batch_size,), generator=generator)
+        return judge_loss(judge(augment(images[index], generator)), {k: v[index] for k, v in targets.items()})
+
     optimizer = torch.optim.AdamW(judge.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps)
-    bar = tqdm(range(steps), desc="judge", disable=not progress)
-    for step in bar:
-        index = torch.randint(samples, (batch_size,), generator=generator)
-        loss = judge_loss(judge(augment(images[index], generator)), {k: v[index] for k, v in targets.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    losses = fit(batch_loss, steps, optimizer, schedule, desc="judge", progress=progress)
     judge.eval()
     accuracy = held_out_accuracy(judge, seed=seed + 1)
     training = {
@@ -236,7 +233,7 @@ def train_judge(
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
-        "final_loss": loss.item(),
+        "final_loss": losses[-1],
         "held_out_seed": seed + 1,
         "held_out_accuracy": accuracy,
         "seconds": round(time.perf_counter() - started, 1),

@@ -24,15 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from ..fitting import adamw_without_decay_on_gains, fit, warmup_cosine
 from ..metrics import high_frequency_share
-from ..optim import adamw_without_decay_on_gains, warmup_cosine
 from ..rewards.base import RewardModel, register_reward
 from ..rewards.clip import CLIP_MEAN, CLIP_STD, ClipScorer, small_open_clip
 from ..rewards.pixel import Colorfulness
 from ..rewards.weights import load_model_weights, read_model_config, save_model_folder
-from .paths import REWARD_SEED, cache_dir, shipped_dir
+from .paths import REWARD_SEED, world_asset
 from .render import COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, render_batch, scenes
 
 VOCAB_SIZE = 49408  # OpenAI CLIP's BPE vocabulary, shipped in open_clip's wheel
@@ -46,21 +45,18 @@ COLOURFULNESS_SCALE = 0.25
 
 
 def resolve_weights(weights: str | Path | None, name: str) -> Path:
-    """``weights`` if given, else ``cache_dir()/world/<name>``, else ``shipped_dir()/<name>``, whichever exists."""
-    if weights is not None:
-        folder = Path(weights)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"no world-{name} weights: {folder} is not a folder; run `{TRAIN_COMMAND}` or pass a trained folder"
-            )
-        return folder
-    candidates = (cache_dir() / "world" / name, shipped_dir() / name)
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    raise FileNotFoundError(
-        f"no trained world-{name} weights in {candidates[0]} or {candidates[1]}; run `{TRAIN_COMMAND}` to train them"
-    )
+    """``weights`` if given, else the world asset ``name``: ``cache_dir()/world/<name>``, else the shipped one."""
+    if weights is None:
+        try:
+            return world_asset(name)
+        except FileNotFoundError as missing:
+            raise FileNotFoundError(f"{missing}; run `{TRAIN_COMMAND}` to train them") from None
+    folder = Path(weights)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no world-{name} weights: {folder} is not a folder; run `{TRAIN_COMMAND}` or pass a trained folder"
+        )
+    return folder
 
 
 def _save(
@@ -194,12 +190,8 @@ def train_world_clip(
     objects: dict[tuple, int] = {}  # one group per set of objects
     groups = torch.tensor([objects.setdefault(scene.objects, len(objects)) for scene in drawn])
     generator = torch.Generator().manual_seed(seed)
-    optimiser = adamw_without_decay_on_gains(model, learning_rate, weight_decay=0.1)
-    schedule = warmup_cosine(optimiser, steps)
-    max_log_scale = math.log(100)  # CLIP's cap on the temperature
-    losses = []
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc="world-clip", disable=not progress)):
+
+    def batch_loss() -> Tensor:
         index = torch.randint(samples, (batch_size,), generator=generator)
         images = model.preprocess(_shift_and_jitter(pixels[index], generator))
         image_embeddings = model.clip.encode_image(images, normalize=True)
@@ -207,16 +199,24 @@ def train_world_clip(
         logits = model.clip.logit_scale.exp() * image_embeddings @ text_embeddings.T
         positives = (groups[index, None] == groups[None, index]).float()
         targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric, so it serves both directions
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
-        with torch.no_grad():
-            model.clip.logit_scale.clamp_(0, max_log_scale)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.clip.logit_scale.exp().item():.1f}")
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+    def cap_temperature(step: int) -> None:
+        with torch.no_grad():  # CLIP's cap on the temperature
+            model.clip.logit_scale.clamp_(0, math.log(100))
+
+    optimiser = adamw_without_decay_on_gains(model, learning_rate, weight_decay=0.1)
+    model.train()
+    losses = fit(
+        batch_loss,
+        steps,
+        optimiser,
+        warmup_cosine(optimiser, steps),
+        desc="world-clip",
+        progress=progress,
+        max_grad_norm=1.0,
+        after_step=cap_temperature,
+    )
     recipe = {"samples": samples, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate}
     return _save_trained(model, out, {**recipe, "seed": seed}, started, losses)
 
@@ -367,19 +367,16 @@ def train_world_aesthetic(
         torch.manual_seed(seed)
         model = WorldAesthetic(config=config or WorldAestheticConfig())
     generator = torch.Generator().manual_seed(seed)
-    optimiser = adamw_without_decay_on_gains(model, learning_rate, weight_decay=0.01)
-    schedule = warmup_cosine(optimiser, steps)
-    losses = []
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc="world-aesthetic", disable=not progress)):
+
+    def batch_loss() -> Tensor:
         images = vividness_jitter(pixels[torch.randint(samples, (batch_size,), generator=generator)], generator)
-        loss = F.mse_loss(model(images), colourfulness_target(images))
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        return F.mse_loss(model(images), colourfulness_target(images))
+
+    optimiser = adamw_without_decay_on_gains(model, learning_rate, weight_decay=0.01)
+    model.train()
+    losses = fit(
+        batch_loss, steps, optimiser, warmup_cosine(optimiser, steps), desc="world-aesthetic", progress=progress
+    )
     recipe = {"samples": samples, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate}
     return _save_trained(model, out, {**recipe, "seed": seed}, started, losses)
 

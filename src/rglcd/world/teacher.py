@@ -9,16 +9,18 @@ text-conditional diffusion model (CLIPTextModel + UNet2DConditionModel, trained 
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ..architectures import clip_tokenizer
+from ..fitting import fit
 from ..tiny import clip_text_encoder, sd_pipeline, sd_scheduler
 from .paths import TEACHER_SEED
 from .render import render, scenes
@@ -51,8 +53,6 @@ def render_dataset(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
 
 def build_components(prediction_type: str):
     """Untrained VAE, text encoder, tokenizer, UNet and scheduler of the world teacher."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     tokenizer = clip_tokenizer(CONTEXT_LENGTH)
     text_encoder = clip_text_encoder(tokenizer, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=256)
     vae = AutoencoderKL(
@@ -85,23 +85,21 @@ def train_autoencoder(vae, pixels: torch.Tensor, recipe: TeacherRecipe, generato
     """L1 + L2 reconstruction with a small KL term; returns the latent scaling factor 1/std."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.vae_steps)
-    vae.train()
-    for _ in (bar := tqdm(range(recipe.vae_steps), desc="world teacher: autoencoder", disable=not progress)):
+
+    def batch_loss() -> torch.Tensor:
         index = torch.randint(0, len(pixels), (recipe.vae_batch_size,), generator=generator)
         images = _to_model_range(pixels[index])
         posterior = vae.encode(images).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
-        loss = (
+        return (
             F.l1_loss(reconstruction, images)
             + F.mse_loss(reconstruction, images)
             + recipe.kl_weight * posterior.kl().mean()
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    vae.train()
+    fit(batch_loss, recipe.vae_steps, optimizer, schedule, desc="world teacher: autoencoder", progress=progress)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         sample = _to_model_range(pixels[:2048])
@@ -128,15 +126,8 @@ def train_world_teacher(out: str | Path, recipe: TeacherRecipe | None = None, pr
     empty_ids = tokenizer([""], padding="max_length", max_length=CONTEXT_LENGTH, return_tensors="pt").input_ids
 
     alphas_cumprod = scheduler.alphas_cumprod
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.unet_learning_rate, weight_decay=0.01)
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=500)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(recipe.unet_steps - 500, 1))
-    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[500])
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    unet.train()
-    text_encoder.train()
-    for step in (bar := tqdm(range(recipe.unet_steps), desc="world teacher: diffusion", disable=not progress)):
+
+    def batch_loss() -> torch.Tensor:
         index = torch.randint(0, len(pixels), (recipe.unet_batch_size,), generator=generator)
         mean, logvar = moments[index].chunk(2, dim=1)
         z0 = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)) * scaling_factor
@@ -150,18 +141,35 @@ def train_world_teacher(out: str | Path, recipe: TeacherRecipe | None = None, pr
         zt = alpha * z0 + sigma * noise
         target = noise if recipe.prediction_type == "epsilon" else alpha * noise - sigma * z0
         prediction = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
+        return F.mse_loss(prediction, target)
+
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+
+    def update_ema(step: int) -> None:
         # EMA weights sample far better than the last iterate of a small, briefly trained model.
         decay_now = min(recipe.ema_decay, (1 + step) / (10 + step))
         for ema, online in ((ema_unet, unet), (ema_text, text_encoder)):
             for ema_parameter, parameter in zip(ema.parameters(), online.parameters(), strict=True):
                 ema_parameter.lerp_(parameter.detach(), 1 - decay_now)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    optimizer = torch.optim.AdamW(
+        [*unet.parameters(), *text_encoder.parameters()], lr=recipe.unet_learning_rate, weight_decay=0.01
+    )
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, 0.01, 1.0, total_iters=500)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(recipe.unet_steps - 500, 1))
+    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, decay], milestones=[500])
+    unet.train()
+    text_encoder.train()
+    fit(
+        batch_loss,
+        recipe.unet_steps,
+        optimizer,
+        schedule,
+        desc="world teacher: diffusion",
+        progress=progress,
+        max_grad_norm=1.0,
+        after_step=update_ema,
+    )
 
     pipeline = sd_pipeline(vae, ema_text.eval(), tokenizer, ema_unet.eval(), scheduler)
     out = Path(out)
@@ -171,7 +179,4 @@ def train_world_teacher(out: str | Path, recipe: TeacherRecipe | None = None, pr
 
 
 def _recipe_json(recipe: TeacherRecipe, seconds: float) -> str:
-    import json
-    from dataclasses import asdict
-
     return json.dumps({**asdict(recipe), "training_seconds": round(seconds, 1)}, indent=2)
