@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from rglcd.config import ConfigError, load_config
+from rglcd.data import CachedStream, DataError
 from rglcd.experiments.demo import tiny_setup
+from rglcd.lrm import read_latents
 from rglcd.models import load_teacher
 from rglcd.rewards import build_reward
 from rglcd.rewards.latent import WORLD_LATENT_CLIP, LatentClip, LatentClipConfig, preference_loss, proxy_fit
@@ -132,26 +134,37 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained_lrm(tiny):
-    out = tiny / "lrm"
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "lrm", "pretrain", "--teacher", str(tiny / "teacher"),
-         "--data", str(tiny / "data"), "--out", str(out), "--architecture", "world", "--resolution", "32",
-         "--samples", "96", "--heldout", "32", "--steps", "30", "--batch-size", "32"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    """`rglcd cache` of the tiny data, then `rglcd lrm pretrain` on it."""
+    latents, out = tiny / "latents", tiny / "lrm"
+    for args in (
+        ["cache", "--teacher", str(tiny / "teacher"), "--data", str(tiny / "data"), "--out", str(latents),
+         "--resolution", "32"],
+        ["lrm", "pretrain", "--cache", str(latents), "--out", str(out), "--architecture", "world", "--samples", "96",
+         "--heldout", "32", "--steps", "30", "--batch-size", "32"],
+    ):  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "rglcd", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out retrieval among 32" in result.stdout
     return out
 
 
-def test_lrm_pretrain_cli_writes_a_loadable_proxy_and_a_latent_cache(pretrained_lrm):
+def test_lrm_pretrain_cli_reads_the_cache_and_writes_a_loadable_proxy(tiny, pretrained_lrm):
     record = json.loads((pretrained_lrm / "config.json").read_text())
     assert record["kind"] == "latent-clip" and record["config"]["latent_size"] == 8
     assert record["training"]["steps"] == 30 and 0 <= record["training"]["heldout_retrieval_accuracy"] <= 1
-    assert load_file(pretrained_lrm / "latent_cache.safetensors")["mean"].shape == (96, 4, 8, 8)
-    record = json.loads((pretrained_lrm / "latent_cache_captions.json").read_text())
-    assert len(record["captions"]) == 96 and record["resolution"] == 32  # reused only for the same data
+    assert record["training"]["cache"] == str(tiny / "latents")
+    assert record["training"]["teacher"] == str(tiny / "teacher")
     LatentClip.from_pretrained(pretrained_lrm)
+
+
+def test_lrm_pretrain_reads_the_caches_posteriors_in_order(tiny, pretrained_lrm):
+    mean, std, captions = read_latents(tiny / "latents", 40)
+    (batch,) = [next(iter(CachedStream(tiny / "latents", batch_size=40)))]
+    log_variance = batch["latent_parameters"][:, 4:]
+    assert torch.equal(mean, batch["latent_parameters"][:, :4]) and captions == batch["captions"]
+    torch.testing.assert_close(std, torch.exp(0.5 * log_variance))
+    with pytest.raises(DataError, match="holds 96 samples, not 97: lower --samples or cache more"):
+        read_latents(tiny / "latents", 97)
 
 
 def latent_overrides(tiny, lrm, out, **extra):

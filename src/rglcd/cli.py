@@ -157,11 +157,11 @@ def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
     from .rewards.weights import read_training_record
 
     settings = PretrainSettings(
-        architecture=args.architecture, resolution=args.resolution, samples=args.samples, heldout=args.heldout,
+        architecture=args.architecture, samples=args.samples, heldout=args.heldout,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
         device=str(_device(args.device)),
     )  # fmt: skip
-    pretrain_lrm(args.out, args.teacher, args.data, settings)
+    pretrain_lrm(args.out, args.cache, settings)
     record = read_training_record(args.out)
     accuracy = record["heldout_retrieval_accuracy"]
     print(
@@ -429,7 +429,8 @@ def _add_world_command(commands) -> None:
         "decoder; the same expert through a latent proxy RM fitted online, pretrained once into the cache) and "
         "report expert reward, true colourfulness, judge accuracy, judge-FD and high-frequency energy against the "
         "teacher: OUT/report.md, results.json, grid.png. Finished students and images are reused (use another --out "
-        "after changing a β), and the cached proxy is pretrained once (delete $RGLCD_CACHE/world/lrm to redo it).",
+        "after changing a β), and the cached proxy is pretrained once (delete $RGLCD_CACHE/world/lrm and "
+        "world/lrm-latents to redo it).",
     )  # fmt: skip
     overoptimisation.add_argument("--out", default="runs/overoptimisation")
     overoptimisation.add_argument("--train-steps", type=int, default=600, help="distillation steps per student")
@@ -446,19 +447,20 @@ def _add_lrm_command(commands) -> None:
     lrm_commands = lrm.add_subparsers(dest="lrm_command", required=True)
     pretrain = lrm_commands.add_parser(
         "pretrain", help="train a latent CLIP contrastively on a dataset's VAE latents and captions",
-        description="Encode SAMPLES images of DATA with the teacher's VAE once (cached in OUT), train a latent "
-        "CLIP on (latent, caption) pairs with CLIP's contrastive loss, and save it to OUT for "
+        description="Train a latent CLIP on the (latent, caption) pairs of CACHE, an `rglcd cache` folder made with "
+        "the teacher you will distil (its VAE posteriors), with CLIP's contrastive loss, and save it to OUT for "
         "`rglcd train ... reward.mode=latent reward.latent.model=OUT`.",
+        epilog="example:\n  rglcd cache --teacher T --data D --out latents --resolution 512 --samples 10000\n"
+        "  rglcd lrm pretrain --cache latents --out lrm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    pretrain.add_argument("--teacher", required=True, help="the teacher pipeline (folder or hub id) whose VAE is used")
-    pretrain.add_argument("--data", required=True, help="webdataset shards or a captioned folder, as data.source")
+    pretrain.add_argument("--cache", required=True, help="an `rglcd cache` folder: the latents and captions")
     pretrain.add_argument("--out", required=True, help="output folder")
     pretrain.add_argument(
         "--architecture", default="latent-rn50", choices=("latent-rn50", "world"),
         help="latent-rn50: the official latent ResNet-50 CLIP; world: the miniature's latent ViT",
     )  # fmt: skip
-    pretrain.add_argument("--resolution", type=int, default=512, help="image size before encoding (default: 512)")
-    pretrain.add_argument("--samples", type=int, default=10_000, help="images encoded (default: 10000)")
+    pretrain.add_argument("--samples", type=int, default=10_000, help="latents read from CACHE (default: 10000)")
     pretrain.add_argument("--heldout", type=int, default=512, help="of those, kept out for the retrieval check")
     pretrain.add_argument("--steps", type=int, default=2_000)
     pretrain.add_argument("--batch-size", type=int, default=128)
@@ -470,7 +472,7 @@ def _add_lrm_command(commands) -> None:
 
 def _add_demo_command(commands) -> None:
     demo = commands.add_parser(
-        "demo", help="RG-LCD end to end on a tiny random teacher (CPU, ~1 min)",
+        "demo", help="RG-LCD end to end on a tiny random teacher (CPU, about 30 s)",
         description="Write a tiny Stable-Diffusion-layout teacher and webdataset shards to OUT (once), run "
         "`rglcd train tiny` on them into OUT/rglcd, and sample the exported student at 1, 2 and 4 steps.",
     )  # fmt: skip

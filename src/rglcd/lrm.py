@@ -1,80 +1,58 @@
 """``rglcd lrm pretrain``: a latent proxy RM trained contrastively (CLIP's loss) on a dataset's VAE latents.
 
-The teacher's VAE encodes the images once into ``OUT/latent_cache.safetensors`` (posterior means and standard
-deviations, with the captions), which later runs reuse; training then draws a fresh posterior sample per step,
-like the distillation does. The LRM is saved to ``OUT`` (config.json + model.safetensors) with its training
-record and a held-out retrieval accuracy.
+The latents come from an ``rglcd cache`` folder (the teacher's VAE posteriors and the captions, made once, the
+same cache ``rglcd train`` reads); training draws a fresh posterior sample per step, like the distillation does.
+The LRM is saved to ``OUT`` (config.json + model.safetensors) with its training record and a held-out retrieval
+accuracy.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from open_clip.loss import ClipLoss
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from .data import CachedStream, DataError, read_cache_info
 from .fitting import adamw_without_decay_on_gains, fit, warmup_cosine
 from .rewards.latent import LATENT_RN50, WORLD_LATENT_CLIP, LatentClip, LatentClipConfig
 
 ARCHITECTURES = {"latent-rn50": LATENT_RN50, "world": WORLD_LATENT_CLIP}
-CACHE_FILE = "latent_cache.safetensors"
-CAPTIONS_FILE = "latent_cache_captions.json"
 
 
 @dataclass
 class PretrainSettings:
     architecture: str = "latent-rn50"
-    resolution: int = 512
-    samples: int = 10_000  # encoded once; the last ``heldout`` are kept for the retrieval check
+    samples: int = 10_000  # read from the cache; the last ``heldout`` are kept for the retrieval check
     heldout: int = 512
     steps: int = 2_000
     batch_size: int = 128
     learning_rate: float = 5e-4  # the official latent_RN50 run's
     weight_decay: float = 0.1
     seed: int = 0
-    device: str = "cpu"  # where the VAE encodes and the proxy trains ("cuda", ...); the latents stay in RAM
+    device: str = "cpu"  # where the proxy trains ("cuda", ...); the latents stay in RAM
 
 
-def encode_dataset(
-    teacher: str, source: str, resolution: int, samples: int, out: Path, device: str = "cpu", progress: bool = True
-) -> tuple[Tensor, Tensor, list[str]]:
-    """(means, stds [N, C, h, w], captions) of the first ``samples`` images of ``source`` (which should hold at
-    least that many: a stream that wraps around repeats images), cached in ``out`` and reused only for the same
-    teacher, source and resolution. They are held in memory: N·2·C·h·w floats (about 26 GB for 200,000 SD
-    latents at 512 px)."""
-    cache, captions_file = out / CACHE_FILE, out / CAPTIONS_FILE
-    made_by = {"teacher": str(teacher), "source": str(source), "resolution": resolution}
-    if cache.is_file() and captions_file.is_file():
-        record = json.loads(captions_file.read_text())
-        if {key: record.get(key) for key in made_by} == made_by and len(record["captions"]) >= samples:
-            tensors = load_file(cache)
-            return tensors["mean"][:samples], tensors["std"][:samples], record["captions"][:samples]
-    from .data import TrainStream
-    from .models import load_teacher
-
-    vae = load_teacher(teacher).vae.eval().to(device)
-    stream = TrainStream(source, resolution=resolution, batch_size=64, shuffle_buffer=0, seed=0)
-    means, stds, captions = [], [], []
-    with torch.no_grad(), tqdm(total=samples, desc="encode latents", disable=not progress) as bar:
-        for batch in stream:
-            posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
-            means.append(posterior.mean.cpu())
-            stds.append(posterior.std.cpu())
-            bar.update(min(len(batch["captions"]), samples - len(captions)))
-            captions += batch["captions"]
-            if len(captions) >= samples:
-                break
-    mean, std = torch.cat(means)[:samples], torch.cat(stds)[:samples]
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, cache)
-    captions_file.write_text(json.dumps({**made_by, "captions": captions[:samples]}))
-    return mean, std, captions[:samples]
+def read_latents(cache: str | Path, samples: int) -> tuple[Tensor, Tensor, list[str]]:
+    """(posterior means, stds [N, C, h, w], captions) of the first ``samples`` entries of an ``rglcd cache``
+    folder, in its order. They are held in memory: N·2·C·h·w floats (about 26 GB for 200,000 SD latents at
+    512 px)."""
+    available = read_cache_info(cache)["samples"]
+    if available < samples:
+        raise DataError(f"{cache} holds {available} samples, not {samples}: lower --samples or cache more")
+    parameters, captions = [], []
+    for batch in CachedStream(cache, batch_size=min(64, samples)):  # in order: no shuffle, no caption dropout
+        parameters.append(batch["latent_parameters"])  # [B, 2C, h, w]: mean, log-variance
+        captions += batch["captions"]
+        if len(captions) >= samples:
+            break
+    posterior = DiagonalGaussianDistribution(torch.cat(parameters)[:samples])
+    return posterior.mean, posterior.std, captions[:samples]
 
 
 RETRIEVAL_GROUP = 32
@@ -91,12 +69,8 @@ def retrieval_accuracy(model: LatentClip, latents: Tensor, captions: list[str], 
     return hits / (len(latents) // group * group)
 
 
-def pretrain_lrm(
-    out: str | Path, teacher: str, source: str, settings: PretrainSettings, progress: bool = True
-) -> LatentClip:
-    """Train a latent CLIP on ``source``'s latents (VAE of ``teacher``) and save it to ``out``."""
-    from open_clip.loss import ClipLoss
-
+def pretrain_lrm(out: str | Path, cache: str | Path, settings: PretrainSettings, progress: bool = True) -> LatentClip:
+    """Train a latent CLIP on the latents of an ``rglcd cache`` folder and save it to ``out``."""
     if settings.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown LRM architecture {settings.architecture!r}; one of {', '.join(ARCHITECTURES)}")
     if not RETRIEVAL_GROUP <= settings.heldout < settings.samples:
@@ -105,9 +79,7 @@ def pretrain_lrm(
         )
     started = time.perf_counter()
     out = Path(out)
-    mean, std, captions = encode_dataset(
-        teacher, source, settings.resolution, settings.samples, out, settings.device, progress
-    )
+    mean, std, captions = read_latents(cache, settings.samples)
     config: LatentClipConfig = replace(
         ARCHITECTURES[settings.architecture], latent_size=mean.shape[-1], latent_channels=mean.shape[1]
     )
@@ -147,8 +119,8 @@ def pretrain_lrm(
     accuracy = retrieval_accuracy(model, mean[train_count:], captions[train_count:])
     record = {
         **vars(settings),
-        "teacher": str(teacher),
-        "source": str(source),
+        "cache": str(cache),
+        "teacher": read_cache_info(cache)["teacher"],
         "seconds": round(time.perf_counter() - started, 1),
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "heldout_retrieval_accuracy": round(accuracy, 4),

@@ -6,7 +6,7 @@ describes the sources, the order and the resume); :func:`write_shards` writes we
 them back with the same contract (:class:`CachedStream`).
 """
 
-from .cache import CachedStream, check_cache, is_cache, teacher_fingerprint, write_cache
+from .cache import CachedStream, check_cache, is_cache, read_cache_info, teacher_fingerprint, write_cache
 from .sources import DataError, write_shards
 from .stream import DataStats, TrainStream
 
@@ -17,6 +17,7 @@ __all__ = [
     "TrainStream",
     "check_cache",
     "is_cache",
+    "read_cache_info",
     "teacher_fingerprint",
     "write_cache",
     "write_shards",

@@ -1,4 +1,4 @@
-"""``rglcd demo``: RG-LCD end to end on a tiny teacher that the package builds (CPU, about a minute).
+"""``rglcd demo``: RG-LCD end to end on a tiny teacher that the package builds (CPU, about 30 s).
 
 The teacher has random weights, so its pictures mean nothing; what the demo shows is the whole path a real
 run takes: a diffusers folder loaded like a hub checkpoint, webdataset shards, ``rglcd train`` with the

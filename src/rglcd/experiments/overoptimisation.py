@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import write_cache
 from ..eval_command import run_eval
 from ..lrm import PretrainSettings, pretrain_lrm
 from ..rewards.weights import read_training_record
@@ -41,16 +42,20 @@ class OveroptimisationSettings:
 
 
 def world_lrm(settings: OveroptimisationSettings, world: dict[str, Path]) -> Path:
-    """The world's latent proxy RM, pretrained contrastively on the world data's latents (cached)."""
+    """The world's latent proxy RM, pretrained contrastively on the latents of the world data (an `rglcd cache`
+    made with the world teacher); both made once, then cached."""
     pretrain = PretrainSettings(
         architecture="world",
-        resolution=32,
         samples=settings.lrm_samples,
         heldout=min(512, settings.lrm_samples // 4),
         steps=settings.lrm_steps,
         seed=settings.seed,
     )
-    return world_asset("lrm", lambda out: pretrain_lrm(out, str(world["teacher"]), str(world["data"]), pretrain))
+    latents = world_asset(
+        "lrm-latents",
+        lambda out: write_cache(world["teacher"], world["data"], out, resolution=32, samples=pretrain.samples),
+    )
+    return world_asset("lrm", lambda out: pretrain_lrm(out, latents, pretrain))
 
 
 def student_runs(settings: OveroptimisationSettings, lrm: Path) -> dict[str, list[str]]:
