@@ -86,16 +86,67 @@ def test_sample_errors_are_clear(demo_run, tmp_path):
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
-def readme_lines(section: str) -> list[str]:
-    """The shell lines (comments dropped) of the README's fenced bash blocks under a '## section' heading."""
-    text = (ROOT / "README.md").read_text()
-    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
-    return [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+README = ROOT / "README.md"
+DOC_PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def readme_commands(*sections: str) -> list[str]:
-    return [part.strip() for section in sections for line in readme_lines(section) for part in line.split("&&")]
+def doc_lines(page: Path, section: str | None = None) -> list[str]:
+    """The shell lines of a Markdown page's fenced bash blocks (all of them, or those under a '## section' heading):
+    comments dropped, backslash continuations joined into one line."""
+    text = page.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        pending = ""
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.endswith("\\"):
+                pending += line[:-1].strip() + " "
+            elif pending or line:
+                lines.append((pending + line).strip())
+                pending = ""
+    return lines
+
+
+def doc_commands(page: Path, *sections: str) -> list[str]:
+    """The commands of ``doc_lines`` (of the whole page, or of ``sections`` in order), split on ``&&``."""
+    lines = [line for section in sections for line in doc_lines(page, section)] if sections else doc_lines(page)
+    return [part.strip() for line in lines for part in line.split("&&")]
+
+
+def rglcd_arguments(command: str) -> list[str] | None:
+    """The arguments of ``rglcd ...`` or of a launcher's ``... -m rglcd ...``; None for any other command."""
+    words = shlex.split(command)
+    if words[:1] == ["rglcd"]:
+        return words[1:]
+    starts = [i + 2 for i in range(len(words) - 1) if words[i : i + 2] == ["-m", "rglcd"]]
+    return words[starts[0] :] if starts else None
+
+
+def test_documented_commands_parse():
+    """Every rglcd command in a bash block of the README or a docs page parses with today's command line."""
+    import contextlib
+    import io
+
+    from rglcd.cli import build_parser
+
+    parser = build_parser()
+    checked = []
+    for page in DOC_PAGES:
+        for command in doc_commands(page):
+            args = rglcd_arguments(command)
+            if args is None:
+                continue
+            errors = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(errors):
+                    parser.parse_args(args)
+            except SystemExit as error:
+                if error.code:
+                    pytest.fail(f"{page.relative_to(ROOT)}: `{command}` does not parse:\n{errors.getvalue()}")
+            checked.append(command)
+    assert len(checked) >= 20, checked
 
 
 def test_readme_rglcd_commands_run(tmp_path):
@@ -104,7 +155,7 @@ def test_readme_rglcd_commands_run(tmp_path):
     The quickstart and the over-optimisation experiment run at a CI size (2 distillation steps, 8 prompts) from
     the shipped world weights; their full sizes are measured by hand (README, docs) and not run in CI.
     """
-    commands = [command for command in readme_commands("Set-up", "Quick start") if command.startswith("rglcd ")]
+    commands = [command for command in doc_commands(README, "Set-up", "Quick start") if command.startswith("rglcd ")]
     assert commands[0] == "rglcd quickstart" and len(commands) >= 3
     env = {**os.environ, "RGLCD_CACHE": str(tmp_path / "cache")}
     for command in commands:
@@ -120,6 +171,6 @@ def test_readme_rglcd_commands_run(tmp_path):
 
 def test_ci_runs_the_readme_install_and_test_commands():
     ci = (ROOT / ".ci" / "run").read_text()
-    test_lines = [line for line in readme_lines("Set-up") if "pytest" in line]
+    test_lines = [line for line in doc_lines(README, "Set-up") if "pytest" in line]
     assert len(test_lines) == 1 and test_lines[0].startswith("pip install")
     assert test_lines[0] in ci, f".ci/run does not run the README's `{test_lines[0]}` verbatim"
