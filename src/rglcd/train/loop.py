@@ -265,7 +265,7 @@ def skip_non_finite_step(run: Run) -> None:
     run.nan_streak += 1
     logger.warning("non-finite loss at step %d (%d in a row); update skipped", run.global_step + 1, run.nan_streak)
     if run.nan_streak >= run.config.logging.max_consecutive_nan_steps:
-        path = checkpoint(run)
+        path = save_run_checkpoint(run)
         raise TrainingError(
             f"the loss was NaN/Inf for {run.nan_streak} steps in a row (last good state: {path}). Lower "
             "optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no, then "
@@ -300,10 +300,11 @@ def after_step(run: Run, logs: dict[str, float]) -> None:
         student = accelerator.unwrap_model(run.networks.student)
         validate_samples(accelerator, run.config, run.teacher, student, run.distillation, step, run.sharded)
     if step % logging_config.checkpointing_steps == 0:
-        checkpoint(run)
+        save_run_checkpoint(run)
 
 
-def checkpoint(run: Run) -> Path:
+def save_run_checkpoint(run: Run) -> Path:
+    """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit``."""
     state = {"global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded}
     keep = run.config.logging.checkpoints_total_limit
     return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep)
