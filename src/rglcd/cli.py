@@ -1,4 +1,8 @@
-"""The ``rglcd`` command line."""
+"""The ``rglcd`` command line.
+
+Each command imports what it runs inside its ``cmd_*`` function, so that ``rglcd --help`` and a command's ``--help``
+stay quick (torch's model libraries take seconds to import).
+"""
 
 from __future__ import annotations
 
