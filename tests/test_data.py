@@ -399,3 +399,44 @@ def test_ranks_get_disjoint_subsets_that_cover_the_data(tmp_path, n_shards, per_
         assert train_stream.state_dict()["epoch"] == 1  # so the rank's epoch had exactly `expected` samples
         everything += epoch
     assert sorted(everything) == sorted(f"caption {i}" for i in range(n_shards * per_shard))  # disjoint, covering
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_unreadable_caption_lines_are_skipped_and_counted_never_fatal(tmp_path, kind):
+    """A field over the csv limit, a non-UTF-8 line, extra columns, an unclosed quote and paths outside the folder
+    are each one skipped entry with its reason; the good entries around them all arrive, in order."""
+    folder = captioned_folder(tmp_path, 3, kind)
+    (tmp_path / "outside.png").write_bytes((folder / "0.png").read_bytes())
+    captions = folder / f"captions.{kind}"
+    good_lines = captions.read_bytes().splitlines(keepends=True)
+    if kind == "jsonl":
+        bad = [
+            json.dumps({"file": "1.png", "caption": "x" * 200_000}).encode(),
+            b'{"file": "2.png", "caption": "caf\xe9"}',
+            json.dumps({"file": str(folder / "0.png"), "caption": "absolute"}).encode(),
+            json.dumps({"file": "../outside.png", "caption": "parent"}).encode(),
+        ]
+        reasons = {"oversize captions line": 1, "captions line not UTF-8": 1, "image path outside the folder": 2}
+    else:
+        bad = [
+            b"1.png," + b"x" * 200_000,
+            b"2.png,caf\xe9",
+            b"1.png,a caption,an extra column",
+            b'2.png,"an unclosed quote',
+            b"../outside.png,parent",
+        ]
+        reasons = {
+            "oversize captions line": 1, "captions line not UTF-8": 1, "image path outside the folder": 1,
+            "captions row with another number of columns than the header": 1, "malformed captions row": 1,
+        }  # fmt: skip
+    captions.write_bytes(b"".join([*good_lines[:2], *(line + b"\n" for line in bad), *good_lines[2:]]))
+    train_stream = stream(folder)
+    assert captions_of(take(train_stream, 3)) == ["caption 0", "caption 1", "caption 2"]
+    assert train_stream.stats.reasons == reasons
+
+
+def test_a_pipe_source_says_what_it_runs(tmp_path, capsys):
+    folder = shards(tmp_path, 2, per_shard=2)
+    command = f"cat {folder}/shard-000000.tar"
+    assert captions_of(take(stream(f"pipe:{command}", batch_size=2), 1)) == ["caption 0", "caption 1"]
+    assert f"rglcd: data.source runs the shell command: {command}" in capsys.readouterr().err

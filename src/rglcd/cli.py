@@ -276,7 +276,8 @@ def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train", help="distil a teacher into an RG-LCM (accelerate: `accelerate launch -m rglcd train ...`)",
         description="Run RG-LCD from a preset or a YAML config, with section.field=value overrides. The config "
-        "is validated before any model loads and written to OUTPUT_DIR/config.yaml.",
+        "is validated before any model loads and written to OUTPUT_DIR/config.yaml. A data.source of pipe:CMD runs "
+        "CMD in a shell: read a config from elsewhere before you train with it.",
         epilog="example: rglcd train tiny optim.max_train_steps=20 logging.output_dir=runs/try",
     )  # fmt: skip
     _add_config_arguments(train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tried in this order within 
 CAPTION_FILES = ("captions.jsonl", "captions.csv")  # tried in this order within a folder
 SOURCE_FORMS = (
     "a webdataset .tar, a brace pattern such as /data/shard-{000000..000009}.tar, a directory of .tar shards, "
-    "a pipe:CMD url, or a folder of images with a captions.jsonl or captions.csv"
+    "a pipe:CMD url (CMD runs in a shell: only use sources you trust), or a folder of images with a "
+    "captions.jsonl or captions.csv"
 )
 
 # tarfile's messages for an archive with no bytes or one that stops early; any other means damaged bytes.
@@ -74,6 +76,8 @@ class TarShard:
         self.payload_extensions = payload_extensions
 
     def samples(self, on_error: OnError) -> Iterator[RawSample]:
+        if self.url.startswith("pipe:"):  # a config from elsewhere can hold any command: say what runs
+            print(f"rglcd: data.source runs the shell command: {self.url[len('pipe:') :]}", file=sys.stderr)
         try:
             stream = wds.gopen(self.url, "rb")
         except OSError as exn:
@@ -132,7 +136,9 @@ def _caption_from_record(record: object) -> str | None:
 
 
 class CaptionedFolder:
-    """A folder of images listed, with their captions, in ``captions.jsonl`` or ``captions.csv``."""
+    """A folder of images listed, with their captions, in ``captions.jsonl`` or ``captions.csv``: one entry per
+    line (a csv caption cannot span lines). An entry that cannot be read (not UTF-8, malformed, a field over
+    :data:`MAX_FIELD` characters, a path outside the folder) is skipped and counted by its reason."""
 
     def __init__(self, captions_file: Path) -> None:
         read = _read_captions_jsonl if captions_file.suffix == ".jsonl" else _read_captions_csv
@@ -148,40 +154,72 @@ class CaptionedFolder:
         return iter(self.entries)
 
 
-def _read_captions_jsonl(path: Path) -> list[RawSample]:
-    entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+MAX_FIELD = 131_072  # characters in a captions file's field (the csv module's default limit)
+
+
+def _numbered_lines(path: Path, first: int = 1) -> Iterator[tuple[str, str | None]]:
+    """(key, line) for each non-blank line of ``path``; the line is None where it is not UTF-8."""
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=first):
+        if not raw.strip():
             continue
-        key = f"{path.name}:{number}"
+        try:
+            yield f"{path.name}:{number}", raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield f"{path.name}:{number}", None
+
+
+def _entry(path: Path, key: str, line: str | None, parse: Callable[[str], tuple[str, str | None]]) -> RawSample:
+    """The sample a captions line lists, or why it is unusable. ``parse`` gives (file, caption) or raises
+    ValueError with the reason."""
+    if line is None:
+        return RawSample(key, None, None, problem="captions line not UTF-8")
+    if len(line) > MAX_FIELD:
+        return RawSample(key, None, None, problem="oversize captions line")
+    try:
+        file, caption = parse(line)
+    except ValueError as error:
+        return RawSample(key, None, None, problem=str(error))
+    image = (path.parent / file).resolve()
+    if Path(file).is_absolute() or not image.is_relative_to(path.parent.resolve()):
+        return RawSample(key, None, None, problem="image path outside the folder")
+    return RawSample(key, path.parent / file, caption)
+
+
+def _read_captions_jsonl(path: Path) -> list[RawSample]:
+    def parse(line: str) -> tuple[str, str | None]:
         try:
             record = json.loads(line)
         except ValueError:
-            entries.append(RawSample(key, None, None, problem="malformed captions line"))
-            continue
+            raise ValueError("malformed captions line") from None
         file = record.get("file") if isinstance(record, dict) else None
-        if not isinstance(file, str):
-            entries.append(RawSample(key, None, None, problem="malformed captions line"))
-            continue
-        entries.append(RawSample(key, path.parent / file, _caption_from_record(record)))
-    return entries
+        if not isinstance(file, str) or not file:
+            raise ValueError("malformed captions line")
+        return file, _caption_from_record(record)
+
+    return [_entry(path, key, line, parse) for key, line in _numbered_lines(path)]
 
 
 def _read_captions_csv(path: Path) -> list[RawSample]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or ())
-        text_column = "caption" if "caption" in columns else "text"
-        if "file" not in columns or text_column not in columns:
-            raise DataError(f"{path} needs a header row with the columns file,caption; it has {sorted(columns)}")
-        entries = []
-        for number, row in enumerate(reader, start=2):  # numbered like the file's lines, after the header
-            key = f"{path.name}:{number}"
-            if not row["file"]:
-                entries.append(RawSample(key, None, None, problem="malformed captions line"))
-            else:
-                entries.append(RawSample(key, path.parent / row["file"], row[text_column]))
-        return entries
+    lines = _numbered_lines(path)
+    header = next(lines, (None, None))[1]
+    columns = next(csv.reader([header or ""]), [])
+    text_column = "caption" if "caption" in columns else "text"
+    if header is None or "file" not in columns or text_column not in columns:
+        raise DataError(f"{path} needs a header row with the columns file,caption; it has {sorted(columns)}")
+
+    def parse(line: str) -> tuple[str, str | None]:
+        try:
+            (row,) = csv.reader([line], strict=True)  # strict: an unclosed quote is an error, not a longer field
+        except csv.Error:
+            raise ValueError("malformed captions row") from None
+        if len(row) != len(columns):
+            raise ValueError("captions row with another number of columns than the header")
+        record = dict(zip(columns, row, strict=True))
+        if not record["file"]:
+            raise ValueError("malformed captions row")
+        return record["file"], record[text_column]
+
+    return [_entry(path, key, line, parse) for key, line in lines]
 
 
 def open_source(source: str | os.PathLike[str]) -> list[Shard]:
