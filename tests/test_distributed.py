@@ -106,7 +106,7 @@ def test_two_process_training_stays_in_step_and_resumes_exactly(tiny, ddp_run, t
     summary = json.loads((straight / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_step"] == 4 and summary["ranks_agree"]
     checkpoint = straight / "checkpoints" / "checkpoint-4"
-    assert {"generator-0.pt", "generator-1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= {
+    assert {"generator-0.safetensors", "generator-1.safetensors", "random_states_0.pkl", "random_states_1.pkl"} <= {
         path.name for path in checkpoint.iterdir()
     }
     data_states = json.loads((checkpoint / "trainer_state.json").read_text())["data"]

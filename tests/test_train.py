@@ -1,13 +1,18 @@
 """`rglcd train`: smoke run, exact resume after SIGKILL, atomic checkpoints, NaN handling, bad data."""
 
 import json
+import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from rglcd.config import load_config
@@ -16,6 +21,7 @@ from rglcd.experiments.demo import colour_samples, tiny_setup
 from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 from rglcd.train import TrainingError, checkpoints, resolve_resume, train
+from rglcd.train.checkpoints import check_safe_to_load
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +207,56 @@ def test_missing_reward_weights_are_a_config_error_before_the_teacher_loads(tiny
     config = load_config("tiny", overrides(tiny, tmp_path / "run", reward__terms="[{name: aesthetic}]"))
     with pytest.raises(ConfigError, match=r"reward\.terms: aesthetic needs checkpoint=<the head>"):
         train(config)
+
+
+class _RunsCode:
+    """Unpickling it runs a shell command: what a tampered checkpoint file could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_its_code(tiny, tmp_path):
+    """Each file of a checkpoint (and of an FSDP sharded folder) replaced by a pickle that runs code: resume refuses
+    it with a one-line TrainingError, and the code never runs."""
+    out = tmp_path / "run"
+    config = load_config("tiny", overrides(tiny, out, optim__max_train_steps=2, logging__validation_steps=0))
+    train(config)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    shutil.rmtree(out / "student")
+    planted_in = sorted(path.name for path in checkpoint.iterdir())
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "target.safetensors",
+            "generator-0.safetensors", "trainer_state.json"} <= set(planted_in)  # fmt: skip
+    marker = tmp_path / "code-ran"
+    resume = load_config("tiny", overrides(tiny, out, optim__max_train_steps=4, logging__validation_steps=0))
+    for name in planted_in:
+        original = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(pickle.dumps(_RunsCode(marker)))
+        with pytest.raises(TrainingError, match=str(checkpoint)):
+            train(resume, resume="latest")
+        assert not marker.exists(), f"unpickling {name} ran code"
+        (checkpoint / name).write_bytes(original)
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))  # an older rglcd's
+    with pytest.raises(TrainingError, match="pickled objects, which this version never loads"):
+        train(resume, resume="latest")
+    assert not marker.exists()
+
+
+def test_a_sharded_checkpoint_folder_is_checked_before_torch_unpickles_it(tmp_path):
+    """FSDP checkpoints are torch.distributed.checkpoint folders: pickled metadata, and non-tensor entries that
+    torch loads without weights_only. Both are checked first."""
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "checkpoint-2"
+    dcp.save({"w": torch.ones(2), "step": 3}, storage_writer=dcp.FileSystemWriter(checkpoint / "model"), no_dist=True)
+    check_safe_to_load(checkpoint, 0)  # a real one passes
+    dcp.save({"evil": _RunsCode(marker)}, storage_writer=dcp.FileSystemWriter(checkpoint / "other"), no_dist=True)
+    with pytest.raises(TrainingError, match="unsafe or damaged"):
+        check_safe_to_load(checkpoint, 0)
+    shutil.rmtree(checkpoint / "other")
+    (checkpoint / "model" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(TrainingError, match="unsafe or damaged"):
+        check_safe_to_load(checkpoint, 0)
+    assert not marker.exists()

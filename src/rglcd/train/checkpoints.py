@@ -1,8 +1,17 @@
-"""A run's checkpoints: written atomically (:func:`rglcd.files.atomic_folder`), listed, rotated and resumed exactly."""
+"""A run's checkpoints: written atomically (:func:`rglcd.files.atomic_folder`), listed, rotated and resumed exactly.
+
+A checkpoint holds tensors and JSON only, and nothing in it is unpickled: the student (``model.safetensors``, or
+FSDP's sharded files), its optimizer and schedule (accelerate's ``.bin`` files, read with ``weights_only=True``),
+the EMA target and the latent proxy (``.safetensors``), the proxy's optimizer (``weights_only``), each rank's
+generator (``.safetensors``), accelerate's RNG states (checked to load with ``weights_only`` first) and
+``trainer_state.json``. A file that would need unpickling is refused before anything is loaded.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -10,8 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import SAFE_MODEL_NAME
-from safetensors.torch import load_file
+from accelerate.utils import RNG_STATE_NAME, SAFE_MODEL_NAME
+from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from ..files import atomic_folder, partial_folder
 from .errors import TrainingError
@@ -40,22 +53,28 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, out: Path, trainer_state: dict, stream, generator: torch.Generator, keep: int
-) -> Path:
+    accelerator: Accelerator, out: Path, trainer_state: dict, stream, generator: torch.Generator, keep: int,
+    modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+) -> Path:  # fmt: skip
     """``checkpoints/checkpoint-N`` (N = ``trainer_state["global_step"]``): accelerate's state (student, optimizer,
-    scheduler, registered objects), each rank's generator and data position, and ``trainer_state``. Written into
-    ``checkpoint-N.partial`` by every rank and renamed when complete; then only the newest ``keep`` are kept."""
+    scheduler), ``modules`` (the same on every rank: the EMA target, the proxy) and ``optimizers`` (the proxy's)
+    by name, each rank's generator and data position, and ``trainer_state``. Written into ``checkpoint-N.partial``
+    by every rank and renamed when complete; then only the newest ``keep`` are kept."""
     final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{trainer_state['global_step']}"
     main = accelerator.is_main_process
     with atomic_folder(final) if main else nullcontext(partial_folder(final)) as partial:
         accelerator.wait_for_everyone()  # the main process has cleared a stale partial folder
         partial.mkdir(parents=True, exist_ok=True)
         accelerator.save_state(str(partial))
-        torch.save(generator.get_state(), partial / f"generator-{accelerator.process_index}.pt")
+        save_file({"state": generator.get_state()}, partial / f"generator-{accelerator.process_index}.safetensors")
         data_states = gather_objects(accelerator, stream.state_dict())
-        accelerator.wait_for_everyone()  # every rank has written before the main process renames
         if main:
+            for name, module in modules.items():
+                save_model(module, str(partial / f"{name}.safetensors"))
+            for name, optimizer in optimizers.items():
+                torch.save(optimizer.state_dict(), partial / f"{name}.pt")  # tensors and numbers: weights_only
             (partial / TRAINER_STATE).write_text(json.dumps({**trainer_state, "data": data_states}))
+        accelerator.wait_for_everyone()  # every rank has written before the main process renames
     if main:  # renamed: the atomic moment; before it, the previous checkpoint is the latest
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
@@ -63,9 +82,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, stream, generator: torch.Generator, sharded: bool):
-    """Restore accelerate's state, this rank's data position and generator; returns the trainer state."""
-    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+def load_checkpoint(
+    accelerator: Accelerator, checkpoint: Path, stream, generator: torch.Generator, sharded: bool,
+    modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+) -> dict:  # fmt: skip
+    """Restore what :func:`save_checkpoint` wrote, after checking that nothing in it needs unpickling; returns the
+    trainer state."""
+    check_safe_to_load(checkpoint, accelerator.process_index)
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())  # (not UTF-8: a ValueError too)
+        if not isinstance(state, dict) or not {"global_step", "nan_streak", "data"} <= state.keys():
+            raise ValueError("global_step, nan_streak or data is missing")
+    except ValueError as error:
+        message = f"{checkpoint / TRAINER_STATE} is damaged ({error}); resume from another checkpoint"
+        raise TrainingError(message) from error
     if len(state["data"]) != accelerator.num_processes:  # each rank's data position and generator are saved
         raise TrainingError(
             f"{checkpoint} was saved by {len(state['data'])} processes and this run has "
@@ -77,11 +107,66 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, stream, generato
             f"{checkpoint} was saved with {saved_with} and this run uses {run_with}; resume with the accelerate "
             "config the run started with"
         )
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+        for name, module in modules.items():
+            load_model(module, str(checkpoint / f"{name}.safetensors"), device=str(next(module.parameters()).device))
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(torch.load(checkpoint / f"{name}.pt", map_location="cpu", weights_only=True))
+        generator.set_state(load_file(checkpoint / f"generator-{accelerator.process_index}.safetensors")["state"])
+    except TrainingError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
+        raise TrainingError(f"{checkpoint} cannot be resumed ({type(error).__name__}: {str(error)[:300]})") from error
     stream.load_state_dict(state["data"][accelerator.process_index])
-    generator.set_state(torch.load(checkpoint / f"generator-{accelerator.process_index}.pt"))
     accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
     return state
+
+
+def check_safe_to_load(checkpoint: Path, process_index: int) -> None:
+    """Refuse a checkpoint with a file that would be unpickled with code: accelerate reads its ``.bin`` files with
+    ``weights_only=True`` (an unsafe one raises), but reads custom objects unrestricted and skips RNG states it
+    cannot read; FSDP's sharded folders carry pickled metadata and pickled non-tensor entries."""
+    unsafe = sorted(path.name for path in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if unsafe:
+        raise TrainingError(
+            f"{checkpoint} holds {', '.join(unsafe)}: pickled objects, which this version never loads (they can run "
+            "code); it was written by an older rglcd: resume it with that version, or start the run again"
+        )
+    rng_states = checkpoint / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        if rng_states.exists():
+            accelerate_load(rng_states)  # numpy and torch RNG states only, as accelerate reads them
+        for metadata in checkpoint.glob("*/.metadata"):
+            check_sharded_folder(metadata.parent)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:
+        raise TrainingError(f"{checkpoint}: not a checkpoint rglcd wrote (unsafe or damaged): {error}") from error
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's metadata and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        allowed = module.startswith("torch.distributed.checkpoint.") or (module, name) in _METADATA_GLOBALS
+        allowed = allowed or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
+def check_sharded_folder(folder: Path) -> None:
+    """Check an FSDP (torch.distributed.checkpoint) folder: its metadata holds only checkpoint metadata, and every
+    non-tensor entry (which torch loads without ``weights_only``) loads with ``weights_only``."""
+    with (folder / ".metadata").open("rb") as handle:
+        metadata = _MetadataUnpickler(handle).load()
+    for index, info in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with (folder / info.relative_path).open("rb") as handle:
+                handle.seek(info.offset)
+                torch.load(io.BytesIO(handle.read(info.length)), weights_only=True)
 
 
 def gather_objects(accelerator: Accelerator, value) -> list:

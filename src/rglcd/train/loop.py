@@ -122,7 +122,9 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
     expert = expert.to(accelerator.device) if expert is not None else None
     optimizer, lr_scheduler = build_optimizers(config, networks.student, accelerator.num_processes)
     networks.student, optimizer, lr_scheduler = accelerator.prepare(networks.student, optimizer, lr_scheduler)
-    proxy = register_for_checkpoints(config, accelerator, networks)
+    if config.lora.rank:
+        checkpoint_adapters_only(accelerator)  # the EMA target is an adapter, saved with the student's
+    proxy = build_latent_proxy(config, accelerator.device)
     stream = build_stream(config, cached, accelerator.process_index, accelerator.num_processes)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     uncond = unconditional(config, teacher, stream, accelerator.device)
@@ -132,7 +134,7 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
     )  # fmt: skip
     checkpoint = resolve_resume(out, resume)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, stream, generator, sharded)
+        state = load_checkpoint(accelerator, checkpoint, stream, generator, sharded, *checkpointed(run))
         run.global_step, run.nan_streak = state["global_step"], state["nan_streak"]
     if accelerator.is_main_process:
         accelerator.init_trackers("rglcd", config=flat_scalars(config.to_dict()))
@@ -140,21 +142,25 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
     return export(run, step_seconds, peak_memory_of_the_steps(accelerator.device))
 
 
-def register_for_checkpoints(config: TrainConfig, accelerator: Accelerator, networks: Networks) -> Proxy | None:
-    """What a checkpoint holds besides the student, optimizer and schedule: the EMA target (a LoRA run's is an
-    adapter, saved with the student's adapters) and Alg. 4's proxy with its optimizer; returns the proxy."""
-    if config.lora.rank:
-        checkpoint_adapters_only(accelerator)
-    else:
-        accelerator.register_for_checkpointing(networks.target)
+def build_latent_proxy(config: TrainConfig, device: torch.device) -> Proxy | None:
+    """Alg. 4's proxy with its optimizer (None in direct mode). Not wrapped for DDP (the fit calls its methods, not
+    its forward): its gradients are averaged over the processes by hand in fit_proxy."""
     if config.reward.mode != "latent":
         return None
     proxy = build_proxy(config, LatentClip.from_pretrained(config.reward.latent.model))
-    # Not wrapped for DDP (the fit calls its methods, not its forward); its gradients are averaged over the
-    # processes by hand in fit_proxy.
-    proxy.model.to(accelerator.device)
-    accelerator.register_for_checkpointing(proxy.model, proxy.optimizer)
+    proxy.model.to(device)
     return proxy
+
+
+def checkpointed(run: Run) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
+    """What a checkpoint holds besides accelerate's state (student, optimizer, schedule): the EMA target of a full
+    run, and Alg. 4's proxy and its optimizer."""
+    modules, optimizers = {}, {}
+    if not run.config.lora.rank:
+        modules["target"] = run.networks.target
+    if run.proxy is not None:
+        modules["latent_rm"], optimizers["latent_rm_optimizer"] = run.proxy.model, run.proxy.optimizer
+    return modules, optimizers
 
 
 def run_steps(run: Run) -> list[float]:
@@ -307,7 +313,7 @@ def save_run_checkpoint(run: Run) -> Path:
     """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit``."""
     state = {"global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded}
     keep = run.config.logging.checkpoints_total_limit
-    return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep)
+    return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep, *checkpointed(run))
 
 
 def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
