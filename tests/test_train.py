@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -142,20 +143,32 @@ class NanReward(RewardModel):
         return images.mean(dim=(1, 2, 3)) * float("nan")
 
 
-def test_nan_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tiny, tmp_path):
+class NanAfterTwoSteps(RewardModel):
+    """A reward that turns NaN after the first two steps (one call per step at batch 4)."""
+
+    calls = 0
+
+    def forward(self, images, prompts):
+        NanAfterTwoSteps.calls += 1
+        return images.mean(dim=(1, 2, 3)) * (1.0 if NanAfterTwoSteps.calls <= 2 else float("nan"))
+
+
+register_reward("test-nan-after-two-steps")(NanAfterTwoSteps)
+
+
+def test_nan_losses_stop_the_run_and_its_advice_works(tiny, tmp_path, capsys):
+    """Skipped updates, then a stop that names the last good checkpoint; following the advice (a lower β: here the
+    reward removed) and resuming finishes the run from that checkpoint."""
     out = tmp_path / "run"
-    config = load_config(
-        "tiny",
-        [
-            *overrides(tiny, out, logging__max_consecutive_nan_steps=3, logging__validation_steps=0),
-            "reward.terms=[{name: test-nan, beta: 1.0}]",
-        ],
-    )
-    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
-        train(config)
-    (last,) = checkpoints(out)
-    state = json.loads((last / "trainer_state.json").read_text())
-    assert state["global_step"] == 0 and state["nan_streak"] == 3
+    fields = dict(logging__max_consecutive_nan_steps=3, logging__validation_steps=0, optim__max_train_steps=6)
+    nan_reward = "reward.terms=[{name: test-nan-after-two-steps, beta: 1.0}]"
+    NanAfterTwoSteps.calls = 0
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row at step 3; the last good checkpoint is "):
+        train(load_config("tiny", [*overrides(tiny, out, **fields), nan_reward]))
+    assert [path.name for path in checkpoints(out)] == ["checkpoint-2"]  # nothing saved of the failed state
+    train(load_config("tiny", [*overrides(tiny, out, **fields), "reward.terms=[]"]), resume="latest")
+    assert "resumed with changed settings: reward.terms [{'name': 'test-nan-after-two-steps'" in capsys.readouterr().out
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 6
 
 
 def test_bad_samples_are_skipped_and_counted(tiny, tmp_path):
@@ -260,3 +273,42 @@ def test_a_sharded_checkpoint_folder_is_checked_before_torch_unpickles_it(tmp_pa
     with pytest.raises(TrainingError, match="unsafe or damaged"):
         check_safe_to_load(checkpoint, 0)
     assert not marker.exists()
+
+
+def test_a_run_folder_belongs_to_one_run(tiny, tmp_path):
+    """Another run's checkpoints stop a new run before any model loads; --overwrite replaces them; rotation deletes
+    only the current run's checkpoints."""
+    out = tmp_path / "run"
+    first = overrides(tiny, out, logging__validation_steps=0, logging__checkpoints_total_limit=1)
+    train(load_config("tiny", first))
+    with pytest.raises(TrainingError, match=r"holds another run's checkpoints \(up to checkpoint-4\): continue it"):
+        train(load_config("tiny", first))
+    foreign = out / "checkpoints" / "checkpoint-1"  # another run's, e.g. copied in by hand
+    shutil.copytree(out / "checkpoints" / "checkpoint-4", foreign)
+    state = json.loads((foreign / "trainer_state.json").read_text())
+    (foreign / "trainer_state.json").write_text(json.dumps({**state, "run_id": "someone-else"}))
+    more = overrides(
+        tiny, out, logging__validation_steps=0, logging__checkpoints_total_limit=1, optim__max_train_steps=6
+    )
+    train(load_config("tiny", more), resume="latest")
+    assert [path.name for path in checkpoints(out)] == ["checkpoint-1", "checkpoint-6"]  # 4 was this run's, 1 not
+    train(load_config("tiny", first), overwrite=True)
+    assert [path.name for path in checkpoints(out)] == ["checkpoint-4"]
+
+
+def test_resume_takes_changed_settings_and_refuses_fixed_ones(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(load_config("tiny", overrides(tiny, out, optim__max_train_steps=2, logging__validation_steps=0)))
+    for change, named in (("lora.rank=4", "lora.rank (0 → 4)"), ("data.shuffle_buffer=3", "data.shuffle_buffer")):
+        fields = overrides(tiny, out, logging__validation_steps=0)
+        with pytest.raises(TrainingError, match=re.escape(named) + ".* cannot change within a run"):
+            train(load_config("tiny", [*fields, change]), resume="latest")
+    changed = overrides(tiny, out, logging__validation_steps=0, optim__learning_rate=2.5e-5, optim__adam_beta2=0.99)
+    train(load_config("tiny", changed), resume="latest")
+    printed = capsys.readouterr().out
+    assert (
+        "resumed with changed settings: optim.adam_beta2 0.999 → 0.99; optim.learning_rate 0.0001 → 2.5e-05" in printed
+    )
+    optimizer = torch.load(out / "checkpoints" / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    (group,) = optimizer["param_groups"]
+    assert group["lr"] == pytest.approx(2.5e-5 * 4 / 10) and group["betas"] == (0.9, 0.99)  # warm-up step 4 of 10

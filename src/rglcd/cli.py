@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from .train import train
 
-    exported = train(config, resume=args.resume)
+    exported = train(config, resume=args.resume, overwrite=args.overwrite)
     if PartialState().is_main_process:  # once, not from every process of a launch
         print(f"exported: {exported}")
 
@@ -282,7 +282,13 @@ def _add_train_command(commands) -> None:
     )  # fmt: skip
     _add_config_arguments(train)
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    train.add_argument("--resume", help="'latest' or a checkpoint folder")
+    train.add_argument(
+        "--resume", help="'latest' or a checkpoint folder; changed settings are listed, fixed ones (model, LoRA, data "
+        "order, batch size, processes) refused",
+    )  # fmt: skip
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete another run's checkpoints in logging.output_dir first"
+    )
     train.set_defaults(run=cmd_train)
 
 

@@ -46,11 +46,11 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
 
 def distil(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path:
     """``rglcd train world`` (the cached world teacher and data) for ``train_steps`` steps into ``out``; reused
-    when its student exists."""
+    when its student exists, continued from its last checkpoint when it was interrupted."""
     if (out / "student" / "model_index.json").is_file():
         return out / "student"
     common = [f"logging.output_dir={out}", f"optim.max_train_steps={train_steps}", f"seed={seed}"]
-    return train(load_config("world", [*common, *overrides]))
+    return train(load_config("world", [*common, *overrides]), resume="latest")
 
 
 def world_evaluation(world: dict[str, Path], students: dict[str, Path], out: Path, prompts: int, seed: int, **kwargs):

@@ -41,6 +41,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume`` names: ``latest`` (None when the folder has none yet) or a checkpoint folder."""
     if resume is None:
         return None
     if resume == "latest":
@@ -48,8 +49,80 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a finished rglcd checkpoint (no {TRAINER_STATE})")
+        raise TrainingError(f"--resume {resume}: not a finished rglcd checkpoint (no {TRAINER_STATE})")
     return path
+
+
+# Settings a resumed run must keep: they decide the model, what the optimizer state belongs to, or the data order.
+FIXED_SETTINGS = (
+    "model.", "lora.rank", "lora.alpha", "lora.dropout", "lora.target_modules", "data.source", "data.resolution",
+    "data.center_crop", "data.random_flip", "data.caption_dropout", "data.shuffle_buffer", "distill.num_ddim_timesteps",
+    "optim.batch_size", "optim.gradient_accumulation_steps", "optim.use_8bit_adam", "reward.mode",
+    "reward.latent.model", "seed",
+)  # fmt: skip
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())  # (not UTF-8: a ValueError too)
+        if not isinstance(state, dict) or not {"global_step", "nan_streak", "data"} <= state.keys():
+            raise ValueError("global_step, nan_streak or data is missing")
+    except (OSError, ValueError) as error:
+        message = f"{checkpoint / TRAINER_STATE} is damaged ({error}); resume from another checkpoint"
+        raise TrainingError(message) from error
+    return state
+
+
+def check_resume(checkpoint: Path, settings: dict, num_processes: int, sharded: bool) -> dict[str, tuple]:
+    """Before any model loads: refuse a resume that cannot continue the checkpoint's run (another process count,
+    FSDP or not, a changed fixed setting); return the other settings that differ (``settings`` flat, as
+    ``{"optim.learning_rate": 1e-4, ...}``), which the resumed run takes: {name: (checkpoint's, now)}."""
+    state = read_trainer_state(checkpoint)
+    if len(state["data"]) != num_processes:  # each rank's data position and generator are saved
+        raise TrainingError(
+            f"{checkpoint} was saved by {len(state['data'])} processes and this run has {num_processes}; resume "
+            "with the same number of processes"
+        )
+    if state.get("fsdp", False) != sharded:  # sharded and whole checkpoints are stored differently
+        saved_with, run_with = ("DDP", "FSDP") if sharded else ("FSDP", "DDP")
+        raise TrainingError(
+            f"{checkpoint} was saved with {saved_with} and this run uses {run_with}; resume with the accelerate "
+            "config the run started with"
+        )
+    saved = state.get("settings", settings)  # (checkpoints without them: nothing to compare)
+    changed = {
+        key: (saved.get(key), settings.get(key)) for key in {*saved, *settings} if saved.get(key) != settings.get(key)
+    }
+    fixed = sorted(key for key in changed if key.startswith(FIXED_SETTINGS))
+    if fixed:
+        listed = ", ".join(f"{key} ({changed[key][0]} → {changed[key][1]})" for key in fixed)
+        raise TrainingError(
+            f"--resume {checkpoint}: {listed} cannot change within a run; resume with the checkpoint's value(s), or "
+            "start a new run in another logging.output_dir"
+        )
+    return {key: changed[key] for key in sorted(changed)}
+
+
+def claim_output_dir(out: Path, resumed: bool, overwrite: bool, is_main_process: bool) -> None:
+    """A run folder belongs to one run: starting a new run into a folder with another run's checkpoints is refused,
+    or with ``overwrite`` those checkpoints are deleted first (by the main process)."""
+    found = checkpoints(out)
+    if resumed or not found:
+        return
+    if not overwrite:
+        raise TrainingError(
+            f"{out} holds another run's checkpoints (up to {found[-1].name}): continue it with --resume latest, set "
+            "a new logging.output_dir, or pass --overwrite to delete them"
+        )
+    if is_main_process:
+        shutil.rmtree(out / "checkpoints")
+
+
+def run_id_of(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / TRAINER_STATE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def save_checkpoint(
@@ -76,37 +149,21 @@ def save_checkpoint(
             (partial / TRAINER_STATE).write_text(json.dumps({**trainer_state, "data": data_states}))
         accelerator.wait_for_everyone()  # every rank has written before the main process renames
     if main:  # renamed: the atomic moment; before it, the previous checkpoint is the latest
-        for old in checkpoints(out)[:-keep]:
+        own = [found for found in checkpoints(out) if run_id_of(found) == trainer_state["run_id"]]
+        for old in own[:-keep]:  # only this run's
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_checkpoint(
-    accelerator: Accelerator, checkpoint: Path, stream, generator: torch.Generator, sharded: bool,
+    accelerator: Accelerator, checkpoint: Path, stream, generator: torch.Generator,
     modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
 ) -> dict:  # fmt: skip
     """Restore what :func:`save_checkpoint` wrote, after checking that nothing in it needs unpickling; returns the
     trainer state."""
     check_safe_to_load(checkpoint, accelerator.process_index)
-    try:
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())  # (not UTF-8: a ValueError too)
-        if not isinstance(state, dict) or not {"global_step", "nan_streak", "data"} <= state.keys():
-            raise ValueError("global_step, nan_streak or data is missing")
-    except ValueError as error:
-        message = f"{checkpoint / TRAINER_STATE} is damaged ({error}); resume from another checkpoint"
-        raise TrainingError(message) from error
-    if len(state["data"]) != accelerator.num_processes:  # each rank's data position and generator are saved
-        raise TrainingError(
-            f"{checkpoint} was saved by {len(state['data'])} processes and this run has "
-            f"{accelerator.num_processes}; resume with the same number of processes"
-        )
-    if state.get("fsdp", False) != sharded:  # sharded and whole checkpoints are stored differently
-        saved_with, run_with = ("DDP", "FSDP") if sharded else ("FSDP", "DDP")
-        raise TrainingError(
-            f"{checkpoint} was saved with {saved_with} and this run uses {run_with}; resume with the accelerate "
-            "config the run started with"
-        )
+    state = read_trainer_state(checkpoint)
     try:
         accelerator.load_state(str(checkpoint))
         for name, module in modules.items():

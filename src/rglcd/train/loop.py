@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -42,7 +43,15 @@ from .build import (
     set_trainable,
     unconditional,
 )
-from .checkpoints import checkpoint_adapters_only, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import (
+    check_resume,
+    checkpoint_adapters_only,
+    checkpoints,
+    claim_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from .errors import TrainingError
 from .monitor import (
     flat_scalars,
@@ -57,10 +66,11 @@ from .monitor import (
 logger = logging.getLogger("rglcd.train")
 
 
-def train(config: TrainConfig, resume: str | None = None) -> Path:
+def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run (or resume) a distillation; returns the exported student: a pipeline folder, or for a LoRA run the
-    LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``)."""
-    exported = distil(config, resume)
+    LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``). ``overwrite`` deletes another run's
+    checkpoints in ``logging.output_dir`` instead of refusing to start there."""
+    exported = distil(config, resume, overwrite)
     if not (config.lora.rank and config.lora.fuse_on_export):
         return exported
     if PartialState().is_main_process:
@@ -91,6 +101,7 @@ class Run:
     stream: TrainStream
     generator: torch.Generator  # the step's randomness: noise, grid indices, w, VAE posterior samples
     uncond: tuple[torch.Tensor, dict | None]  # the empty prompt's embeddings and SDXL conditions
+    run_id: str  # checkpoint rotation deletes only this run's checkpoints
     global_step: int = 0
     nan_streak: int = 0
 
@@ -99,12 +110,17 @@ class Run:
         return Path(self.config.logging.output_dir)
 
 
-def distil(config: TrainConfig, resume: str | None = None) -> Path:
+def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """The run itself: build, maybe resume, train, and export the student (a pipeline folder, or a LoRA run's
     adapter weights)."""
     accelerator, sharded = build_accelerator(config)
     set_seed(config.seed)
     out = Path(config.logging.output_dir)
+    # Before any model loads: is the checkpoint one this run can continue, and is the folder this run's?
+    checkpoint = resolve_resume(out, resume)
+    settings = flat_scalars(config.to_dict())
+    changed = check_resume(checkpoint, settings, accelerator.num_processes, sharded) if checkpoint else {}
+    claim_output_dir(out, checkpoint is not None, overwrite, accelerator.is_main_process)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.to_yaml())
@@ -130,12 +146,16 @@ def distil(config: TrainConfig, resume: str | None = None) -> Path:
     uncond = unconditional(config, teacher, stream, accelerator.device)
     run = Run(
         config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
-        generator, uncond,
+        generator, uncond, run_id=uuid.uuid4().hex,
     )  # fmt: skip
-    checkpoint = resolve_resume(out, resume)
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, stream, generator, sharded, *checkpointed(run))
+        state = load_checkpoint(accelerator, checkpoint, stream, generator, *checkpointed(run))
         run.global_step, run.nan_streak = state["global_step"], state["nan_streak"]
+        run.run_id = state.get("run_id", run.run_id)
+        take_new_settings(run)
+        if changed:
+            listed = "; ".join(f"{key} {before} → {now}" for key, (before, now) in changed.items())
+            accelerator.print(f"resumed with changed settings: {listed}")
     if accelerator.is_main_process:
         accelerator.init_trackers("rglcd", config=flat_scalars(config.to_dict()))
     step_seconds = run_steps(run)
@@ -150,6 +170,21 @@ def build_latent_proxy(config: TrainConfig, device: torch.device) -> Proxy | Non
     proxy = build_proxy(config, LatentClip.from_pretrained(config.reward.latent.model))
     proxy.model.to(device)
     return proxy
+
+
+def take_new_settings(run: Run) -> None:
+    """After a resume, the config's optimizer settings replace the checkpoint's: AdamW's betas, eps and weight
+    decay, and the learning rate, at the schedule's position (the schedule itself is the config's)."""
+    optim, scheduler = run.config.optim, run.lr_scheduler.scheduler  # (accelerate's wrapper holds the LambdaLR)
+    scheduler.base_lrs = [optim.learning_rate] * len(scheduler.base_lrs)
+    for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group.update(lr=base * factor(scheduler.last_epoch), betas=(optim.adam_beta1, optim.adam_beta2))
+        group.update(eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    if run.proxy is not None:
+        for group in run.proxy.optimizer.param_groups:
+            group.update(lr=run.config.reward.latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2))
+            group.update(eps=optim.adam_epsilon)
 
 
 def checkpointed(run: Run) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
@@ -271,11 +306,14 @@ def skip_non_finite_step(run: Run) -> None:
     run.nan_streak += 1
     logger.warning("non-finite loss at step %d (%d in a row); update skipped", run.global_step + 1, run.nan_streak)
     if run.nan_streak >= run.config.logging.max_consecutive_nan_steps:
-        path = save_run_checkpoint(run)
+        # No checkpoint of this state: it is the one that failed. The last checkpoint is the last good state.
+        found = checkpoints(run.out)
+        fix = "lower optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no"
+        then = "then resume with --resume latest (the changed settings take effect)" if found else "then start again"
+        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
         raise TrainingError(
-            f"the loss was NaN/Inf for {run.nan_streak} steps in a row (last good state: {path}). Lower "
-            "optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no, then "
-            "resume with --resume latest."
+            f"the loss was NaN/Inf for {run.nan_streak} steps in a row at step {run.global_step + 1}; {last}. "
+            f"{fix.capitalize()}, {then}."
         )
 
 
@@ -311,7 +349,10 @@ def after_step(run: Run, logs: dict[str, float]) -> None:
 
 def save_run_checkpoint(run: Run) -> Path:
     """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit``."""
-    state = {"global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded}
+    state = {
+        "global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded, "run_id": run.run_id,
+        "settings": flat_scalars(run.config.to_dict()),
+    }  # fmt: skip
     keep = run.config.logging.checkpoints_total_limit
     return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep, *checkpointed(run))
 
