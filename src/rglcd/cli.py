@@ -7,9 +7,16 @@ stay quick (torch's model libraries take seconds to import).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work; the message says which and what to pass."""
 
 
 def _device(name: str):
@@ -17,7 +24,22 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise UsageError(f"--prompts-file {path}: a folder, not a text file") from None
+    except FileNotFoundError:
+        raise UsageError(f"--prompts-file {path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--prompts-file {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -28,10 +50,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts += _read_prompts_file(args.prompts_file)
     if not prompts:
-        raise SystemExit("rglcd sample: give at least one --prompt or a --prompts-file")
+        raise UsageError("give at least one --prompt or a --prompts-file with a prompt")
     pipeline = load_lcm(args.model, _device(args.device))
+    factor = pipeline.vae_scale_factor
+    if args.resolution is not None and args.resolution % factor:
+        raise UsageError(
+            f"--resolution {args.resolution}: must be a multiple of the VAE's {factor} (pixels per latent)"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -185,6 +212,33 @@ def cmd_world_overoptimisation(args: argparse.Namespace) -> None:
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -261,12 +315,12 @@ def _add_sample_command(commands) -> None:
     sample.add_argument("--prompts-file", help="a text file with one prompt per line")
     sample.add_argument("--steps", type=int, default=4, choices=range(1, 9), metavar="{1..8}", help="default: 4")
     sample.add_argument(
-        "--guidance", type=float, default=8.5,
+        "--guidance", type=_finite_float, default=8.5,
         help="CFG scale as in diffusers pipelines; the model sees w = guidance - 1 (default: 8.5)",
     )  # fmt: skip
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    sample.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    sample.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    sample.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     _add_device_argument(sample)
     sample.add_argument("--out", required=True, help="output folder")
     sample.set_defaults(run=cmd_sample)
@@ -312,10 +366,10 @@ def _add_plan_command(commands) -> None:
         "--gpu", default="A100-80GB", choices=sorted(GPUS), help="memory and peak TFLOPS (default: A100-80GB)"
     )
     plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB (default: the --gpu's)")
-    plan.add_argument("--processes", type=int, default=1, help="GPUs (processes) the run uses (default: 1)")
+    plan.add_argument("--processes", type=_positive_int, default=1, help="GPUs (processes) the run uses (default: 1)")
     plan.add_argument("--fsdp", action="store_true", help="shard the student over the processes (FSDP2)")
     plan.add_argument(
-        "--utilization", type=float, default=0.4,
+        "--utilization", type=_finite_float, default=0.4,
         help="share of the GPU's peak FLOPS the step reaches, for the time estimate (default: 0.4)",
     )  # fmt: skip
     plan.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -334,10 +388,12 @@ def _add_cache_command(commands) -> None:
     cache.add_argument("--teacher", required=True, help="the teacher pipeline (folder or hub id)")
     cache.add_argument("--data", required=True, help="webdataset shards or a captioned folder, as data.source")
     cache.add_argument("--out", required=True, help="the cache folder (must not exist)")
-    cache.add_argument("--resolution", type=int, required=True, help="image size before encoding, as data.resolution")
-    cache.add_argument("--samples", type=int, help="encode at most this many (default: one pass over DATA)")
-    cache.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default: 32)")
-    cache.add_argument("--samples-per-shard", type=int, default=1000)
+    cache.add_argument(
+        "--resolution", type=_positive_int, required=True, help="image size before encoding, as data.resolution"
+    )
+    cache.add_argument("--samples", type=_positive_int, help="encode at most this many (default: one pass over DATA)")
+    cache.add_argument("--batch-size", type=_positive_int, default=32, help="images per encoder call (default: 32)")
+    cache.add_argument("--samples-per-shard", type=_positive_int, default=1000)
     cache.add_argument(
         "--dtype", default="float32", choices=("float32", "float16"), help="on disk (float16 halves the size)"
     )
@@ -365,11 +421,13 @@ def _add_eval_command(commands) -> None:
         help="a pipeline folder or hub id (repeat); LCM or teacher is read from its scheduler",
     )  # fmt: skip
     evaluation.add_argument("--prompts", default="world", help=SPEC_HELP)
-    evaluation.add_argument("--limit", type=int, help="at most this many prompts per group (e.g. style)")
+    evaluation.add_argument("--limit", type=_positive_int, help="at most this many prompts per group (e.g. style)")
     evaluation.add_argument("--steps", type=_int_list, default=(1, 2, 4, 8), help="LCM steps (default: 1,2,4,8)")
     evaluation.add_argument("--teacher-steps", type=_int_list, default=(25, 50), help="DDIM steps (default: 25,50)")
-    evaluation.add_argument("--guidance", type=float, help="LCM guidance scale (default: 6.0 world, else 8.5)")
-    evaluation.add_argument("--teacher-guidance", type=float, default=7.5, help="teacher CFG scale (default: 7.5)")
+    evaluation.add_argument("--guidance", type=_finite_float, help="LCM guidance scale (default: 6.0 world, else 8.5)")
+    evaluation.add_argument(
+        "--teacher-guidance", type=_finite_float, default=7.5, help="teacher CFG scale (default: 7.5)"
+    )
     evaluation.add_argument(
         "--metrics", help="comma-separated: any reward (rglcd.rewards.available_rewards()), judge, fid, hf_ratio "
         "(default: world-clip,judge,fid,hf_ratio for world; fid,clipscore for coco; else hpsv2.1,hf_ratio)",
@@ -384,10 +442,13 @@ def _add_eval_command(commands) -> None:
     evaluation.add_argument(
         "--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth (torch-fidelity)"
     )
-    evaluation.add_argument("--fid-size", type=int, help="centre-crop and resize both sets to this before FID "
-                            "(default: 256 for coco)")  # fmt: skip
-    evaluation.add_argument("--resolution", type=int, help="generation size (default: each model's own)")
-    evaluation.add_argument("--batch-size", type=int, default=16)
+    evaluation.add_argument(
+        "--fid-size",
+        type=_positive_int,
+        help="centre-crop and resize both sets to this before FID (default: 256 for coco)",
+    )
+    evaluation.add_argument("--resolution", type=_positive_int, help="generation size (default: each model's own)")
+    evaluation.add_argument("--batch-size", type=_positive_int, default=16)
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--out", default="runs/eval", help="report folder (default: runs/eval)")
     evaluation.set_defaults(run=cmd_eval)
@@ -401,8 +462,8 @@ def _add_quickstart_command(commands) -> None:
         "on held-out prompts; write OUT/report.md, results.json and grid.png. A second run reuses everything.",
     )  # fmt: skip
     quickstart.add_argument("--out", default="runs/quickstart", help="report folder (default: runs/quickstart)")
-    quickstart.add_argument("--train-steps", type=int, default=600, help="distillation steps per student")
-    quickstart.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts")
+    quickstart.add_argument("--train-steps", type=_positive_int, default=600, help="distillation steps per student")
+    quickstart.add_argument("--prompts", type=_positive_int, default=64, help="held-out evaluation prompts")
     quickstart.set_defaults(run=cmd_quickstart)
 
 
@@ -411,28 +472,30 @@ def _add_world_command(commands) -> None:
     world_commands = world.add_subparsers(dest="world_command", required=True)
     data = world_commands.add_parser("data", help="rendered, captioned scenes as webdataset shards")
     data.add_argument("--out", required=True)
-    data.add_argument("--samples", type=int, default=10_000)
-    data.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts written to eval_prompts.jsonl")
+    data.add_argument("--samples", type=_positive_int, default=10_000)
+    data.add_argument(
+        "--eval-prompts", type=_positive_int, default=128, help="held-out prompts written to eval_prompts.jsonl"
+    )
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(run=cmd_world_data)
     teacher = world_commands.add_parser("teacher", help="train the tiny SD-layout teacher (VAE, then text+UNet)")
     teacher.add_argument("--out", required=True)
     teacher.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction"))
-    teacher.add_argument("--samples", type=int, default=20_000, help="rendered training scenes")
-    teacher.add_argument("--vae-steps", type=int, default=1_500)
-    teacher.add_argument("--unet-steps", type=int, default=6_000)
+    teacher.add_argument("--samples", type=_positive_int, default=20_000, help="rendered training scenes")
+    teacher.add_argument("--vae-steps", type=_positive_int, default=1_500)
+    teacher.add_argument("--unet-steps", type=_positive_int, default=6_000)
     teacher.set_defaults(run=cmd_world_teacher)
     rewards = world_commands.add_parser(
         "rewards", help="train world-clip and world-aesthetic into OUT/clip, OUT/aesthetic"
     )
     rewards.add_argument("--out", required=True)
-    rewards.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
-    rewards.add_argument("--steps", type=int, help="training steps of each model (default: the recipe's)")
+    rewards.add_argument("--samples", type=_positive_int, help="training scenes (default: the recipe's)")
+    rewards.add_argument("--steps", type=_positive_int, help="training steps of each model (default: the recipe's)")
     rewards.set_defaults(run=cmd_world_rewards)
     judge = world_commands.add_parser("judge", help="train the independent judge")
     judge.add_argument("--out", required=True)
-    judge.add_argument("--samples", type=int, help="training scenes (default: the recipe's)")
-    judge.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    judge.add_argument("--samples", type=_positive_int, help="training scenes (default: the recipe's)")
+    judge.add_argument("--steps", type=_positive_int, help="training steps (default: the recipe's)")
     judge.set_defaults(run=cmd_world_judge)
     overoptimisation = world_commands.add_parser(
         "overoptimisation", help="direct vs latent-proxy guidance with the hackable world-aesthetic reward",
@@ -444,12 +507,18 @@ def _add_world_command(commands) -> None:
         "world/lrm-latents to redo it).",
     )  # fmt: skip
     overoptimisation.add_argument("--out", default="runs/overoptimisation")
-    overoptimisation.add_argument("--train-steps", type=int, default=600, help="distillation steps per student")
-    overoptimisation.add_argument("--direct-beta", type=float, default=1.0, help="β of direct world-aesthetic")
-    overoptimisation.add_argument("--latent-beta", type=float, default=1.0, help="β of the latent proxy's score")
-    overoptimisation.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts")
-    overoptimisation.add_argument("--lrm-samples", type=int, default=8_000, help="latents the proxy is pretrained on")
-    overoptimisation.add_argument("--lrm-steps", type=int, default=1_500, help="proxy pretraining steps")
+    overoptimisation.add_argument(
+        "--train-steps", type=_positive_int, default=600, help="distillation steps per student"
+    )
+    overoptimisation.add_argument("--direct-beta", type=_finite_float, default=1.0, help="β of direct world-aesthetic")
+    overoptimisation.add_argument(
+        "--latent-beta", type=_finite_float, default=1.0, help="β of the latent proxy's score"
+    )
+    overoptimisation.add_argument("--prompts", type=_positive_int, default=64, help="held-out evaluation prompts")
+    overoptimisation.add_argument(
+        "--lrm-samples", type=_positive_int, default=8_000, help="latents the proxy is pretrained on"
+    )
+    overoptimisation.add_argument("--lrm-steps", type=_positive_int, default=1_500, help="proxy pretraining steps")
     overoptimisation.set_defaults(run=cmd_world_overoptimisation)
 
 
@@ -471,11 +540,15 @@ def _add_lrm_command(commands) -> None:
         "--architecture", default="latent-rn50", choices=("latent-rn50", "world"),
         help="latent-rn50: the official latent ResNet-50 CLIP; world: the miniature's latent ViT",
     )  # fmt: skip
-    pretrain.add_argument("--samples", type=int, default=10_000, help="latents read from CACHE (default: 10000)")
-    pretrain.add_argument("--heldout", type=int, default=512, help="of those, kept out for the retrieval check")
-    pretrain.add_argument("--steps", type=int, default=2_000)
-    pretrain.add_argument("--batch-size", type=int, default=128)
-    pretrain.add_argument("--learning-rate", type=float, default=5e-4)
+    pretrain.add_argument(
+        "--samples", type=_positive_int, default=10_000, help="latents read from CACHE (default: 10000)"
+    )
+    pretrain.add_argument(
+        "--heldout", type=_positive_int, default=512, help="of those, kept out for the retrieval check"
+    )
+    pretrain.add_argument("--steps", type=_positive_int, default=2_000)
+    pretrain.add_argument("--batch-size", type=_positive_int, default=128)
+    pretrain.add_argument("--learning-rate", type=_positive_float, default=5e-4)
     pretrain.add_argument("--seed", type=int, default=0)
     _add_device_argument(pretrain, " (the latents stay in RAM)")
     pretrain.set_defaults(run=cmd_lrm_pretrain)
@@ -488,13 +561,15 @@ def _add_demo_command(commands) -> None:
         "`rglcd train tiny` on them into OUT/rglcd, and sample the exported student at 1, 2 and 4 steps.",
     )  # fmt: skip
     demo.add_argument("--out", default="runs/tiny", help="folder (default: runs/tiny, the tiny preset's paths)")
-    demo.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
+    demo.add_argument("--steps", type=_positive_int, default=100, help="training steps (default: 100)")
     demo.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; an error the user can fix is one line on stderr and exit code 2 (``RGLCD_DEBUG=1`` shows its
+    traceback, for a bug report)."""
     args = build_parser().parse_args(argv)
     from .config import ConfigError
     from .data import DataError
@@ -503,11 +578,22 @@ def main(argv: list[str] | None = None) -> None:
     from .prompts import PromptSetError
     from .train import TrainingError
 
+    expected = (UsageError, TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError, TrainingError, OSError)
     try:
         args.run(args)
-    except (TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError, TrainingError) as error:
-        print(f"rglcd {args.command}: {error}", file=sys.stderr)
+    except expected as error:
+        if os.environ.get("RGLCD_DEBUG"):
+            raise
+        print(f"rglcd {args.command}: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+
+
+def _one_line(error: Exception) -> str:
+    """The message on one line; an OSError (unwritable folder, full disk) says what it could not do to which file."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}" + (" (is the disk full?)" if error.errno == errno.ENOSPC else "")
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

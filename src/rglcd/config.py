@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -202,11 +203,15 @@ def _convert(hint: Any, value: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a list, got {value!r}")
             return []
         return [_convert(args[0], item, f"{where}[{i}]", errors) for i, item in enumerate(value)]
-    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)  # also "3e-5", which YAML 1.1 reads as a string
+            value = float(value)  # also "3e-5", which YAML 1.1 reads as a string
         except ValueError:
-            pass
+            errors.append(f"{where}: expected float, got {value!r}")
+            return value
+        if not math.isfinite(value):
+            errors.append(f"{where}: must be a finite number, got {value!r}")
+        return value
     if hint in (int, float, bool, str, dict) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):
@@ -228,7 +233,10 @@ def _parse_override(override: str) -> dict:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.field=value (e.g. optim.batch_size=4)")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not YAML ({' '.join(str(error).split())})") from None
     for key in reversed(dotted.strip().split(".")):
         value = {key: value}
     return value
@@ -247,7 +255,11 @@ def load_config(path_or_preset: str | Path | None = None, overrides: Sequence[st
             raise ConfigError(
                 f"config {str(path_or_preset)!r} is neither a YAML file nor a preset ({', '.join(presets())})"
             )
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:  # also tags such as !!python/object, which safe_load refuses
+            message = " ".join(str(error).split())
+            raise ConfigError(f"{path_or_preset}: not a YAML config rglcd can read ({message})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path_or_preset}: the config must be a YAML mapping of sections")
     for override in overrides:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffusers import LCMScheduler
+
 from .evaluate import (
     HPSV2_CHUNK,
     Contender,
@@ -121,6 +123,9 @@ def build_contenders(settings: EvalSettings) -> list[Contender]:
         labels.add(label)
         kind = pipeline_kind(path)
         if kind == "lcm":
+            limit = LCMScheduler.load_config(path, subfolder="scheduler").get("original_inference_steps", 50)
+            if max(settings.steps) > limit:
+                raise EvalError(f"--steps {max(settings.steps)}: {label} samples at most {limit} steps (its grid)")
             contenders.append(Contender(label, Path(path), "lcm", settings.steps, lcm_guidance))
         else:
             contenders.append(

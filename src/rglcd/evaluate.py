@@ -283,15 +283,23 @@ def _claim_folder(
     folder: Path, contender: Contender, steps: int, captions: list[str], seed: int, resolution: int | None
 ) -> Path:
     """The image folder of (model, steps), with a ``manifest.json`` of what its images are; images made for other
-    prompts or settings are never reused (an EvalError says so)."""
+    prompts or settings are never reused (an EvalError says so), and images of other weights at the model's path
+    (a retrained model) are deleted, to be made again."""
     manifest = {
         "model": str(contender.path), "kind": contender.kind, "steps": steps,
         "guidance_scale": contender.guidance_scale, "seed": seed, "resolution": resolution,
         "prompts_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+        "weights": weights_fingerprint(contender.path),
     }  # fmt: skip
     path = folder / "manifest.json"
     if path.is_file():
         existing = json.loads(path.read_text())
+        if existing.get("weights") != manifest["weights"]:
+            for image in folder.glob("*.png"):
+                image.unlink()
+            path.write_text(json.dumps(manifest, indent=2))
+            print(f"rglcd eval: {contender.path} changed since {folder} was made; its images are made again")
+            existing = manifest
         changed = sorted(key for key in manifest if existing.get(key) != manifest[key])
         if changed:
             raise EvalError(
@@ -301,6 +309,22 @@ def _claim_folder(
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def weights_fingerprint(model: str | Path) -> str:
+    """What identifies a pipeline's weights: for a local folder, every weights file's name, size and modification
+    time and every config's contents (the scheduler's too); for a hub id, the id."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return str(model)
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.suffix in (".safetensors", ".bin", ".pt", ".ckpt"):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        elif file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _measure(

@@ -229,7 +229,10 @@ def _coco(captions: str, images: str) -> list[Prompt]:
 
 
 def _lines(path: Path) -> list[Prompt]:
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise PromptSetError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix != ".jsonl":
         return [Prompt(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     prompts = []

@@ -104,6 +104,10 @@ def write_cache(
         raise DataError(f"{out} already exists; remove it or choose another output folder")
     stream = TrainStream(source, resolution=resolution, batch_size=1)  # source order, centre crop, no flip
     model = load_teacher(teacher)
+    if resolution % model.vae_scale_factor:  # training would refuse the cache: data.resolution has the same rule
+        raise DataError(
+            f"resolution {resolution}: must be a multiple of the VAE's {model.vae_scale_factor} (pixels per latent)"
+        )
     for encoder in model.encoders():  # the UNet is not needed
         encoder.to(device)
     with atomic_folder(out) as partial:

@@ -135,19 +135,22 @@ def save_checkpoint(
     by every rank and renamed when complete; then only the newest ``keep`` are kept."""
     final = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{trainer_state['global_step']}"
     main = accelerator.is_main_process
-    with atomic_folder(final) if main else nullcontext(partial_folder(final)) as partial:
-        accelerator.wait_for_everyone()  # the main process has cleared a stale partial folder
-        partial.mkdir(parents=True, exist_ok=True)
-        accelerator.save_state(str(partial))
-        save_file({"state": generator.get_state()}, partial / f"generator-{accelerator.process_index}.safetensors")
-        data_states = gather_objects(accelerator, stream.state_dict())
-        if main:
-            for name, module in modules.items():
-                save_model(module, str(partial / f"{name}.safetensors"))
-            for name, optimizer in optimizers.items():
-                torch.save(optimizer.state_dict(), partial / f"{name}.pt")  # tensors and numbers: weights_only
-            (partial / TRAINER_STATE).write_text(json.dumps({**trainer_state, "data": data_states}))
-        accelerator.wait_for_everyone()  # every rank has written before the main process renames
+    try:
+        with atomic_folder(final) if main else nullcontext(partial_folder(final)) as partial:
+            accelerator.wait_for_everyone()  # the main process has cleared a stale partial folder
+            partial.mkdir(parents=True, exist_ok=True)
+            accelerator.save_state(str(partial))
+            save_file({"state": generator.get_state()}, partial / f"generator-{accelerator.process_index}.safetensors")
+            data_states = gather_objects(accelerator, stream.state_dict())
+            if main:
+                for name, module in modules.items():
+                    save_model(module, str(partial / f"{name}.safetensors"))
+                for name, optimizer in optimizers.items():
+                    torch.save(optimizer.state_dict(), partial / f"{name}.pt")  # tensors and numbers: weights_only
+                (partial / TRAINER_STATE).write_text(json.dumps({**trainer_state, "data": data_states}))
+            accelerator.wait_for_everyone()  # every rank has written before the main process renames
+    except (OSError, RuntimeError, SafetensorError) as error:  # a full disk shows as torch.save's RuntimeError
+        raise TrainingError(f"could not write {final} (is the disk full or the folder read-only?): {error}") from error
     if main:  # renamed: the atomic moment; before it, the previous checkpoint is the latest
         own = [found for found in checkpoints(out) if run_id_of(found) == trainer_state["run_id"]]
         for old in own[:-keep]:  # only this run's

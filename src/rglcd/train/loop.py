@@ -210,35 +210,35 @@ def run_steps(run: Run) -> list[float]:
     )  # fmt: skip
     step_started, step_seconds = time.perf_counter(), []
     reset_peak_memory(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
-    while run.global_step < optim.max_train_steps:
-        with accelerator.accumulate(run.networks.student):
-            batch = next(batches)
-            output, latents = forward(run, batch)
-            finite = all_finite(accelerator, output.loss)
-            if finite:
-                accelerator.backward(output.loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(run.networks.student.parameters(), optim.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                proxy_logs = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else {}
-            run.optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        if not finite:  # no update, no EMA step; stop after too many in a row
-            skip_non_finite_step(run)
-            continue
-        run.nan_streak = 0
-        update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
-        run.global_step += 1
-        progress.update(1)
-        step_seconds.append(time.perf_counter() - step_started)
-        logs = {**step_logs(run, output, grad_norm, step_seconds[-1]), **proxy_logs}
-        progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
-        after_step(run, logs)
-        step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
-    progress.close()
+    with progress:  # closed (its line ended) also when a step raises
+        while run.global_step < optim.max_train_steps:
+            with accelerator.accumulate(run.networks.student):
+                batch = next(batches)
+                output, latents = forward(run, batch)
+                finite = all_finite(accelerator, output.loss)
+                if finite:
+                    accelerator.backward(output.loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(run.networks.student.parameters(), optim.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    proxy_logs = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else {}
+                run.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            if not finite:  # no update, no EMA step; stop after too many in a row
+                skip_non_finite_step(run)
+                continue
+            run.nan_streak = 0
+            update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
+            run.global_step += 1
+            progress.update(1)
+            step_seconds.append(time.perf_counter() - step_started)
+            logs = {**step_logs(run, output, grad_norm, step_seconds[-1]), **proxy_logs}
+            progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
+            after_step(run, logs)
+            step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
     return step_seconds
 
 
