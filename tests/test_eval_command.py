@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rglcd.export import export_pipeline
 from rglcd.models import build_student, load_teacher
@@ -116,3 +117,25 @@ def test_coco_fid_names_the_inception_weights_it_needs(models, tmp_path):
     result = rglcd_eval("--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
                         cache=tmp_path, expect=2)  # fmt: skip
     assert "1 reference images are missing" in result.stderr
+
+
+def test_a_retrained_model_at_the_same_path_is_evaluated_again(models, tmp_path):
+    """The image manifest records the weights' fingerprint: new weights at the model's path make new images (and
+    scores), not the old ones reused."""
+    teacher = load_teacher(models[0])
+    student = export_pipeline(tmp_path / "student", build_student(teacher.unet), teacher)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    args = ["--model", student, "--prompts", prompts, "--steps", "1", "--metrics", "colorfulness", "--out"]
+    first = rglcd_eval(*args, tmp_path / "eval", cache=tmp_path / "cache")
+    image = tmp_path / "eval" / "images" / "student-1" / "00000.png"
+    before, made = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"], image.read_bytes()
+    retrained = build_student(teacher.unet)
+    with torch.no_grad():
+        retrained.conv_out.bias.add_(0.5)  # other weights, same path
+    export_pipeline(student, retrained, teacher)
+    again = rglcd_eval(*args, tmp_path / "eval", cache=tmp_path / "cache")
+    assert "changed since" in again.stdout and "changed since" not in first.stdout
+    assert image.read_bytes() != made
+    after = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert after[0]["colorfulness"] != before[0]["colorfulness"]

@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rglcd",
         description="Reward Guided Latent Consistency Distillation: distil a latent diffusion teacher into a "
         "1-4 step consistency model aligned to a reward.",
+        epilog="Errors you can fix are one line; set RGLCD_DEBUG=1 to see the traceback (for a bug report).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_sample_command(commands)
