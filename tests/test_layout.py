@@ -3,7 +3,6 @@
 import ast
 import importlib.metadata
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -112,8 +111,7 @@ def test_the_world_registers_through_its_entry_point():
 
 def test_a_plugin_registers_a_reward_a_distance_a_prompt_set_and_a_metric(monkeypatch, tmp_path):
     """What docs/extending.md shows: an installed package's entry point module, imported on first lookup."""
-    plugin = types.ModuleType("my_rglcd_plugin")
-    exec(
+    (tmp_path / "my_rglcd_plugin.py").write_text(
         "import torch\n"
         "from rglcd.rewards import RewardModel, register_reward\n"
         "from rglcd.losses import register_distance\n"
@@ -132,9 +130,8 @@ def test_a_plugin_registers_a_reward_a_distance_a_prompt_set_and_a_metric(monkey
         "@register_metric('darkness', 'one minus the mean pixel')\n"
         "def darkness(metrics, request):\n"
         "    metrics.per_image['darkness'] = lambda images, texts, records: 1 - images.mean(dim=(1, 2, 3))\n",
-        plugin.__dict__,
     )
-    monkeypatch.setitem(sys.modules, "my_rglcd_plugin", plugin)
+    monkeypatch.syspath_prepend(str(tmp_path))  # imported by the first lookup, after the registries are copied
     entry = importlib.metadata.EntryPoint("mine", "my_rglcd_plugin", rglcd.plugins.PLUGIN_GROUP)
     monkeypatch.setattr(rglcd.plugins, "entry_points", lambda group: [entry])
     monkeypatch.setattr(rglcd.plugins, "_plugins_loaded", False)
@@ -143,6 +140,7 @@ def test_a_plugin_registers_a_reward_a_distance_a_prompt_set_and_a_metric(monkey
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     for name, registry in registries.items():
         assert name in registry  # the first lookup imports the plugin
+    sys.modules.pop("my_rglcd_plugin")  # (a later test imports nothing stale)
     images = torch.full((2, 3, 4, 4), 0.25)
     assert ConsistencyDistance("l1")(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
     assert [p.text for p in load_prompts("colours")] == ["a red square", "a blue square"]

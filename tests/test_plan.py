@@ -95,7 +95,7 @@ def test_rglcd_plan_lists_the_switches_that_make_a_run_fit(tiny):
     [
         (["--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a size like 80GiB"),
         (["--fsdp"], "--fsdp: needs --processes >= 2"),
-        (["--processes", "0"], "--processes: must be >= 1"),
+        (["--processes", "0"], "argument --processes: must be at least 1, got 0"),
         (["--utilization", "2"], "--utilization"),
         (["optim.batch_size=0"], "optim.batch_size: must be > 0"),
     ],

@@ -100,8 +100,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from .plan import fit_switches, format_plan, make_plan, parse_memory
 
     config = load_config(args.config, args.overrides)
-    if args.processes < 1:
-        raise ConfigError("--processes: must be >= 1")
     if not 0 < args.utilization <= 1:
         raise ConfigError("--utilization: a share of the GPU's peak in (0, 1], e.g. 0.4")
     if args.fsdp and (args.processes < 2 or config.lora.rank):
