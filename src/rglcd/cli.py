@@ -31,14 +31,12 @@ def _device(name: str):
 
 
 def _read_prompts_file(path: str) -> list[str]:
+    from .files import read_text
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise UsageError(f"--prompts-file {path}: a folder, not a text file") from None
-    except FileNotFoundError:
-        raise UsageError(f"--prompts-file {path}: no such file") from None
-    except UnicodeDecodeError as error:
-        raise UsageError(f"--prompts-file {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        text = read_text(path)
+    except ValueError as error:
+        raise UsageError(f"--prompts-file {error}") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -39,3 +39,16 @@ def partial_folder(out: str | Path) -> Path:
     one holding the context need the path)."""
     out = Path(out)
     return out.with_name(out.name + ".partial")
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents (a byte-order mark dropped); a missing file, a folder or bytes that are not UTF-8
+    are a ValueError that says which, for the caller to name the option."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a folder, not a text file") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import read_text
 from .plugins import Registry
 
 HPSV2_REPO = "zhwang/HPDv2"
@@ -230,9 +231,9 @@ def _coco(captions: str, images: str) -> list[Prompt]:
 
 def _lines(path: Path) -> list[Prompt]:
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise PromptSetError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        lines = read_text(path).splitlines()
+    except ValueError as error:
+        raise PromptSetError(str(error)) from None
     if path.suffix != ".jsonl":
         return [Prompt(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     prompts = []

@@ -73,10 +73,11 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
-def check_resume(checkpoint: Path, settings: dict, num_processes: int, sharded: bool) -> dict[str, tuple]:
+def check_resume(checkpoint: Path, settings: dict, num_processes: int, sharded: bool) -> tuple[dict, dict[str, tuple]]:
     """Before any model loads: refuse a resume that cannot continue the checkpoint's run (another process count,
-    FSDP or not, a changed fixed setting); return the other settings that differ (``settings`` flat, as
-    ``{"optim.learning_rate": 1e-4, ...}``), which the resumed run takes: {name: (checkpoint's, now)}."""
+    FSDP or not, a changed fixed setting). Returns the checkpoint's trainer state and the other settings that
+    differ (``settings`` flat, as ``{"optim.learning_rate": 1e-4, ...}``), which the resumed run takes:
+    {name: (checkpoint's, now)}."""
     state = read_trainer_state(checkpoint)
     if len(state["data"]) != num_processes:  # each rank's data position and generator are saved
         raise TrainingError(
@@ -100,7 +101,7 @@ def check_resume(checkpoint: Path, settings: dict, num_processes: int, sharded: 
             f"--resume {checkpoint}: {listed} cannot change within a run; resume with the checkpoint's value(s), or "
             "start a new run in another logging.output_dir"
         )
-    return {key: changed[key] for key in sorted(changed)}
+    return state, {key: changed[key] for key in sorted(changed)}
 
 
 def claim_output_dir(out: Path, resumed: bool, overwrite: bool, is_main_process: bool) -> None:
@@ -160,13 +161,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    accelerator: Accelerator, checkpoint: Path, stream, generator: torch.Generator,
+    accelerator: Accelerator, checkpoint: Path, state: dict, stream, generator: torch.Generator,
     modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-) -> dict:  # fmt: skip
-    """Restore what :func:`save_checkpoint` wrote, after checking that nothing in it needs unpickling; returns the
-    trainer state."""
+) -> None:  # fmt: skip
+    """Restore what :func:`save_checkpoint` wrote (``state``: its trainer state, as :func:`check_resume` read it),
+    after checking that nothing in it needs unpickling."""
     check_safe_to_load(checkpoint, accelerator.process_index)
-    state = read_trainer_state(checkpoint)
     try:
         accelerator.load_state(str(checkpoint))
         for name, module in modules.items():
@@ -180,7 +180,6 @@ def load_checkpoint(
         raise TrainingError(f"{checkpoint} cannot be resumed ({type(error).__name__}: {str(error)[:300]})") from error
     stream.load_state_dict(state["data"][accelerator.process_index])
     accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
-    return state
 
 
 def check_safe_to_load(checkpoint: Path, process_index: int) -> None:

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -26,7 +27,7 @@ from ..export import export_fused, export_pipeline, save_lora
 from ..lora import STUDENT, TARGET
 from ..models import Teacher, load_teacher, reward_input, update_ema
 from ..rewards.latent import LatentClip, proxy_fit
-from ..step import Distillation, StepNoise, StepOutput, rglcd_step
+from ..step import Distillation, RewardFn, RewardInput, StepNoise, StepOutput, rglcd_step
 from .build import (
     Networks,
     Proxy,
@@ -84,6 +85,22 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     return Path(config.logging.output_dir) / "student"
 
 
+class StudentReward(NamedTuple):
+    """What the student's loss maximises: the expert (Alg. 3; a Mix carries each term's β, so β = 1 here) or the
+    frozen latent proxy (Alg. 4), and what it reads of the one-step prediction (decoded images, or latents)."""
+
+    fn: RewardFn | None
+    beta: float
+    input: RewardInput
+
+
+def student_reward(config: TrainConfig, expert, proxy: Proxy | None, vae: torch.nn.Module) -> StudentReward:
+    if proxy is not None:
+        return StudentReward(proxy.model, config.reward.latent.beta, reward_input(vae, True))
+    beta = 1.0 if expert is not None else 0.0
+    return StudentReward(expert, beta, reward_input(vae, False, config.reward.decode_batch_size))
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a run's steps read and change."""
@@ -101,6 +118,8 @@ class Run:
     stream: TrainStream
     generator: torch.Generator  # the step's randomness: noise, grid indices, w, VAE posterior samples
     uncond: tuple[torch.Tensor, dict | None]  # the empty prompt's embeddings and SDXL conditions
+    reward: StudentReward
+    settings: dict  # the config, flat: written into every checkpoint, compared on resume, given to the trackers
     run_id: str  # checkpoint rotation deletes only this run's checkpoints
     global_step: int = 0
     nan_streak: int = 0
@@ -119,7 +138,7 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     # Before any model loads: is the checkpoint one this run can continue, and is the folder this run's?
     checkpoint = resolve_resume(out, resume)
     settings = flat_scalars(config.to_dict())
-    changed = check_resume(checkpoint, settings, accelerator.num_processes, sharded) if checkpoint else {}
+    state, changed = check_resume(checkpoint, settings, accelerator.num_processes, sharded) if checkpoint else ({}, {})
     claim_output_dir(out, checkpoint is not None, overwrite, accelerator.is_main_process)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -144,12 +163,13 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     stream = build_stream(config, cached, accelerator.process_index, accelerator.num_processes)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     uncond = unconditional(config, teacher, stream, accelerator.device)
+    reward = student_reward(config, expert, proxy, teacher.vae)
     run = Run(
         config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
-        generator, uncond, run_id=uuid.uuid4().hex,
+        generator, uncond, reward, settings, run_id=uuid.uuid4().hex,
     )  # fmt: skip
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, stream, generator, *checkpointed(run))
+        load_checkpoint(accelerator, checkpoint, state, stream, generator, *checkpointed(run))
         run.global_step, run.nan_streak = state["global_step"], state["nan_streak"]
         run.run_id = state.get("run_id", run.run_id)
         take_new_settings(run)
@@ -157,7 +177,7 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
             listed = "; ".join(f"{key} {before} → {now}" for key, (before, now) in changed.items())
             accelerator.print(f"resumed with changed settings: {listed}")
     if accelerator.is_main_process:
-        accelerator.init_trackers("rglcd", config=flat_scalars(config.to_dict()))
+        accelerator.init_trackers("rglcd", config=settings)
     step_seconds = run_steps(run)
     return export(run, step_seconds, peak_memory_of_the_steps(accelerator.device))
 
@@ -247,9 +267,7 @@ def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
     config, networks = run.config, run.networks
     latents, cond_embeds, added = prepare_batch(batch, run.teacher, run.generator, config.data.resolution)
     noise = StepNoise.draw(latents, run.distillation, run.generator)
-    reward_fn, reward_beta = run.expert, 1.0 if run.expert is not None else 0.0  # Mix carries each term's beta
     if run.proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
-        reward_fn, reward_beta = run.proxy.model, config.reward.latent.beta
         set_trainable(run.proxy.params, False)
         run.proxy.model.eval()
     uncond_embeds, uncond_added = run.uncond
@@ -258,8 +276,8 @@ def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
             student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
             distillation=run.distillation, latents=latents, cond_embeds=cond_embeds.float(),
             uncond_embeds=uncond_embeds, added_cond=float_conditions(added), uncond_added_cond=uncond_added,
-            noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=reward_beta,
-            reward_input=reward_input(run.teacher.vae, run.proxy is not None, config.reward.decode_batch_size),
+            noise=noise, prompts=batch["captions"], reward_fn=run.reward.fn, reward_beta=run.reward.beta,
+            reward_input=run.reward.input,
         )  # fmt: skip
     return output, latents
 
@@ -351,7 +369,7 @@ def save_run_checkpoint(run: Run) -> Path:
     """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit``."""
     state = {
         "global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded, "run_id": run.run_id,
-        "settings": flat_scalars(run.config.to_dict()),
+        "settings": run.settings,
     }  # fmt: skip
     keep = run.config.logging.checkpoints_total_limit
     return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep, *checkpointed(run))
