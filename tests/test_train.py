@@ -312,3 +312,18 @@ def test_resume_takes_changed_settings_and_refuses_fixed_ones(tiny, tmp_path, ca
     optimizer = torch.load(out / "checkpoints" / "checkpoint-4" / "optimizer.bin", weights_only=True)
     (group,) = optimizer["param_groups"]
     assert group["lr"] == pytest.approx(2.5e-5 * 4 / 10) and group["betas"] == (0.9, 0.99)  # warm-up step 4 of 10
+
+
+def test_the_demo_runs_again_into_its_own_folder(tmp_path):
+    """`rglcd demo` is scratch: run again, it replaces its earlier run instead of refusing the folder."""
+    from rglcd.experiments.demo import run_demo
+
+    run_demo(tmp_path / "demo", steps=50)  # the tiny preset checkpoints every 50 steps
+    first = json.loads(
+        (tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-50" / "trainer_state.json").read_text()
+    )
+    run_demo(tmp_path / "demo", steps=50)
+    again = json.loads(
+        (tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-50" / "trainer_state.json").read_text()
+    )
+    assert first["run_id"] != again["run_id"]  # the second run's, not the first's kept

@@ -47,7 +47,8 @@ def tiny_setup(
 
 
 def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Set up, train with the ``tiny`` preset into ``out/rglcd``, and sample the student at 1, 2 and 4 steps."""
+    """Set up, train with the ``tiny`` preset into ``out/rglcd`` (replacing an earlier demo run there: it is
+    scratch), and sample the student at 1, 2 and 4 steps."""
     out = tiny_setup(out, prediction_type=prediction_type, seed=seed)
     config = load_config(
         "tiny",
@@ -59,7 +60,7 @@ def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: s
             f"seed={seed}",
         ],
     )
-    student_dir = train(config)
+    student_dir = train(config, overwrite=True)
     pipeline = load_lcm(student_dir)
     prompts = [f"a {name} picture" for name in COLOURS]
     for num_steps in (1, 2, 4):
