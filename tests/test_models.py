@@ -86,6 +86,17 @@ def test_target_is_frozen_copy_and_ema_update_is_exact():
     assert torch.equal(target.weight, online.weight)
 
 
+def test_ema_update_gives_the_same_values_as_a_loop_over_parameters():
+    generator = torch.Generator().manual_seed(0)
+    targets = [torch.randn(shape, generator=generator) for shape in [(3, 5), (7,), (2, 2, 3)]]
+    onlines = [torch.randn(t.shape, generator=generator, requires_grad=True) for t in targets]
+    expected = [t.clone().mul_(0.95).add_(o.detach(), alpha=0.05) for t, o in zip(targets, onlines, strict=True)]
+    update_ema(targets, onlines, decay=0.95)
+    assert all(torch.equal(t, e) for t, e in zip(targets, expected, strict=True))
+    with pytest.raises(ValueError, match="3 target parameters but 2"):
+        update_ema(targets, onlines[:2], decay=0.95)
+
+
 def test_overlong_captions_are_truncated_and_decoding_in_micro_batches_is_the_same(epsilon_teacher_dir):
     from rglcd.models import decode_latents
 

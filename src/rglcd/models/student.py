@@ -44,6 +44,10 @@ def build_target(student: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(target_params: Iterable[Tensor], online_params: Iterable[Tensor], decay: float) -> None:
-    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM/RG-LCD use μ = 0.95)."""
-    for target, online in zip(target_params, online_params, strict=True):
-        target.mul_(decay).add_(online.detach(), alpha=1 - decay)
+    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM/RG-LCD use μ = 0.95): two foreach kernels over all parameters, not a Python loop
+    of two per parameter (the same arithmetic, so the same values)."""
+    targets, onlines = list(target_params), [online.detach() for online in online_params]
+    if len(targets) != len(onlines):
+        raise ValueError(f"{len(targets)} target parameters but {len(onlines)} online ones")
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, onlines, alpha=1 - decay)
