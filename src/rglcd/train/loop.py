@@ -22,11 +22,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..data import TrainStream, check_cache, is_cache, teacher_fingerprint
+from ..data import check_cache, is_cache, teacher_fingerprint
 from ..export import export_fused, export_pipeline, save_lora
 from ..lora import STUDENT, TARGET
 from ..models import Teacher, load_teacher, reward_input, update_ema
-from ..rewards.latent import LatentClip, proxy_fit
+from ..rewards.latent import LatentClip, ProxyFit, proxy_fit
 from ..step import Distillation, RewardFn, RewardInput, StepNoise, StepOutput, rglcd_step
 from .build import (
     Networks,
@@ -63,6 +63,7 @@ from .monitor import (
     validate_samples,
     whole,
 )
+from .prefetch import Prefetch
 
 logger = logging.getLogger("rglcd.train")
 
@@ -115,7 +116,7 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     expert: torch.nn.Module | None  # the reward(s) maximised (Alg. 3) or the proxy's expert (Alg. 4)
     proxy: Proxy | None
-    stream: TrainStream
+    stream: Prefetch  # the data, read and decoded ahead in a background thread
     generator: torch.Generator  # the step's randomness: noise, grid indices, w, VAE posterior samples
     uncond: tuple[torch.Tensor, dict | None]  # the empty prompt's embeddings and SDXL conditions
     reward: StudentReward
@@ -155,7 +156,7 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     networks = build_networks(config, teacher, accelerator.device)
     distillation = build_distillation(config, teacher, networks.student)
     expert = expert.to(accelerator.device) if expert is not None else None
-    optimizer, lr_scheduler = build_optimizers(config, networks.student, accelerator.num_processes)
+    optimizer, lr_scheduler = build_optimizers(config, networks.student, accelerator.num_processes, sharded)
     networks.student, optimizer, lr_scheduler = accelerator.prepare(networks.student, optimizer, lr_scheduler)
     if config.lora.rank:
         checkpoint_adapters_only(accelerator)  # the EMA target is an adapter, saved with the student's
@@ -163,6 +164,7 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     stream = build_stream(config, cached, accelerator.process_index, accelerator.num_processes)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     uncond = unconditional(config, teacher, stream, accelerator.device)
+    stream = Prefetch(stream)
     reward = student_reward(config, expert, proxy, teacher.vae)
     run = Run(
         config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
@@ -220,22 +222,22 @@ def checkpointed(run: Run) -> tuple[dict[str, torch.nn.Module], dict[str, torch.
 
 def run_steps(run: Run) -> list[float]:
     """The loop, until ``optim.max_train_steps``; returns each optimizer step's wall-clock seconds."""
-    config, accelerator, optim = run.config, run.accelerator, run.config.optim
+    accelerator, optim = run.accelerator, run.config.optim
     # The EMA pairs, taken after prepare: FSDP replaces the student's parameters with sharded ones.
     ema_target, ema_online = ema_pairs(run.networks.student, run.networks.target)
-    batches = iter(run.stream)
     progress = tqdm(
         total=optim.max_train_steps, initial=run.global_step, desc="RG-LCD",
         disable=not accelerator.is_local_main_process,
     )  # fmt: skip
     step_started, step_seconds = time.perf_counter(), []
     reset_peak_memory(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
-    with progress:  # closed (its line ended) also when a step raises
+    with progress, run.stream:  # the progress line ended and the prefetching thread stopped, also when a step raises
+        batches = iter(run.stream)
         while run.global_step < optim.max_train_steps:
             with accelerator.accumulate(run.networks.student):
                 batch = next(batches)
                 output, latents = forward(run, batch)
-                finite = all_finite(accelerator, output.loss)
+                finite = all_finite(accelerator, output.loss)  # the step's one host sync besides logging
                 if finite:
                     accelerator.backward(output.loss)
                     grad_norm = None
@@ -243,7 +245,7 @@ def run_steps(run: Run) -> list[float]:
                         grad_norm = accelerator.clip_grad_norm_(run.networks.student.parameters(), optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
-                    proxy_logs = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else {}
+                    fit = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else None
                 run.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -251,13 +253,15 @@ def run_steps(run: Run) -> list[float]:
                 skip_non_finite_step(run)
                 continue
             run.nan_streak = 0
-            update_ema(ema_target, map(whole, ema_online), config.distill.ema_decay)
+            ema_update(run, ema_target, ema_online)
             run.global_step += 1
             progress.update(1)
             step_seconds.append(time.perf_counter() - step_started)
-            logs = {**step_logs(run, output, grad_norm, step_seconds[-1]), **proxy_logs}
-            progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
-            after_step(run, logs)
+            if is_log_step(run):  # the loss and grad norm read back to the host only here
+                logs = step_logs(run, output, grad_norm, fit, step_seconds[-1])
+                progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
+                accelerator.log(logs, step=run.global_step)
+            after_step(run)
             step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
     return step_seconds
 
@@ -282,12 +286,27 @@ def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
     return output, latents
 
 
+def ema_update(run: Run, ema_target: list[torch.Tensor], ema_online: list[torch.Tensor]) -> None:
+    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ after the update. FSDP's sharded parameters are gathered whole one at a time, so a
+    whole student never sits on one GPU."""
+    decay = run.config.distill.ema_decay
+    if not run.sharded:
+        update_ema(ema_target, ema_online, decay)
+        return
+    for target_param, online in zip(ema_target, ema_online, strict=True):
+        update_ema([target_param], [whole(online)], decay)
+
+
+def is_log_step(run: Run) -> bool:
+    return run.global_step % run.config.logging.log_every == 0 or run.global_step == run.config.optim.max_train_steps
+
+
 def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every rank (all skip the update together, so DDP stays in step)."""
     return bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
 
 
-def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: list[str]) -> dict[str, float]:
+def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: list[str]) -> ProxyFit:
     """Alg. 4, after the student update: one step of the latent proxy RM towards the expert's preferences."""
     accelerator, proxy, latent = run.accelerator, run.proxy, run.config.reward.latent
     set_trainable(proxy.params, True)
@@ -312,11 +331,7 @@ def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: lis
                     param.grad = accelerator.reduce(param.grad, reduction="mean")
         proxy.optimizer.step()
         proxy.optimizer.zero_grad(set_to_none=True)
-    return {
-        "proxy_loss": fit.loss.item(),
-        "proxy_accuracy": fit.accuracy.item(),
-        "expert_logit": fit.expert_logit.item(),
-    }
+    return fit
 
 
 def skip_non_finite_step(run: Run) -> None:
@@ -335,7 +350,9 @@ def skip_non_finite_step(run: Run) -> None:
         )
 
 
-def step_logs(run: Run, output: StepOutput, grad_norm: torch.Tensor | None, seconds: float) -> dict[str, float]:
+def step_logs(
+    run: Run, output: StepOutput, grad_norm: torch.Tensor | None, fit: ProxyFit | None, seconds: float
+) -> dict[str, float]:
     optim = run.config.optim
     samples_per_step = optim.batch_size * optim.gradient_accumulation_steps * run.accelerator.num_processes
     logs = {
@@ -349,15 +366,15 @@ def step_logs(run: Run, output: StepOutput, grad_norm: torch.Tensor | None, seco
         logs["grad_norm"] = float(grad_norm)
     if output.reward is not None:
         logs["reward"] = output.reward.mean().item()
+    if fit is not None:  # Alg. 4's proxy fit of this step
+        logs.update(proxy_loss=fit.loss.item(), proxy_accuracy=fit.accuracy.item())
+        logs["expert_logit"] = fit.expert_logit.item()
     return logs
 
 
-def after_step(run: Run, logs: dict[str, float]) -> None:
-    """Log every ``log_every`` steps (and the last), validate every ``validation_steps``, checkpoint every
-    ``checkpointing_steps``."""
+def after_step(run: Run) -> None:
+    """Validate every ``logging.validation_steps``, checkpoint every ``logging.checkpointing_steps``."""
     step, logging_config, accelerator = run.global_step, run.config.logging, run.accelerator
-    if step % logging_config.log_every == 0 or step == run.config.optim.max_train_steps:
-        accelerator.log(logs, step=step)
     if logging_config.validation_steps and step % logging_config.validation_steps == 0:
         student = accelerator.unwrap_model(run.networks.student)
         validate_samples(accelerator, run.config, run.teacher, student, run.distillation, step, run.sharded)

@@ -70,6 +70,7 @@ def step_time_summary(seconds: list[float]) -> dict:
     return {
         "steps": len(seconds),
         "first": seconds[0] if seconds else None,
+        "mean_after_first": sum(later) / len(later) if later else None,
         "median_after_first": later[len(later) // 2] if later else None,
         "min_after_first": later[0] if later else None,
         "max_after_first": later[-1] if later else None,
