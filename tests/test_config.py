@@ -83,3 +83,20 @@ def test_8bit_adam_without_bitsandbytes_names_the_fix(tiny_paths):
         pytest.skip("bitsandbytes is installed: 8-bit Adam is available")
     with pytest.raises(ConfigError, match="bitsandbytes is not installed; `pip install bitsandbytes` or set false"):
         load_config("tiny", [*tiny_paths, "optim.use_8bit_adam=true"])
+
+
+def test_compile_on_the_cpu_needs_a_cpp_compiler(tiny_paths, monkeypatch, tmp_path):
+    import rglcd.config
+
+    monkeypatch.setattr(rglcd.config.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    assert rglcd.config.cpp_compiler() is None
+    with pytest.raises(ConfigError, match=r"precision.compile: on the CPU torch.compile needs a C\+\+ compiler"):
+        load_config("tiny", [*tiny_paths, "precision.compile=true"])
+    compiler = tmp_path / "g++"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    assert rglcd.config.cpp_compiler() == str(compiler)
+    config = load_config("tiny", [*tiny_paths, "precision.compile=true", "precision.channels_last=true"])
+    assert config.precision.compile and config.precision.channels_last and not config.precision.allow_tf32

@@ -11,6 +11,8 @@ import difflib
 import importlib.util
 import json
 import math
+import os
+import shutil
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from .files import cache_dir
@@ -126,6 +129,9 @@ class PrecisionConfig:
     teacher_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # frozen teacher, VAE and text encoder
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"  # torch's scaled_dot_product_attention, or plain matmuls
+    compile: bool = False  # torch.compile of the student, target, teacher UNet and the reward's VAE decoder
+    allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs (cuDNN's convolutions use TF32 by default already)
+    channels_last: bool = False  # UNets and VAE in channels-last memory format (faster convolutions on GPUs)
 
 
 @dataclass
@@ -305,6 +311,11 @@ def validate(config: TrainConfig) -> None:
     _check_data_and_distill(config, vae_scale_factor, check)
     _check_reward(config, vae_scale_factor, check)
     _check_optim_and_logging(config, check)
+    check(
+        not config.precision.compile or torch.cuda.is_available() or cpp_compiler() is not None,
+        "precision.compile: on the CPU torch.compile needs a C++ compiler (g++ or clang++, or $CXX), none found; "
+        "install one (e.g. apt-get install g++) or set precision.compile=false",
+    )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -418,6 +429,11 @@ def _check_optim_and_logging(c: TrainConfig, check: Check) -> None:
     check(log.validation_steps >= 0, "logging.validation_steps: must be >= 0 (0 disables validation)")
     check(log.log_every > 0, "logging.log_every: must be > 0")
     check(log.max_consecutive_nan_steps > 0, "logging.max_consecutive_nan_steps: must be > 0")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would call, or None."""
+    return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "clang++"))), None)
 
 
 def _installed(module: str) -> bool:

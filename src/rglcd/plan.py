@@ -202,7 +202,8 @@ def _build_on_meta(config: TrainConfig) -> _Run:
     with meta:
         teacher = build_teacher(architecture_of(config.model.teacher, config.model.revision), config.model.teacher)
         expert = build_expert(_with_random_reward_weights(config))
-        networks = build_networks(config, teacher, meta)
+        # Traced eagerly: torch.compile's fused kernels keep fewer activations, so a compiled run needs at most this.
+        networks = build_networks(_set(config, "precision.compile", False), teacher, meta)
         proxy = None
         if config.reward.mode == "latent":
             folder = Path(config.reward.latent.model)

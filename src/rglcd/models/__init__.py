@@ -1,5 +1,6 @@
 """The models of a run: the teacher and its conditioning, the student and its EMA target, VAE helpers."""
 
+from .speed import SpeedSwitches, speed_up, use_tf32
 from .student import build_student, build_target, update_ema
 from .teacher import (
     REQUIRED_COMPONENTS,
@@ -20,6 +21,7 @@ from .vae import decode_latents, reward_input, vae_scale_factor
 
 __all__ = [
     "REQUIRED_COMPONENTS",
+    "SpeedSwitches",
     "Teacher",
     "TeacherLoadError",
     "build_student",
@@ -35,7 +37,9 @@ __all__ = [
     "reward_input",
     "sdxl_added_cond",
     "sdxl_time_ids",
+    "speed_up",
     "text_conditioning",
     "update_ema",
+    "use_tf32",
     "vae_scale_factor",
 ]

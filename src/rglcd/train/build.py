@@ -17,7 +17,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import CachedStream, TrainStream
 from ..lora import AdaptersOff, AdapterView, adapter_pairs, add_lora
 from ..losses import ConsistencyDistance
-from ..models import Teacher, build_student, build_target, sdxl_added_cond, text_conditioning
+from ..models import Teacher, build_student, build_target, sdxl_added_cond, speed_up, text_conditioning, use_tf32
 from ..rewards import build_reward
 from ..rewards.latent import LatentClip
 from ..step import Distillation
@@ -55,6 +55,7 @@ def build_accelerator(config: TrainConfig) -> tuple[Accelerator, bool]:
         project_config=ProjectConfiguration(project_dir=out, logging_dir=f"{out}/logs"),
     )
     sharded = check_engine(accelerator, config)
+    use_tf32(config.precision.allow_tf32)
     fsdp_plugin = accelerator.state.fsdp_plugin if sharded else None
     if fsdp_plugin is not None and dataclasses.is_dataclass(fsdp_plugin.mixed_precision_policy):
         # Gradients reduced in float32, as DDP all-reduces them (accelerate's policy reduces in bf16/fp16).
@@ -98,9 +99,12 @@ def build_networks(config: TrainConfig, teacher: Teacher, device: torch.device) 
         student.enable_gradient_checkpointing()
         # The reward's gradient passes through the frozen decoder: its activations are the step's largest.
         teacher.vae.enable_gradient_checkpointing()
+    unets = [student] if lora.rank else [student, networks.target, teacher.unet]  # a LoRA run's views share one
     if config.precision.attention == "eager":
-        for unet in [student] if lora.rank else [student, networks.target, teacher.unet]:
+        for unet in unets:
             unet.set_attn_processor(AttnProcessor())
+    for module in [*unets, teacher.vae]:
+        speed_up(module, config.precision.channels_last, config.precision.compile)
     return networks
 
 
@@ -127,10 +131,11 @@ def build_distillation(config: TrainConfig, teacher: Teacher, student: torch.nn.
     )
 
 
-def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processes: int):
+def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processes: int, sharded: bool = False):
     """(AdamW over the student's trained parameters, its learning-rate schedule), as diffusers' scripts count steps."""
     optim = config.optim
-    optimizer = build_optimizer(config, [param for param in student.parameters() if param.requires_grad])
+    trained = [param for param in student.parameters() if param.requires_grad]
+    optimizer = build_optimizer(config, trained, fused=not sharded)
     lr_scheduler = get_scheduler(
         optim.lr_scheduler,
         optimizer=optimizer,
@@ -140,20 +145,27 @@ def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processe
     return optimizer, lr_scheduler
 
 
-def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over the trained parameters."""
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over the trained parameters. On the CPU and CUDA it is torch's fused
+    AdamW (one kernel for every parameter's update, where the default runs one or several per parameter), unless
+    ``fused`` is False (FSDP's sharded parameters take torch's default)."""
     optim = config.optim
-    optimizer_class = torch.optim.AdamW
+    options = {}
     if optim.use_8bit_adam:
         import bitsandbytes  # optional: only for optim.use_8bit_adam (checked by the config)
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+        if fused and params and all(param.device.type in ("cpu", "cuda") for param in params):
+            options["fused"] = True
     return optimizer_class(
         params,
         lr=optim.learning_rate,
         betas=(optim.adam_beta1, optim.adam_beta2),
         eps=optim.adam_epsilon,
         weight_decay=optim.weight_decay,
+        **options,
     )
 
 
