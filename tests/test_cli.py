@@ -64,6 +64,24 @@ def test_sample_is_deterministic_for_a_seed(demo_run, tmp_path):
     assert (tmp_path / "a" / "000-00.png").read_bytes() != (tmp_path / "c" / "000-00.png").read_bytes()
 
 
+def test_sample_in_batches_and_channels_last_gives_the_same_images(demo_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    student = demo_run / "rglcd" / "student"
+    args = ["sample", "--model", student, "--prompt", "a red picture", "--prompt", "a blue picture", "--steps", "2"]
+    rglcd(*args, "--num-images", "2", "--batch-size", "1", "--out", tmp_path / "one")
+    rglcd(*args, "--num-images", "2", "--batch-size", "3", "--channels-last", "--out", tmp_path / "three")
+    meta = json.loads((tmp_path / "three" / "samples.json").read_text())
+    assert [(image["file"], image["seed"]) for image in meta["images"]] == [
+        ("000-00.png", 0), ("000-01.png", 1), ("001-00.png", 2), ("001-01.png", 3)
+    ]  # fmt: skip
+    for image in meta["images"]:
+        one, three = (np.asarray(Image.open(tmp_path / run / image["file"]), dtype=int) for run in ("one", "three"))
+        assert np.abs(one - three).max() <= 1  # float rounding of other batch shapes and memory layouts at most
+    assert not np.array_equal(*(np.asarray(Image.open(tmp_path / "one" / f"000-0{i}.png")) for i in (0, 1)))
+
+
 def test_sample_errors_are_clear(demo_run, tmp_path):
     result = rglcd("sample", "--model", demo_run / "teacher", "--prompt", "x", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "no guidance embedding" in result.stderr

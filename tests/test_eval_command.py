@@ -64,7 +64,7 @@ def test_a_text_prompt_file_with_a_pixel_metric(models, tmp_path):
     prompts.write_text("a red square\n# a comment\na blue circle\n")
     out = tmp_path / "eval"
     rglcd_eval("--model", student, "--prompts", prompts, "--steps", "1", "--metrics", "colorfulness",
-               "--out", out, cache=tmp_path / "cache")  # fmt: skip
+               "--channels-last", "--allow-tf32", "--out", out, cache=tmp_path / "cache")  # fmt: skip
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["model"] == "student" and row["colorfulness"] >= 0 and "groups" not in row
     assert sorted(p.name for p in (out / "images" / "student-1").glob("*.png")) == ["00000.png", "00001.png"]

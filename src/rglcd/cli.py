@@ -42,6 +42,7 @@ def _read_prompts_file(path: str) -> list[str]:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
+    from tqdm.auto import tqdm
 
     from .export import load_lcm
     from .sampling import lcm_sample, to_pil
@@ -57,20 +58,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--resolution {args.resolution}: must be a multiple of the VAE's {factor} (pixels per latent)"
         )
+    _speed_switches(args).apply(pipeline.unet, pipeline.vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Image k (prompts in order, each --num-images times) has its own generator, seeded seed + k: an image does not
+    # depend on the other prompts or on --batch-size.
+    wanted = [(prompt, image) for prompt in range(len(prompts)) for image in range(args.num_images)]
     records = []
-    for prompt_index, prompt in enumerate(prompts):
-        # One generator per prompt: an image depends on (seed, prompt index), not on the other prompts.
-        generator = torch.Generator(pipeline.device).manual_seed(args.seed + prompt_index)
+    starts = range(0, len(wanted), args.batch_size)
+    for start in tqdm(starts, desc="sampling", disable=len(starts) == 1):
+        batch = wanted[start : start + args.batch_size]
+        seeds = range(args.seed + start, args.seed + start + len(batch))
         images = lcm_sample(
-            pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, [prompt] * args.num_images,
-            num_steps=args.steps, guidance_scale=args.guidance, generator=generator, resolution=args.resolution,
+            pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, [prompts[index] for index, _ in batch],
+            num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
+            generator=[torch.Generator(pipeline.device).manual_seed(seed) for seed in seeds],
         )  # fmt: skip
-        for image_index, image in enumerate(to_pil(images)):
+        for (prompt_index, image_index), seed, image in zip(batch, seeds, to_pil(images), strict=True):
             name = f"{prompt_index:03d}-{image_index:02d}.png"
             image.save(out / name)
-            records.append({"file": name, "prompt": prompt, "seed": args.seed + prompt_index, "image": image_index})
+            records.append({"file": name, "prompt": prompts[prompt_index], "seed": seed, "image": image_index})
     meta = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "images": records}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(records)} images to {out}")
@@ -264,6 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics=[name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None,
         reward_kwargs=args.reward_kwargs, fid_features=args.fid_features, inception_weights=args.inception_weights,
         fid_size=args.fid_size, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed,
+        speed=_speed_switches(args),
     )  # fmt: skip
     results = run_eval(settings)
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
@@ -275,6 +283,32 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("config", help=f"a preset ({', '.join(presets())}) or a YAML file")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. optim.learning_rate=1e-5")
+
+
+def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The speed switches of sampling, as ``precision.*`` are for training."""
+    speed = parser.add_argument_group("speed switches")
+    speed.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the UNet and the VAE decoder (the first batch compiles; on the CPU needs a C++ compiler)",
+    )  # fmt: skip
+    speed.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory format")
+    speed.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls (Ampere and newer GPUs)")
+
+
+def _speed_switches(args: argparse.Namespace):
+    from .config import cpp_compiler
+    from .models import SpeedSwitches
+
+    if args.compile and not _cuda_available() and cpp_compiler() is None:
+        raise UsageError("--compile on the CPU needs a C++ compiler (g++ or clang++, or $CXX); install one or drop it")
+    return SpeedSwitches(channels_last=args.channels_last, compile=args.compile, allow_tf32=args.allow_tf32)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -304,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sample_command(commands) -> None:
     sample = commands.add_parser(
         "sample", help="few-step samples from an exported RG-LCM/LCM pipeline",
-        description="Write PNGs sampled with multistep latent consistency sampling (LCMScheduler). "
-        "Images are deterministic for a seed: prompt i uses seed + i.",
+        description="Write PNGs sampled with multistep latent consistency sampling (LCMScheduler), --batch-size "
+        "images per UNet call. Images are deterministic: image k (prompts in order, each --num-images times) uses "
+        "seed + k, whatever the batch size.",
     )  # fmt: skip
     sample.add_argument("--model", required=True, help="exported pipeline folder or hub id")
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -318,7 +353,9 @@ def _add_sample_command(commands) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     sample.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
+    sample.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet call (default: 8)")
     _add_device_argument(sample)
+    _add_speed_arguments(sample)
     sample.add_argument("--out", required=True, help="output folder")
     sample.set_defaults(run=cmd_sample)
 
@@ -445,8 +482,9 @@ def _add_eval_command(commands) -> None:
         help="centre-crop and resize both sets to this before FID (default: 256 for coco)",
     )
     evaluation.add_argument("--resolution", type=_positive_int, help="generation size (default: each model's own)")
-    evaluation.add_argument("--batch-size", type=_positive_int, default=16)
+    evaluation.add_argument("--batch-size", type=_positive_int, default=16, help="images per UNet call (default: 16)")
     evaluation.add_argument("--seed", type=int, default=0)
+    _add_speed_arguments(evaluation)
     evaluation.add_argument("--out", default="runs/eval", help="report folder (default: runs/eval)")
     evaluation.set_defaults(run=cmd_eval)
 

@@ -29,6 +29,7 @@ from .evaluate import (
     relative_to_teacher,
 )
 from .metrics import high_frequency_share
+from .models import SpeedSwitches
 from .plugins import Registry
 from .prompts import Prompt, load_prompts, prompt_set
 from .report import write_report
@@ -56,6 +57,7 @@ class EvalSettings:
     resolution: int | None = None  # None: each model's native size
     batch_size: int = 16
     seed: int = 0
+    speed: SpeedSwitches = field(default_factory=SpeedSwitches)  # channels-last, torch.compile, TF32
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ def run_eval(
         groups=[prompt.group for prompt in prompts],
         seed=settings.seed,
         batch_size=settings.batch_size,
+        speed=settings.speed,
         resolution=settings.resolution,
     )
     columns = [*metrics.per_image, *metrics.per_set]

@@ -25,7 +25,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from .export import load_lcm
-from .models import TeacherLoadError, load_teacher, read_pipeline_index
+from .models import SpeedSwitches, TeacherLoadError, load_teacher, read_pipeline_index
 from .sampling import ddim_cfg_sample, lcm_sample, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
@@ -66,12 +66,16 @@ def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
     return "lcm" if index["scheduler"][-1] == "LCMScheduler" else "teacher"
 
 
-def load_contender(contender: Contender):
-    """The pipeline parts a contender is sampled with (frozen, CPU or the first GPU)."""
+NO_SWITCHES = SpeedSwitches()
+
+
+def load_contender(contender: Contender, speed: SpeedSwitches = NO_SWITCHES):
+    """The pipeline parts a contender is sampled with (frozen, CPU or the first GPU), with the speed switches on its
+    UNet and VAE."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if contender.kind == "teacher":
-        return load_teacher(contender.path).to(device)
-    return load_lcm(contender.path, device)
+    parts = load_teacher(contender.path).to(device) if contender.kind == "teacher" else load_lcm(contender.path, device)
+    speed.apply(parts.unet, parts.vae)
+    return parts
 
 
 def _sample(
@@ -233,6 +237,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 32,
     resolution: int | None = None,
+    speed: SpeedSwitches = NO_SWITCHES,
 ) -> list[dict]:
     """One row per (model, steps): every per-image metric's mean and std on its benchmark scale (and per-group
     statistics when the prompts have groups), every set metric, ms/image and images/s. Per-image values (unscaled)
@@ -247,9 +252,11 @@ def evaluate(
     }  # all checked before anything is generated
     rows = []
     for contender in contenders:
-        parts = load_contender(contender)
+        parts = load_contender(contender, speed)
         for steps in contender.steps:
             folder = folders[contender.label, steps]
+            if speed.compile and not all(path.exists() for path in image_paths(folder, len(captions))):
+                _sample(contender, parts, captions[:batch_size], steps, None, resolution)  # compiles before timing
             ms = generate(contender, parts, captions, steps, folder, seed, batch_size, resolution)
             timing_file = folder / "timing.json"  # the generation's speed, kept for reruns that generate nothing
             if ms is not None:
