@@ -43,6 +43,14 @@ def timed(function, iterations: int) -> float:
     return statistics.median(samples)
 
 
+def noisy_inputs(latents, teacher, distillation, generator):
+    """A step's draw and what its passes read: (noise, t_{n+k} [B], z_{t_{n+k}} [B, C, h, w], w's embedding [B, D])."""
+    noise = StepNoise.draw(latents, distillation, generator)
+    start = distillation.grid[noise.indices]
+    z_start = teacher.schedule.add_noise(latents, noise.noise, start)
+    return noise, start, z_start, guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -67,10 +75,7 @@ def main() -> None:
         latents = teacher.vae.encode(batch["pixel_values"]).latent_dist.mean * teacher.vae.config.scaling_factor
         cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, captions)
         uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""] * len(captions))
-    noise = StepNoise.draw(latents, distillation, generator)
-    start = distillation.grid[noise.indices]
-    z_start = teacher.schedule.add_noise(latents, noise.noise, start)
-    w_embedding = guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim)
+    noise, start, z_start, w_embedding = noisy_inputs(latents, teacher, distillation, generator)
 
     def student_pass():
         consistency_function(student, z_start, start, w_embedding, cond, distillation).square().mean().backward()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from step_breakdown import timed  # this folder's
+from step_breakdown import noisy_inputs, timed  # this folder's
 
 from rglcd.config import load_config
 from rglcd.data import CachedStream, TrainStream, write_cache
@@ -154,10 +154,7 @@ def passes_milliseconds(config, iterations: int) -> dict[str, float]:
     with torch.no_grad():
         cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, ["a red picture"] * batch)
         uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""] * batch)
-    noise = StepNoise.draw(latents, distillation, generator)
-    start = distillation.grid[noise.indices]
-    z_start = teacher.schedule.add_noise(latents, noise.noise, start)
-    w_embedding = guidance_scale_embedding(noise.guidance, distillation.time_cond_proj_dim)
+    noise, start, z_start, w_embedding = noisy_inputs(latents, teacher, distillation, generator)
 
     def student_pass():
         consistency_function(student, z_start, start, w_embedding, cond, distillation).square().mean().backward()
