@@ -127,6 +127,20 @@ def test_a_bad_input_is_a_one_line_error(made, name, capsys, monkeypatch, tmp_pa
     assert not (tmp_path / "pwned").exists()
 
 
+def test_compiling_without_a_cpp_compiler_is_one_line(made, capsys, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["sample", "--model", str(made.student), "--prompt", "x", "--compile", "--out", str(tmp_path / "s")])
+    assert stopped.value.code == 2
+    (line,) = rglcd_lines(capsys.readouterr().err)
+    assert "--compile on the CPU needs a C++ compiler" in line
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_partial_folder(made, capsys, monkeypatch):
     def disk_full(self, output_dir, **kwargs):
         (made.root / "run-full" / "checkpoints" / "checkpoint-2.partial" / "half.bin").write_bytes(b"half")

@@ -52,13 +52,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         prompts += _read_prompts_file(args.prompts_file)
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file with a prompt")
+    speed = _speed_switches(args)  # checked before the model loads
     pipeline = load_lcm(args.model, _device(args.device))
     factor = pipeline.vae_scale_factor
     if args.resolution is not None and args.resolution % factor:
         raise UsageError(
             f"--resolution {args.resolution}: must be a multiple of the VAE's {factor} (pixels per latent)"
         )
-    _speed_switches(args).apply(pipeline.unet, pipeline.vae)
+    speed.apply(pipeline.unet, pipeline.vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Image k (prompts in order, each --num-images times) has its own generator, seeded seed + k: an image does not
