@@ -36,13 +36,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from step_breakdown import noisy_inputs, timed  # this folder's
 
 from rglcd.config import load_config
-from rglcd.data import CachedStream, TrainStream, write_cache
+from rglcd.data import is_cache, write_cache
 from rglcd.experiments.demo import tiny_setup
 from rglcd.models import encode_prompts, load_teacher, reward_input, vae_scale_factor
 from rglcd.schedules import boundary_scalings, ddim_step, guidance_scale_embedding, predicted_eps, predicted_x0
 from rglcd.step import StepNoise, consistency_function, teacher_ddim_cfg_step
 from rglcd.train import train
-from rglcd.train.build import build_distillation, build_expert, build_networks, build_optimizers
+from rglcd.train.build import build_distillation, build_expert, build_networks, build_optimizers, build_stream
 
 
 def trainer_config(root: Path, source: Path, resolution: int, reward: bool, batch_size: int, steps: int):
@@ -77,12 +77,9 @@ def plain_step_seconds(config, steps: int) -> float:
         eps=optim.adam_epsilon, weight_decay=optim.weight_decay, foreach=False,
     )  # fmt: skip
     expert = build_expert(config)
-    cached = Path(config.data.source, "cache_info.json").is_file()
-    options = {"batch_size": optim.batch_size, "shuffle_buffer": config.data.shuffle_buffer, "seed": config.seed}
-    stream = CachedStream(config.data.source, **options) if cached else TrainStream(
-        config.data.source, resolution=config.data.resolution, **options
-    )  # fmt: skip
-    batches, generator = iter(stream), torch.Generator().manual_seed(config.seed)
+    cached = is_cache(config.data.source)
+    batches = iter(build_stream(config, cached, rank=0, world_size=1))
+    generator = torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
         uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""] * optim.batch_size)
     grid, mu = distillation.grid, config.distill.ema_decay

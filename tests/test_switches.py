@@ -6,15 +6,15 @@ Each run is its own process (`rglcd train`): accelerate fixes the mixed precisio
 
 import itertools
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from rglcd.config import cpp_compiler
+from rglcd.config import compile_unavailable
 from rglcd.experiments.demo import tiny_setup
+
+from .test_cli import rglcd
 
 COMBINATIONS = [
     (mixed, teacher_dtype, checkpointing, attention)
@@ -38,16 +38,13 @@ def test_switch_combination_trains(tiny, tmp_path, mixed, teacher_dtype, checkpo
         f"precision.teacher_dtype={teacher_dtype}", f"precision.attention={attention}",
         f"precision.channels_last={channels_last}", "logging.checkpointing_steps=1",
     ]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "train", "tiny", *overrides], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    rglcd("train", "tiny", *overrides)
     assert json.loads((tmp_path / "train_summary.json").read_text())["global_step"] == 2  # two finite updates
     assert (tmp_path / "student" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_compiled_training_and_sampling_match_eager(tiny, tmp_path):
-    if cpp_compiler() is None:
+    if compile_unavailable():
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++ or clang++)")
     summaries, samples = {}, {}
     for name, compiled in (("eager", False), ("compiled", True)):
@@ -56,16 +53,11 @@ def test_compiled_training_and_sampling_match_eager(tiny, tmp_path):
             f"logging.output_dir={tmp_path / name}", "optim.batch_size=2", "optim.max_train_steps=2",
             "logging.validation_steps=0", "logging.tracker=none", f"precision.compile={compiled}",
         ]  # fmt: skip
-        run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides])
+        rglcd("train", "tiny", *overrides)
         summaries[name] = json.loads((tmp_path / name / "train_summary.json").read_text())["parameter_checksums"]
-        sample = [sys.executable, "-m", "rglcd", "sample", "--model", tmp_path / name / "student", "--prompt", "a red"]
-        run([*sample, "--steps", "2", "--out", tmp_path / f"{name}-samples", *(["--compile"] if compiled else [])])
+        sample = ["sample", "--model", tmp_path / name / "student", "--prompt", "a red", "--steps", "2"]
+        rglcd(*sample, "--out", tmp_path / f"{name}-samples", *(["--compile"] if compiled else []))
         samples[name] = np.asarray(Image.open(tmp_path / f"{name}-samples" / "000-00.png"), dtype=int)
     for part, checksum in summaries["eager"].items():  # the same updates, up to the fused kernels' float rounding
         assert summaries["compiled"][part] == pytest.approx(checksum, rel=1e-7)
     assert np.abs(samples["compiled"] - samples["eager"]).max() <= 1
-
-
-def run(command: list) -> None:
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]

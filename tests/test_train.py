@@ -318,12 +318,9 @@ def test_the_demo_runs_again_into_its_own_folder(tmp_path):
     """`rglcd demo` is scratch: run again, it replaces its earlier run instead of refusing the folder."""
     from rglcd.experiments.demo import run_demo
 
+    state = tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-50" / "trainer_state.json"
     run_demo(tmp_path / "demo", steps=50)  # the tiny preset checkpoints every 50 steps
-    first = json.loads(
-        (tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-50" / "trainer_state.json").read_text()
-    )
+    first = json.loads(state.read_text())
     run_demo(tmp_path / "demo", steps=50)
-    again = json.loads(
-        (tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-50" / "trainer_state.json").read_text()
-    )
+    again = json.loads(state.read_text())
     assert first["run_id"] != again["run_id"]  # the second run's, not the first's kept

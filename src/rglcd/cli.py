@@ -298,18 +298,12 @@ def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _speed_switches(args: argparse.Namespace):
-    from .config import cpp_compiler
+    from .config import compile_unavailable
     from .models import SpeedSwitches
 
-    if args.compile and not _cuda_available() and cpp_compiler() is None:
+    if args.compile and compile_unavailable():
         raise UsageError("--compile on the CPU needs a C++ compiler (g++ or clang++, or $CXX); install one or drop it")
     return SpeedSwitches(channels_last=args.channels_last, compile=args.compile, allow_tf32=args.allow_tf32)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:

@@ -312,7 +312,7 @@ def validate(config: TrainConfig) -> None:
     _check_reward(config, vae_scale_factor, check)
     _check_optim_and_logging(config, check)
     check(
-        not config.precision.compile or torch.cuda.is_available() or cpp_compiler() is not None,
+        not (config.precision.compile and compile_unavailable()),
         "precision.compile: on the CPU torch.compile needs a C++ compiler (g++ or clang++, or $CXX), none found; "
         "install one (e.g. apt-get install g++) or set precision.compile=false",
     )
@@ -434,6 +434,11 @@ def _check_optim_and_logging(c: TrainConfig, check: Check) -> None:
 def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend (inductor) would call, or None."""
     return next(filter(None, (shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "clang++"))), None)
+
+
+def compile_unavailable() -> bool:
+    """Whether torch.compile cannot run here: no GPU, and no C++ compiler for its CPU backend."""
+    return not torch.cuda.is_available() and cpp_compiler() is None
 
 
 def _installed(module: str) -> bool:

@@ -237,7 +237,7 @@ def run_steps(run: Run) -> list[float]:
             with accelerator.accumulate(run.networks.student):
                 batch = next(batches)
                 output, latents = forward(run, batch)
-                finite = all_finite(accelerator, output.loss)  # the step's one host sync besides logging
+                finite = all_finite(accelerator, output.loss)  # a host sync; the others: logging, Alg. 4's fit
                 if finite:
                     accelerator.backward(output.loss)
                     grad_norm = None
