@@ -7,7 +7,21 @@ spelled out inline, so that tests/test_step.py compares two independent implemen
 import math
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, LCMScheduler
+
+
+def guidance_embedding(w, embed_dim=256):
+    """LCM's Fourier embedding of w (× 1000), sin then cos."""
+    half = embed_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    ang = (w * 1000.0)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+
+
+def decoded_images(vae, latents):
+    """Scaled latents -> images in [0, 1]."""
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    return torch.clamp(images / 2 + 0.5, 0, 1)
 
 
 def reference_rglcd_step(
@@ -23,10 +37,7 @@ def reference_rglcd_step(
     # 2. the grid point t_{n+k} (noisy) and t_n = t_{n+k} - k (clamped at 0); w embedded as in LCM.
     t_start = (index + 1) * k - 1
     t_prev = torch.clamp(t_start - k, min=0)
-    half = embed_dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    ang = (w * 1000.0)[:, None] * freqs[None, :]
-    w_emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1).to(latents.dtype)
+    w_emb = guidance_embedding(w, embed_dim).to(latents.dtype)
 
     def a(t):
         return acp[t].sqrt().view(-1, 1, 1, 1)
@@ -83,8 +94,21 @@ def reference_rglcd_step(
     loss = distill
     rewards = None
     if reward is not None and beta != 0:
-        images = vae.decode(model_pred / vae.config.scaling_factor).sample
-        images = torch.clamp(images / 2 + 0.5, 0, 1)
-        rewards = reward(images, prompts)
+        rewards = reward(decoded_images(vae, model_pred), prompts)
         loss = distill - beta * rewards.mean()
     return loss, distill, rewards, model_pred, target
+
+
+def reference_lcm_sample(student_unet, scheduler_config, cond, w, num_steps, grad_steps, generator, shape, dtype):
+    """The student's K-step sample as diffusers' LatentConsistencyModelPipeline makes it (its LCMScheduler picks the
+    timesteps, applies c_skip/c_out and draws the re-noising from ``generator``, after the initial latents), keeping
+    the graph through the last ``grad_steps`` steps only."""
+    scheduler = LCMScheduler.from_config(scheduler_config, original_inference_steps=50, timestep_scaling=10.0)
+    scheduler.set_timesteps(num_steps)
+    w_emb = guidance_embedding(w).to(dtype)
+    latents = torch.randn(shape, generator=generator, dtype=dtype)
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(i >= num_steps - grad_steps):
+            out = student_unet(latents, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
+            latents, denoised = scheduler.step(out, t, latents, generator=generator, return_dict=False)
+    return denoised

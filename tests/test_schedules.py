@@ -11,6 +11,7 @@ from rglcd.schedules import (
     ddim_grid,
     ddim_step,
     guidance_scale_embedding,
+    lcm_timesteps,
     predicted_eps,
     predicted_x0,
 )
@@ -24,6 +25,20 @@ def test_ddim_grid_is_k_n_minus_one():
     assert ddim_grid(1000, 4).tolist() == [249, 499, 749, 999]
     with pytest.raises(ValueError):
         ddim_grid(1000, 0)
+
+
+def test_lcm_timesteps_exact_and_equal_lcm_scheduler():
+    grid = ddim_grid(1000, 50)
+    assert lcm_timesteps(grid, 1).tolist() == [999]
+    assert lcm_timesteps(grid, 2).tolist() == [999, 499]
+    assert lcm_timesteps(grid, 4).tolist() == [999, 759, 499, 259]
+    for num_ddim in (50, 25):
+        scheduler = LCMScheduler(**SD_BETAS, original_inference_steps=num_ddim)
+        for steps in range(1, 9):
+            scheduler.set_timesteps(steps)
+            assert lcm_timesteps(ddim_grid(1000, num_ddim), steps).tolist() == scheduler.timesteps.tolist()
+    with pytest.raises(ValueError, match="num_steps"):
+        lcm_timesteps(grid, 51)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
+import dataclasses
+
 import pytest
 import torch
 
 from rglcd.losses import ConsistencyDistance
 from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input
 from rglcd.rewards import build_reward
-from rglcd.step import Distillation, StepNoise, rglcd_step
+from rglcd.step import Distillation, SamplerReward, StepNoise, rglcd_step
 
-from .reference_step import reference_rglcd_step
+from .reference_step import decoded_images, reference_lcm_sample, reference_rglcd_step
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on the left"]
 
@@ -124,3 +126,84 @@ def test_a_latent_reward_reads_the_unscaled_prediction_without_decoding(setup):
     assert latents_seen.shape == latents.shape  # latents, not decoded images
     torch.testing.assert_close(latents_seen, output.model_pred / teacher.vae.config.scaling_factor)
     torch.testing.assert_close(output.loss, output.distill_loss - 0.5 * output.reward.mean())
+
+
+@pytest.mark.parametrize("sample_steps,grad_steps", [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_sampler_reward_matches_independent_reference(setup, sample_steps, grad_steps):
+    """reward.target = sample: loss, reward, sample and the student's gradient against diffusers' LCMScheduler
+    sampling (tests/reference_step.py), with the graph cut before the last ``grad_steps`` steps in both."""
+    teacher, student, target, distillation, latents, cond, uncond, noise = setup
+    reward, beta = build_reward("colorfulness"), 0.5
+    draws = torch.Generator().manual_seed(5)  # the pipeline's order: initial latents, then each step's re-noising
+    sampler_noise = torch.stack(
+        [torch.randn(latents.shape, generator=draws, dtype=torch.float64) for _ in range(sample_steps)]
+    )
+    sampler = SamplerReward(distillation.sampling_timesteps(sample_steps), grad_steps)
+
+    student.zero_grad(set_to_none=True)
+    ours = rglcd_step(
+        student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+        reward_input=reward_input(teacher.vae), latents=latents, cond_embeds=cond, uncond_embeds=uncond,
+        noise=dataclasses.replace(noise, sampler_noise=sampler_noise), prompts=PROMPTS, reward_fn=reward,
+        reward_beta=beta, sampler=sampler,
+    )  # fmt: skip
+    ours.loss.backward()
+    our_gradients = {name: parameter.grad.clone() for name, parameter in student.named_parameters()}
+
+    student.zero_grad(set_to_none=True)
+    _, distill, *_ = reference_rglcd_step(
+        teacher.unet, student, target, teacher.vae, teacher.scheduler_config, latents, cond, uncond,
+        noise.noise, noise.indices, noise.guidance, PROMPTS,
+    )  # fmt: skip
+    sample = reference_lcm_sample(
+        student, teacher.scheduler_config, cond, noise.guidance, sample_steps, grad_steps,
+        torch.Generator().manual_seed(5), latents.shape, torch.float64,
+    )  # fmt: skip
+    rewards = reward(decoded_images(teacher.vae, sample), PROMPTS)
+    loss = distill - beta * rewards.mean()
+    loss.backward()
+
+    torch.testing.assert_close(ours.sample, sample, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.reward, rewards, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.loss, loss, atol=1e-5, rtol=0)
+    for name, parameter in student.named_parameters():
+        torch.testing.assert_close(our_gradients[name], parameter.grad, atol=1e-7, rtol=1e-4, msg=name)
+    student.zero_grad(set_to_none=True)
+
+
+def test_sampler_gradient_is_truncated_to_the_last_steps(setup):
+    """Through 1 of 2 steps the gradient differs from through both; without the sampler's noise it is an error."""
+    teacher, student, target, distillation, latents, cond, uncond, noise = setup
+    sampler_noise = torch.randn((2, *latents.shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gradients = []
+    for grad_steps in (1, 2):
+        student.zero_grad(set_to_none=True)
+        output = rglcd_step(
+            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+            reward_input=reward_input(teacher.vae), latents=latents, cond_embeds=cond, uncond_embeds=uncond,
+            noise=dataclasses.replace(noise, sampler_noise=sampler_noise), prompts=PROMPTS,
+            reward_fn=build_reward("colorfulness"), reward_beta=2.0,
+            sampler=SamplerReward(distillation.sampling_timesteps(2), grad_steps),
+        )  # fmt: skip
+        output.loss.backward()
+        gradients.append(student.conv_in.weight.grad.clone())
+    assert not torch.allclose(gradients[0], gradients[1])
+    student.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="sampler's noise"):
+        rglcd_step(
+            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
+            reward_input=reward_input(teacher.vae), latents=latents, cond_embeds=cond, uncond_embeds=uncond,
+            noise=noise, prompts=PROMPTS, reward_fn=build_reward("colorfulness"), reward_beta=1.0,
+            sampler=SamplerReward(distillation.sampling_timesteps(2)),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="grad_steps"):
+        SamplerReward(distillation.sampling_timesteps(2), grad_steps=3)
+
+
+def test_sampler_noise_is_drawn_after_the_step_noise(setup):
+    """A step with the sampler draws the same ε, n, w as one without (so reward.every keeps the other draws)."""
+    *_, distillation, latents, _, _, _ = setup
+    plain = StepNoise.draw(latents, distillation, torch.Generator().manual_seed(3))
+    with_sampler = StepNoise.draw(latents, distillation, torch.Generator().manual_seed(3), sampler_steps=4)
+    assert plain.sampler_noise is None and with_sampler.sampler_noise.shape == (4, *latents.shape)
+    assert torch.equal(plain.noise, with_sampler.noise) and torch.equal(plain.guidance, with_sampler.guidance)

@@ -26,6 +26,14 @@ def ddim_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> 
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long) * skip - 1
 
 
+def lcm_timesteps(grid: Tensor, num_steps: int) -> Tensor:
+    """The K = ``num_steps`` sampling timesteps of a consistency model distilled on ``grid``, as diffusers'
+    LCMScheduler picks them: the grid from its end, at indices ⌊i·N/K⌋ ([999, 499] for K = 2 on the N = 50 grid)."""
+    if not 0 < num_steps <= len(grid):
+        raise ValueError(f"num_steps must be in [1, {len(grid)}] (the grid's size), got {num_steps}")
+    return grid.flip(0)[torch.arange(num_steps) * len(grid) // num_steps]
+
+
 def betas_from_config(config: Mapping[str, Any]) -> Tensor:
     """β_t exactly as diffusers' DDPM/DDIM/PNDM/LCM schedulers build them (float32)."""
     num_train_timesteps = int(config.get("num_train_timesteps", 1000))

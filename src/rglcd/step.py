@@ -20,13 +20,14 @@ from .schedules import (
     ddim_grid,
     ddim_step,
     guidance_scale_embedding,
+    lcm_timesteps,
     predicted_eps,
     predicted_x0,
 )
 
 # images [B,3,H,W] in [0,1] (or, for a latent proxy RM, VAE latents [B,C,h,w]), prompts -> [B]
 RewardFn = Callable[[Tensor, Sequence[str]], Tensor]
-# the one-step prediction ẑ_0 (scaled latents [B,C,h,w]) -> what the reward reads (rglcd.models.vae.reward_input)
+# ẑ_0, the one-step prediction or a sample (scaled latents [B,C,h,w]) -> what the reward reads (models.reward_input)
 RewardInput = Callable[[Tensor], Tensor]
 # A diffusers UNet2DConditionModel, or a LoRA run's view of one (rglcd.lora.AdapterView, AdaptersOff): called as the
 # UNet is, returning an output with ``.sample``.
@@ -58,33 +59,72 @@ class Distillation:
     def grid(self) -> Tensor:
         return ddim_grid(self.schedule.num_train_timesteps, self.num_ddim_timesteps)
 
+    def sampling_timesteps(self, num_steps: int) -> Tensor:
+        """τ_1 > … > τ_K: the timesteps the exported student samples ``num_steps`` steps with (its LCMScheduler's)."""
+        return lcm_timesteps(self.grid, num_steps)
+
+
+@dataclass(frozen=True)
+class SamplerReward:
+    """``reward.target: sample`` (beyond the paper): the reward reads the student's own K-step latent consistency
+    sample from fresh noise instead of its one-step prediction. The graph is kept through the last ``grad_steps``
+    sampling steps only; the earlier ones run without gradients (truncated backpropagation, as DRaFT-K)."""
+
+    timesteps: Tensor  # [K] τ_1 > … > τ_K, Distillation.sampling_timesteps(K)
+    grad_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.grad_steps <= len(self.timesteps):
+            raise ValueError(f"grad_steps must be in [1, {len(self.timesteps)}], got {self.grad_steps}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
 
 @dataclass
 class StepNoise:
-    """The step's randomness: ε [B,C,h,w], DDIM-grid indices n [B] in [0, N), guidance scales w [B]."""
+    """The step's randomness: ε [B,C,h,w], DDIM-grid indices n [B] in [0, N), guidance scales w [B], and for a
+    :class:`SamplerReward` the sampler's noise [K,B,C,h,w]: z_{τ_1}, then the ε that re-noises step k's estimate
+    to τ_{k+1}."""
 
     noise: Tensor
     indices: Tensor
     guidance: Tensor
+    sampler_noise: Tensor | None = None
 
     @classmethod
-    def draw(cls, latents: Tensor, distillation: Distillation, generator: torch.Generator) -> StepNoise:
-        """Draw from a (CPU) generator, then move to the latents' device, so runs repeat on any device."""
+    def draw(
+        cls, latents: Tensor, distillation: Distillation, generator: torch.Generator, sampler_steps: int = 0
+    ) -> StepNoise:
+        """Draw from a (CPU) generator, then move to the latents' device, so runs repeat on any device. The sampler's
+        noise (``sampler_steps`` > 0) is drawn last: the other draws are those of a step without it."""
         batch = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         indices = torch.randint(0, distillation.num_ddim_timesteps, (batch,), generator=generator)
         uniform = torch.rand(batch, generator=generator, dtype=torch.float32)
         guidance = distillation.w_min + (distillation.w_max - distillation.w_min) * uniform
-        return cls(noise.to(latents.device), indices.to(latents.device), guidance.to(latents.device))
+        device, sampler_noise = latents.device, None
+        if sampler_steps:
+            sampler_noise = torch.randn((sampler_steps, *latents.shape), generator=generator, dtype=torch.float32)
+            sampler_noise = sampler_noise.to(device)
+        return cls(noise.to(device), indices.to(device), guidance.to(device), sampler_noise)
 
 
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar: distill_loss − β·mean(reward); what the optimizer minimises
     distill_loss: Tensor  # scalar: mean over the batch of d(model_pred, target)
-    reward: Tensor | None  # [B] reward of the one-step prediction (None when β = 0)
+    reward: Tensor | None  # [B] reward of the one-step prediction, or of the sample (None when β = 0)
     model_pred: Tensor  # [B,C,h,w] f_θ(z_{t_{n+k}}, w, c, t_{n+k}), differentiable
     target: Tensor  # [B,C,h,w] f_θ⁻(ẑ_{t_n}, w, c, t_n), no grad
+    sample: Tensor | None = None  # [B,C,h,w] the student's K-step sample the reward read (SamplerReward), else None
+
+    @property
+    def scored(self) -> Tensor:
+        """The latents [B,C,h,w] the reward reads: the sample, else the one-step prediction (Alg. 4 fits its proxy
+        on them)."""
+        return self.model_pred if self.sample is None else self.sample
 
 
 def consistency_function(
@@ -109,6 +149,33 @@ def consistency_function(
     c_skip, c_out = boundary_scalings(timesteps, distillation.sigma_data, distillation.timestep_scaling)
     c_skip, c_out = (c.view(-1, *([1] * (z_t.ndim - 1))) for c in (c_skip, c_out))
     return c_skip * z_t + c_out * x0
+
+
+def consistency_sample(
+    unet: UNet,
+    sampler: SamplerReward,
+    sampler_noise: Tensor,
+    w_embedding: Tensor | None,
+    prompt_embeds: Tensor,
+    distillation: Distillation,
+    added_cond: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """Multistep latent consistency sampling (LCM Alg. 2 / RG-LCD Alg. 2) from z_{τ_1} = ``sampler_noise[0]``:
+    ẑ_0 = f(z_{τ_k}, w, c, τ_k), then z_{τ_{k+1}} = α_{τ_{k+1}}·ẑ_0 + σ_{τ_{k+1}}·``sampler_noise[k]``; returns the
+    last ẑ_0 [B,C,h,w], differentiable through the last ``sampler.grad_steps`` steps only."""
+    z = sampler_noise[0]
+    batch, num_steps = z.shape[0], sampler.num_steps
+    timesteps = sampler.timesteps.to(z.device)
+    for k in range(num_steps):
+        keep_graph = torch.is_grad_enabled() and k >= num_steps - sampler.grad_steps
+        with torch.set_grad_enabled(keep_graph):
+            denoised = consistency_function(
+                unet, z, timesteps[k].expand(batch), w_embedding, prompt_embeds, distillation, added_cond
+            )
+        if k + 1 < num_steps:
+            alpha, sigma = distillation.schedule.alpha_sigma(timesteps[k + 1].expand(batch), z.ndim)
+            z = alpha * denoised + sigma * sampler_noise[k + 1]
+    return denoised
 
 
 @torch.no_grad()
@@ -166,6 +233,7 @@ def rglcd_step(
     reward_input: RewardInput | None = None,
     added_cond: dict[str, Tensor] | None = None,
     uncond_added_cond: dict[str, Tensor] | None = None,
+    sampler: SamplerReward | None = None,
 ) -> StepOutput:
     """The RG-LCD loss for one batch of clean latents z [B,C,h,w] (already × VAE scaling factor).
 
@@ -174,9 +242,13 @@ def rglcd_step(
     ``reward_input(model_pred)``: the decoded one-step image (Alg. 3) or, for Alg. 4's latent proxy RM, the
     unscaled latent itself.
     ``added_cond`` / ``uncond_added_cond``: SDXL's added conditions of the captions and of the empty prompt.
+    With a ``sampler`` the reward reads the student's K-step sample from ``noise.sampler_noise`` instead.
     """
+    rewarded = reward_fn is not None and reward_beta != 0
     if reward_beta != 0 and (reward_fn is None or reward_input is None):
         raise ValueError("reward_beta is non-zero but no reward_fn and reward_input were given")
+    if rewarded and sampler is not None and noise.sampler_noise is None:
+        raise ValueError("a sampler reward needs the sampler's noise: StepNoise.draw(..., sampler_steps=K)")
     schedule = distillation.schedule
     grid = distillation.grid.to(latents.device)
     start = grid[noise.indices]  # t_{n+k}
@@ -199,10 +271,15 @@ def rglcd_step(
         )
 
     distill_loss = distillation.distance(model_pred, target_pred).mean()
-    reward = None
+    reward, sample = None, None
     loss = distill_loss
-    if reward_fn is not None and reward_beta != 0:
+    if rewarded:
         # RG-LCD: the reward of the one-step image; its gradient reaches θ through the frozen VAE decoder.
-        reward = reward_fn(reward_input(model_pred), list(prompts))
+        scored = model_pred
+        if sampler is not None:  # beyond the paper: the reward of what users sample, with the step's w
+            scored = sample = consistency_sample(
+                student, sampler, noise.sampler_noise, w_embedding, cond_embeds, distillation, added_cond
+            )
+        reward = reward_fn(reward_input(scored), list(prompts))
         loss = distill_loss - reward_beta * reward.mean()
-    return StepOutput(loss, distill_loss.detach(), reward, model_pred, target_pred)
+    return StepOutput(loss, distill_loss.detach(), reward, model_pred, target_pred, sample)
