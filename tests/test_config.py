@@ -62,6 +62,26 @@ def test_bad_configs_name_the_field_and_the_fix(tiny_paths, override, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["reward.target=samples"], "reward.target: 'samples' is not one of 'prediction', 'sample'"),
+        (["reward.target=sample", "reward.terms=[]"], "reward.target: sample needs a reward to maximise"),
+        (["reward.target=sample", "reward.sample_steps=51"], "reward.sample_steps: must be in [1, distill.num_ddim"),
+        (["reward.target=sample", "reward.sample_steps=0"], "reward.sample_steps: must be in [1,"),
+        (["reward.target=sample", "reward.grad_steps=3"], "reward.grad_steps: must be in [1, reward.sample_steps = 2]"),
+        (["reward.every=0"], "reward.every: must be >= 1"),
+    ],
+)
+def test_sampler_reward_settings_are_checked(tiny_paths, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [*tiny_paths, *overrides])
+    assert message in str(error.value)
+    config = load_config("tiny", [*tiny_paths, "reward.target=sample", "reward.sample_steps=4", "reward.grad_steps=4"])
+    assert (config.reward.target, config.reward.sample_steps, config.reward.grad_steps) == ("sample", 4, 4)
+    assert TrainConfig().reward.target == "prediction"  # the paper's, by default
+
+
 def test_all_problems_are_reported_at_once(tiny_paths):
     with pytest.raises(ConfigError) as error:
         load_config("tiny", [*tiny_paths, "distill.w_min=20", "optim.batch_size=0", "data.caption_dropout=1.5"])

@@ -199,6 +199,30 @@ def test_latent_mode_trains_the_proxy_and_resumes_it_exactly(tiny, pretrained_lr
         assert all(torch.equal(a[key], b[key]) for key in a), part
 
 
+def test_with_the_sampler_reward_the_proxy_scores_and_fits_the_samples(tiny, pretrained_lrm, tmp_path, monkeypatch):
+    """reward.target=sample in latent mode: the proxy reads the student's 2-step sample, and is fitted on it."""
+    import rglcd.train.loop as loop
+
+    outputs, fitted = [], []
+
+    def recorded_step(**kwargs):
+        outputs.append(loop_step(**kwargs))
+        return outputs[-1]
+
+    def recorded_fit(*args, **kwargs):
+        fitted.append(kwargs["model_pred"])
+        return loop_fit(*args, **kwargs)
+
+    loop_step, loop_fit = loop.rglcd_step, loop.proxy_fit
+    monkeypatch.setattr(loop, "rglcd_step", recorded_step)
+    monkeypatch.setattr(loop, "proxy_fit", recorded_fit)
+    overrides = latent_overrides(tiny, pretrained_lrm, tmp_path / "run", **{"optim.max_train_steps": 2})
+    train(load_config("tiny", [*overrides, "reward.target=sample"]))
+    assert len(outputs) == len(fitted) == 2
+    for output, model_pred in zip(outputs, fitted, strict=True):
+        assert output.sample is not None and model_pred is output.sample and output.reward is not None
+
+
 def test_latent_mode_config_errors_name_the_fix(tiny, tmp_path):
     base = latent_overrides(tiny, tmp_path / "missing", tmp_path / "run")
     with pytest.raises(ConfigError) as error:

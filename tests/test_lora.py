@@ -116,12 +116,15 @@ def test_the_ema_target_is_deterministic_under_lora_dropout(tiny):
     assert torch.equal(first, second) and unet.training  # and the student is back in training mode
 
 
-def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(tiny, tmp_path):
+@pytest.mark.parametrize("target", ["prediction", "sample"])
+def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(tiny, tmp_path, target):
+    """Also with the reward on the LoRA student's own 2-step samples (it has no guidance embedding)."""
+
     def run(out, steps, resume=None):
         overrides = [
             f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
             "optim.batch_size=2", f"optim.max_train_steps={steps}", "logging.checkpointing_steps=2",
-            "logging.validation_steps=0", "logging.tracker=none", "lora.rank=4",
+            "logging.validation_steps=0", "logging.tracker=none", "lora.rank=4", f"reward.target={target}",
         ]  # fmt: skip
         train(load_config("tiny", overrides), resume=resume)
         return [load_file(out / name / "pytorch_lora_weights.safetensors") for name in ("lora", "target_lora")]

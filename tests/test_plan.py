@@ -74,6 +74,20 @@ def test_rglcd_plan_prints_memory_flops_and_time(tiny):
     assert "switches that make it fit" not in text
 
 
+def test_rglcd_plan_counts_the_sampler_reward(tiny):
+    """reward.target=sample traces the student's own sampling too: its backward through 2 steps costs more."""
+    totals = []
+    for target in (
+        ["reward.target=prediction"],
+        ["reward.target=sample", "reward.sample_steps=4", "reward.grad_steps=2"],
+    ):
+        result = plan(tiny, *target, "--gpu", "RTX-4090")
+        assert result.returncode == 0, result.stderr[-2000:]
+        totals.append(float(re.search(r"\ntotal\s+([\d.]+) MiB", result.stdout)[1]))
+    assert "forward: student, teacher, target, 4-step sample, decoder and reward" in result.stdout
+    assert totals[1] > totals[0]
+
+
 def test_rglcd_plan_lists_the_switches_that_make_a_run_fit(tiny):
     result = plan(tiny, "--gpu-memory", "0.0001GiB", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -11,8 +11,8 @@ from rglcd.experiments.demo import tiny_setup
 from rglcd.losses import ConsistencyDistance
 from rglcd.models import build_student, build_target, load_teacher, reward_input, sdxl_time_ids, text_conditioning
 from rglcd.rewards import build_reward
-from rglcd.sampling import lcm_sample
-from rglcd.step import Distillation, StepNoise, rglcd_step
+from rglcd.sampling import consistency_scheduler, lcm_sample
+from rglcd.step import Distillation, SamplerReward, StepNoise, rglcd_step
 from rglcd.tiny import save_tiny_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -60,8 +60,30 @@ def test_sdxl_step_uses_the_added_conditions_and_trains_the_student(sdxl_dir):
     assert not torch.allclose(rglcd_step(**common, added_cond=moved).model_pred, output.model_pred)
 
 
+def test_sdxl_sampler_reward_samples_with_the_added_conditions(sdxl_dir):
+    teacher = load_teacher(sdxl_dir)
+    student = build_student(teacher.unet)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    cond, added = text_conditioning(teacher, PROMPTS, 32)
+    uncond, uncond_added = text_conditioning(teacher, ["", ""], 32)
+    distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"))
+    common = dict(
+        student=student, target=build_target(student), teacher_unet=teacher.unet, distillation=distillation,
+        reward_input=reward_input(teacher.vae), latents=latents, cond_embeds=cond, uncond_embeds=uncond,
+        noise=StepNoise.draw(latents, distillation, generator, sampler_steps=2), prompts=PROMPTS,
+        reward_fn=build_reward("colorfulness"), reward_beta=0.5, uncond_added_cond=uncond_added,
+        sampler=SamplerReward(distillation.sampling_timesteps(2)),
+    )  # fmt: skip
+    output = rglcd_step(**common, added_cond=added)
+    output.loss.backward()
+    assert output.sample.shape == latents.shape and student.add_embedding.linear_1.weight.grad is not None
+    moved = {**added, "time_ids": added["time_ids"] * 2}
+    assert not torch.allclose(rglcd_step(**common, added_cond=moved).sample, output.sample)
+
+
 def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path):
-    from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionXLPipeline, TCDScheduler
 
     tiny = tiny_setup(tmp_path / "tiny", samples=16)
     out = tmp_path / "run"
@@ -85,6 +107,15 @@ def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path)
     )  # fmt: skip
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert (out / "validation" / "step-00000002.png").is_file()
+    # With TCD as diffusers' documentation swaps it in: the same images as our TCD sampling.
+    pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=6.0, eta=0.3, output_type="pt",
+                  generator=torch.Generator().manual_seed(1)).images  # fmt: skip
+    ours = lcm_sample(
+        pipe.unet, pipe.vae, pipe, consistency_scheduler(pipe.scheduler.config, "tcd"), PROMPTS, num_steps=2,
+        guidance_scale=6.0, eta=0.3, generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 def test_sdxl_training_from_a_cache_matches_training_from_the_images(sdxl_dir, tmp_path):

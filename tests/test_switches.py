@@ -30,13 +30,16 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("mixed,teacher_dtype,checkpointing,attention", COMBINATIONS)
 def test_switch_combination_trains(tiny, tmp_path, mixed, teacher_dtype, checkpointing, attention):
-    channels_last = checkpointing  # with checkpointing and eager attention: channels-last weights, checkpointed
+    # With checkpointing and eager attention: channels-last weights, checkpointed every step, and the reward on the
+    # student's own 2-step samples (backpropagated through both).
+    channels_last = checkpointing
     overrides = [
         f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={tmp_path}",
         "optim.batch_size=2", "optim.max_train_steps=2", "logging.validation_steps=0", "logging.tracker=none",
         f"precision.gradient_checkpointing={checkpointing}", f"precision.mixed_precision={mixed}",
         f"precision.teacher_dtype={teacher_dtype}", f"precision.attention={attention}",
         f"precision.channels_last={channels_last}", "logging.checkpointing_steps=1",
+        *(["reward.target=sample", "reward.grad_steps=2"] if checkpointing else []),
     ]  # fmt: skip
     rglcd("train", "tiny", *overrides)
     assert json.loads((tmp_path / "train_summary.json").read_text())["global_step"] == 2  # two finite updates

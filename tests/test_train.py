@@ -22,6 +22,7 @@ from rglcd.experiments.demo import colour_samples, tiny_setup
 from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 from rglcd.train import TrainingError, checkpoints, resolve_resume, train
+from rglcd.train.build import StudentReward
 from rglcd.train.checkpoints import check_safe_to_load
 
 
@@ -87,8 +88,14 @@ def test_dry_run_prints_the_resolved_config(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
-    settings = dict(optim__max_train_steps=8, logging__checkpointing_steps=4, logging__validation_steps=0)
+@pytest.mark.parametrize(
+    "reward",
+    [{}, dict(reward__target="sample", reward__sample_steps=4, reward__grad_steps=2, reward__every=3)],
+    ids=["prediction", "sample"],
+)
+def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path, reward):
+    """Also with the reward on the student's own samples, applied every 3rd step (the kill lands between two)."""
+    settings = dict(optim__max_train_steps=8, logging__checkpointing_steps=4, logging__validation_steps=0, **reward)
     finish(run_cli(*overrides(tiny, tmp_path / "straight", **settings)))
 
     killed = tmp_path / "killed"
@@ -107,6 +114,21 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path):
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     assert json.loads((killed / "train_summary.json").read_text())["global_step"] == 8
+
+
+def test_the_reward_term_every_nth_step_and_the_sampler_noise_only_there(teacher_dirs):
+    from rglcd.models import load_teacher
+    from rglcd.step import Distillation, SamplerReward
+
+    distillation = Distillation(load_teacher(teacher_dirs["epsilon"]).schedule)
+    sampler = SamplerReward(distillation.sampling_timesteps(2))
+    reward = StudentReward(lambda images, prompts: images.mean((1, 2, 3)), 1.0, lambda z: z, sampler, every=3)
+    assert [reward.applies(step) for step in range(7)] == [True, False, False, True, False, False, True]
+    latents = torch.zeros(2, 4, 8, 8)
+    draws = [reward.draw(latents, distillation, torch.Generator().manual_seed(0), step) for step in (3, 4)]
+    assert draws[0].sampler_noise.shape == (2, 2, 4, 8, 8) and draws[1].sampler_noise is None
+    assert torch.equal(draws[0].noise, draws[1].noise)  # the step's own draws do not depend on the reward's
+    assert not StudentReward(None, 0.0, lambda z: z, sampler).applies(0)  # no reward: never, and no sampler noise
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):

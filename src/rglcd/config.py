@@ -105,6 +105,12 @@ class RewardConfig:
     mode: Literal["direct", "latent"] = "direct"  # direct: Alg. 3 through the VAE decoder; latent: Alg. 4
     latent: LatentRewardConfig = field(default_factory=LatentRewardConfig)
     decode_batch_size: int = 0  # VAE decode micro-batch for the reward; 0 = the whole batch at once
+    # What the reward reads: the one-step prediction f_θ(z_{t_{n+k}}) (the paper), or the student's own
+    # sample_steps-step sample from fresh noise, backpropagated through its last grad_steps steps (beyond the paper).
+    target: Literal["prediction", "sample"] = "prediction"
+    sample_steps: int = 2  # K of target=sample: the inference timesteps of K-step sampling
+    grad_steps: int = 1  # target=sample: the last steps the gradient flows through (truncated backpropagation)
+    every: int = 1  # the reward term on every N-th step only (the proxy of reward.mode=latent is fitted every step)
 
 
 @dataclass
@@ -367,6 +373,18 @@ def _check_reward(c: TrainConfig, vae_scale_factor: int, check: Check) -> None:
         )
         check(term.std > 0, f"reward.terms[{i}].std: must be > 0 (1 = no standardisation)")
     check(c.reward.decode_batch_size >= 0, "reward.decode_batch_size: must be >= 0 (0 = whole batch)")
+    check(c.reward.every >= 1, "reward.every: must be >= 1 (1: the reward term on every step)")
+    if c.reward.target == "sample":
+        check(bool(c.reward.terms), "reward.target: sample needs a reward to maximise; add reward.terms")
+        grid = c.distill.num_ddim_timesteps
+        check(
+            1 <= c.reward.sample_steps <= grid,
+            f"reward.sample_steps: must be in [1, distill.num_ddim_timesteps = {grid}] (the steps users sample with)",
+        )
+        check(
+            1 <= c.reward.grad_steps <= c.reward.sample_steps,
+            f"reward.grad_steps: must be in [1, reward.sample_steps = {c.reward.sample_steps}]",
+        )
     if c.reward.mode != "latent":
         return
     latent = c.reward.latent

@@ -28,11 +28,11 @@ from .architectures import architecture_of, build_teacher
 from .config import TrainConfig
 from .data.cache import is_cache
 from .gpus import GPU
-from .models import reward_input, text_conditioning, update_ema
+from .models import text_conditioning, update_ema
 from .rewards.base import reward_factory
 from .rewards.latent import KIND, LatentClip, LatentClipConfig, proxy_fit
 from .rewards.weights import read_model_config
-from .step import StepNoise, rglcd_step
+from .step import rglcd_step
 from .train.build import (
     DTYPES,
     Proxy,
@@ -41,6 +41,7 @@ from .train.build import (
     build_networks,
     build_optimizer,
     build_proxy,
+    build_student_reward,
     ema_pairs,
     float_conditions,
     prepare_batch,
@@ -266,26 +267,28 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
         with live:
             batch = _fake_batch(run, config)
             latents, cond, added = prepare_batch(batch, teacher, generator, config.data.resolution)
-            noise = StepNoise.draw(latents, fake.distillation, generator)
+            # Step 0: with reward.every > 1, the step that carries the reward term (and with it the peak).
+            reward = build_student_reward(config, run.expert, proxy, teacher.vae, fake.distillation)
+            noise = reward.draw(latents, fake.distillation, generator, step=0)
             live.mark("encode the batch (VAE encoder, text encoders)" if not run.cached else "read the cached batch")
-            reward_fn, beta = run.expert, 1.0 if run.expert is not None else 0.0
             if proxy is not None:  # the student's reward, frozen for its backward pass
-                reward_fn, beta = proxy, config.reward.latent.beta
                 set_trainable(fake.proxy.params, False)
             with torch.autocast(**fake.autocast):
                 output = rglcd_step(
                     student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
                     distillation=fake.distillation, latents=latents, cond_embeds=cond.float(),
                     uncond_embeds=fake.uncond, added_cond=float_conditions(added), uncond_added_cond=fake.uncond_added,
-                    noise=noise, prompts=batch["captions"], reward_fn=reward_fn, reward_beta=beta,
-                    reward_input=reward_input(teacher.vae, proxy is not None, config.reward.decode_batch_size),
+                    noise=noise, prompts=batch["captions"], reward_fn=reward.fn, reward_beta=reward.beta,
+                    reward_input=reward.input, sampler=reward.sampler,
                 )  # fmt: skip
-            live.mark("forward: student, teacher, target" + (", decoder and reward" if beta else ""))
+            sampled = f", {reward.sampler.num_steps}-step sample" if output.sample is not None else ""
+            live.mark("forward: student, teacher, target" + (f"{sampled}, decoder and reward" if reward.beta else ""))
             made = {
                 "latents": latents,
                 "model_pred": output.model_pred,
                 "target": output.target,
                 "reward": output.reward,
+                "sample": output.sample,
             }
             made.update({f"added_cond.{key}": value for key, value in (added or {}).items()})
             outputs = {name: (tuple(t.shape), t.dtype) for name, t in made.items() if t is not None}
@@ -312,7 +315,7 @@ def _trace_proxy_fit(run: _Run, config: TrainConfig, fake: _FakeStep, output, la
     set_trainable(fake.proxy.params, True)
     with torch.autocast(**fake.autocast):
         fit = proxy_fit(
-            run.proxy, run.expert, run.teacher.vae, model_pred=output.model_pred, target=output.target,
+            run.proxy, run.expert, run.teacher.vae, model_pred=output.scored, target=output.target,
             latents=latents, prompts=captions, indices=torch.arange(config.reward.latent.batch_size),
             kind=config.reward.latent.loss, decode_batch_size=config.reward.decode_batch_size,
         )  # fmt: skip

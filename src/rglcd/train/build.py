@@ -17,10 +17,19 @@ from ..config import ConfigError, TrainConfig
 from ..data import CachedStream, TrainStream
 from ..lora import AdaptersOff, AdapterView, adapter_pairs, add_lora
 from ..losses import ConsistencyDistance
-from ..models import Teacher, build_student, build_target, sdxl_added_cond, speed_up, text_conditioning, use_tf32
+from ..models import (
+    Teacher,
+    build_student,
+    build_target,
+    reward_input,
+    sdxl_added_cond,
+    speed_up,
+    text_conditioning,
+    use_tf32,
+)
 from ..rewards import build_reward
 from ..rewards.latent import LatentClip
-from ..step import Distillation
+from ..step import Distillation, RewardFn, RewardInput, SamplerReward, StepNoise
 
 logger = logging.getLogger("rglcd.train")
 
@@ -129,6 +138,42 @@ def build_distillation(config: TrainConfig, teacher: Teacher, student: torch.nn.
         timestep_scaling=config.distill.timestep_scaling,
         time_cond_proj_dim=student.config.time_cond_proj_dim or 0,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentReward:
+    """What the student's loss maximises: the expert (Alg. 3; a Mix carries each term's β, so β = 1 here) or the
+    frozen latent proxy (Alg. 4); what it reads (decoded images, or latents) of the one-step prediction, or with a
+    ``sampler`` (reward.target = sample) of the student's own K-step sample; and on which steps."""
+
+    fn: RewardFn | None
+    beta: float
+    input: RewardInput
+    sampler: SamplerReward | None = None
+    every: int = 1
+
+    def applies(self, step: int) -> bool:
+        """Whether the reward term is part of step ``step``'s loss (counted from 0)."""
+        return self.fn is not None and self.beta != 0 and step % self.every == 0
+
+    def draw(self, latents: torch.Tensor, distillation: Distillation, generator, step: int) -> StepNoise:
+        """Step ``step``'s randomness, with the sampler's noise on the steps whose reward reads a sample."""
+        sampler_steps = self.sampler.num_steps if self.sampler is not None and self.applies(step) else 0
+        return StepNoise.draw(latents, distillation, generator, sampler_steps)
+
+
+def build_student_reward(
+    config: TrainConfig, expert, proxy: torch.nn.Module | None, vae: torch.nn.Module, distillation: Distillation
+) -> StudentReward:
+    """The student's reward from the config: the expert ``expert`` (direct mode) or the latent ``proxy``."""
+    reward = config.reward
+    sampler = None
+    if reward.target == "sample":
+        sampler = SamplerReward(distillation.sampling_timesteps(reward.sample_steps), reward.grad_steps)
+    if proxy is not None:
+        return StudentReward(proxy, reward.latent.beta, reward_input(vae, True), sampler, reward.every)
+    beta = 1.0 if expert is not None else 0.0
+    return StudentReward(expert, beta, reward_input(vae, False, reward.decode_batch_size), sampler, reward.every)
 
 
 def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processes: int, sharded: bool = False):

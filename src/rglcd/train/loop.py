@@ -14,7 +14,6 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -25,12 +24,13 @@ from ..config import TrainConfig
 from ..data import check_cache, is_cache, teacher_fingerprint
 from ..export import export_fused, export_pipeline, save_lora
 from ..lora import STUDENT, TARGET
-from ..models import Teacher, load_teacher, reward_input, update_ema
+from ..models import Teacher, load_teacher, update_ema
 from ..rewards.latent import LatentClip, ProxyFit, proxy_fit
-from ..step import Distillation, RewardFn, RewardInput, StepNoise, StepOutput, rglcd_step
+from ..step import Distillation, StepOutput, rglcd_step
 from .build import (
     Networks,
     Proxy,
+    StudentReward,
     build_accelerator,
     build_distillation,
     build_expert,
@@ -38,6 +38,7 @@ from .build import (
     build_optimizers,
     build_proxy,
     build_stream,
+    build_student_reward,
     ema_pairs,
     float_conditions,
     prepare_batch,
@@ -84,22 +85,6 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             variant=config.model.variant,
         )  # fmt: skip
     return Path(config.logging.output_dir) / "student"
-
-
-class StudentReward(NamedTuple):
-    """What the student's loss maximises: the expert (Alg. 3; a Mix carries each term's β, so β = 1 here) or the
-    frozen latent proxy (Alg. 4), and what it reads of the one-step prediction (decoded images, or latents)."""
-
-    fn: RewardFn | None
-    beta: float
-    input: RewardInput
-
-
-def student_reward(config: TrainConfig, expert, proxy: Proxy | None, vae: torch.nn.Module) -> StudentReward:
-    if proxy is not None:
-        return StudentReward(proxy.model, config.reward.latent.beta, reward_input(vae, True))
-    beta = 1.0 if expert is not None else 0.0
-    return StudentReward(expert, beta, reward_input(vae, False, config.reward.decode_batch_size))
 
 
 @dataclasses.dataclass
@@ -165,7 +150,7 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     uncond = unconditional(config, teacher, stream, accelerator.device)
     stream = Prefetch(stream)
-    reward = student_reward(config, expert, proxy, teacher.vae)
+    reward = build_student_reward(config, expert, proxy and proxy.model, teacher.vae, distillation)
     run = Run(
         config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
         generator, uncond, reward, settings, run_id=uuid.uuid4().hex,
@@ -270,7 +255,8 @@ def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
     """The RG-LCD loss of one batch (Alg. 3; the reward is the frozen proxy under Alg. 4), and the batch's latents."""
     config, networks = run.config, run.networks
     latents, cond_embeds, added = prepare_batch(batch, run.teacher, run.generator, config.data.resolution)
-    noise = StepNoise.draw(latents, run.distillation, run.generator)
+    rewarded = run.reward.applies(run.global_step)  # reward.every: the reward term on every N-th step only
+    noise = run.reward.draw(latents, run.distillation, run.generator, run.global_step)
     if run.proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
         set_trainable(run.proxy.params, False)
         run.proxy.model.eval()
@@ -280,8 +266,9 @@ def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
             student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
             distillation=run.distillation, latents=latents, cond_embeds=cond_embeds.float(),
             uncond_embeds=uncond_embeds, added_cond=float_conditions(added), uncond_added_cond=uncond_added,
-            noise=noise, prompts=batch["captions"], reward_fn=run.reward.fn, reward_beta=run.reward.beta,
-            reward_input=run.reward.input,
+            noise=noise, prompts=batch["captions"], reward_fn=run.reward.fn if rewarded else None,
+            reward_beta=run.reward.beta if rewarded else 0.0, reward_input=run.reward.input,
+            sampler=run.reward.sampler,
         )  # fmt: skip
     return output, latents
 
@@ -315,7 +302,7 @@ def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: lis
     with accelerator.autocast():
         fit = proxy_fit(
             proxy.model, run.expert, run.teacher.vae,
-            model_pred=output.model_pred, target=output.target, latents=latents, prompts=captions, indices=indices,
+            model_pred=output.scored, target=output.target, latents=latents, prompts=captions, indices=indices,
             kind=latent.loss, smooth_ground_truth=latent.smooth_ground_truth, expert_scale=latent.expert_scale,
             expert_scale_from_proxy=latent.expert_scale_from_proxy,
             decode_batch_size=run.config.reward.decode_batch_size,
