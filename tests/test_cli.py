@@ -82,6 +82,23 @@ def test_sample_in_batches_and_channels_last_gives_the_same_images(demo_run, tmp
     assert not np.array_equal(*(np.asarray(Image.open(tmp_path / "one" / f"000-0{i}.png")) for i in (0, 1)))
 
 
+def test_sample_with_tcd_and_its_gamma(demo_run, tmp_path):
+    args = ["sample", "--model", demo_run / "rglcd" / "student", "--prompt", "a red picture", "--steps", "4"]
+    rglcd(*args, "--out", tmp_path / "lcm")
+    rglcd(*args, "--scheduler", "tcd", "--out", tmp_path / "tcd")
+    rglcd(*args, "--scheduler", "tcd", "--eta", "0", "--out", tmp_path / "tcd0")
+    meta = json.loads((tmp_path / "tcd" / "samples.json").read_text())
+    assert (meta["scheduler"], meta["eta"]) == ("tcd", 0.3)  # TCD's default γ
+    assert json.loads((tmp_path / "tcd0" / "samples.json").read_text())["eta"] == 0.0
+    assert json.loads((tmp_path / "lcm" / "samples.json").read_text())["scheduler"] == "lcm"
+    images = {run: (tmp_path / run / "000-00.png").read_bytes() for run in ("lcm", "tcd", "tcd0")}
+    assert len(set(images.values())) == 3
+    result = rglcd(*args, "--eta", "0.5", "--out", tmp_path / "x", check=False)
+    assert result.returncode == 2 and "--eta is TCD's gamma: use it with --scheduler tcd" in result.stderr
+    result = rglcd(*args, "--scheduler", "tcd", "--eta", "1.5", "--out", tmp_path / "x", check=False)
+    assert result.returncode == 2 and "must be in [0, 1]" in result.stderr
+
+
 def test_sample_errors_are_clear(demo_run, tmp_path):
     result = rglcd("sample", "--model", demo_run / "teacher", "--prompt", "x", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "no guidance embedding" in result.stderr

@@ -75,6 +75,32 @@ def test_a_text_prompt_file_with_a_pixel_metric(models, tmp_path):
     assert "holds images made with another prompts_sha256" in result.stderr
 
 
+def test_an_lcm_and_tcd_gamma_sweep(models, tmp_path):
+    student = models[1]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    out = tmp_path / "eval"
+    rglcd_eval("--model", f"s={student}", "--prompts", prompts, "--steps", "1,2", "--metrics", "colorfulness",
+               "--scheduler", "lcm,tcd", "--eta", "0,1", "--out", out, cache=tmp_path / "cache")  # fmt: skip
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["model"], row["steps"], row["sampler"], row["eta"]) for row in rows] == [
+        (label, steps, sampler, eta)
+        for label, sampler, eta in (
+            ("s (lcm)", "lcm", None),
+            ("s (tcd eta=0)", "tcd", 0.0),
+            ("s (tcd eta=1)", "tcd", 1.0),
+        )
+        for steps in (1, 2)
+    ]
+    manifest = json.loads((out / "images" / "s (tcd eta=1)-2" / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["eta"]) == ("tcd", 1.0)
+    pictures = {row["model"]: (out / "images" / f"{row['model']}-2" / "00000.png").read_bytes() for row in rows}
+    assert len(set(pictures.values())) == 3  # each sampler and γ makes its own 2-step images
+    result = rglcd_eval("--model", student, "--prompts", prompts, "--eta", "0.5", "--out", out,
+                        cache=tmp_path / "cache", expect=2)  # fmt: skip
+    assert "--eta is TCD's gamma: use it with --scheduler tcd" in result.stderr
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -20,6 +20,7 @@ from rglcd.evaluate import (
     group_statistics,
     image_paths,
     load_contender,
+    paired_difference,
     pipeline_kind,
     read_images,
     relative_to_teacher,
@@ -113,6 +114,23 @@ def test_hpsv2_chunk_arithmetic_by_hand():
     assert table["average"]["mean"] == pytest.approx(25.0)
     with pytest.raises(ValueError, match="no scores"):
         chunk_statistics([])
+
+
+def test_paired_difference_and_its_bootstrap_interval():
+    constant = paired_difference([1.0, 2.0, 3.0], [0.75, 1.75, 2.75])
+    assert (constant.mean, constant.low, constant.high, constant.count) == (0.25, 0.25, 0.25, 3)
+    # Differences 0 and 1: a resampled mean is 0, ½ or 1 (¼, ½, ¼), so the 95 % interval spans [0, 1].
+    two = paired_difference([1.0, 1.0], [1.0, 0.0])
+    assert (two.mean, two.low, two.high) == (0.5, 0.0, 1.0) and str(two) == "+0.500 [+0.000, +1.000]"
+    # Many items: the normal approximation mean ± 1.96·s/√n.
+    differences = np.random.default_rng(1).normal(0.3, 1.0, 2500)
+    wide = paired_difference(differences, np.zeros(2500))
+    half_width = 1.96 * differences.std(ddof=1) / 50
+    assert wide.low == pytest.approx(wide.mean - half_width, abs=0.005)
+    assert wide.high == pytest.approx(wide.mean + half_width, abs=0.005)
+    assert paired_difference(differences, np.zeros(2500)) == wide  # seeded: the same interval every time
+    with pytest.raises(ValueError, match="paired sequences"):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_frechet_distance_through_torchmetrics_matches_the_closed_form():

@@ -1,10 +1,16 @@
 import pytest
 import torch
-from diffusers import DiffusionPipeline, LatentConsistencyModelPipeline, LCMScheduler
+from diffusers import (
+    DiffusionPipeline,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    TCDScheduler,
+)
 
 from rglcd.export import export_pipeline, load_lcm
 from rglcd.models import TeacherLoadError, build_student, load_teacher
-from rglcd.sampling import lcm_sample
+from rglcd.sampling import consistency_scheduler, lcm_sample
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -54,6 +60,37 @@ def test_own_sampling_equals_diffusers_lcm_pipeline(exported, steps):
         num_steps=steps, guidance_scale=6.0, generator=torch.Generator().manual_seed(12),
     )  # fmt: skip
     assert not torch.allclose(ours, other)
+
+
+@pytest.mark.parametrize("steps,eta", [(1, 0.3), (2, 0.0), (4, 0.3), (4, 1.0)])
+def test_tcd_sampling_equals_diffusers_pipeline_with_tcd_scheduler(exported, steps, eta):
+    """The export with diffusers' TCDScheduler: StableDiffusionPipeline passes TCD's eta (γ) to the scheduler and
+    feeds the guidance embedding (diffusers' LCM pipeline passes eta=None, which TCD cannot take)."""
+    tcd = TCDScheduler.from_pretrained(exported[0], subfolder="scheduler")  # as docs/method.md loads it
+    pipeline = StableDiffusionPipeline.from_pretrained(exported[0], scheduler=tcd, safety_checker=None)
+    common = dict(num_steps=steps, guidance_scale=6.0, eta=eta)
+    scheduler = consistency_scheduler(pipeline.scheduler.config, "tcd")
+    assert isinstance(scheduler, TCDScheduler) and scheduler.config.original_inference_steps == 50
+    ours = lcm_sample(
+        pipeline.unet, pipeline.vae, pipeline, scheduler, PROMPTS, generator=torch.Generator().manual_seed(11), **common
+    )
+    theirs = pipeline(
+        PROMPTS, num_inference_steps=steps, guidance_scale=6.0, eta=eta, generator=torch.Generator().manual_seed(11),
+        output_type="pt",
+    ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    lcm = lcm_sample(
+        pipeline.unet, pipeline.vae, pipeline, consistency_scheduler(pipeline.scheduler.config, "lcm"), PROMPTS,
+        generator=torch.Generator().manual_seed(11), **common,
+    )  # fmt: skip
+    assert not torch.allclose(ours, lcm, atol=1e-4)  # TCD is not LCM's sampling
+    if steps > 1:  # γ matters from the second step on
+        other = consistency_scheduler(pipeline.scheduler.config, "tcd")
+        moved = lcm_sample(
+            pipeline.unet, pipeline.vae, pipeline, other, PROMPTS, generator=torch.Generator().manual_seed(11),
+            **{**common, "eta": 0.6},
+        )  # fmt: skip
+        assert not torch.allclose(ours, moved, atol=1e-4)
 
 
 def test_export_replaces_previous_export(exported, teacher_dirs):

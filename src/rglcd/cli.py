@@ -45,7 +45,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from .export import load_lcm
-    from .sampling import lcm_sample, to_pil
+    from .sampling import TCD_ETA, consistency_scheduler, lcm_sample, to_pil
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -53,7 +53,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file with a prompt")
     speed = _speed_switches(args)  # checked before the model loads
+    if args.eta is not None and args.scheduler != "tcd":
+        raise UsageError("--eta is TCD's gamma: use it with --scheduler tcd")
+    eta = TCD_ETA if args.eta is None else args.eta
     pipeline = load_lcm(args.model, _device(args.device))
+    pipeline.scheduler = consistency_scheduler(pipeline.scheduler.config, args.scheduler)
     factor = pipeline.vae_scale_factor
     if args.resolution is not None and args.resolution % factor:
         raise UsageError(
@@ -72,14 +76,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seeds = range(args.seed + start, args.seed + start + len(batch))
         images = lcm_sample(
             pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, [prompts[index] for index, _ in batch],
-            num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
+            num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, eta=eta,
             generator=[torch.Generator(pipeline.device).manual_seed(seed) for seed in seeds],
         )  # fmt: skip
         for (prompt_index, image_index), seed, image in zip(batch, seeds, to_pil(images), strict=True):
             name = f"{prompt_index:03d}-{image_index:02d}.png"
             image.save(out / name)
             records.append({"file": name, "prompt": prompts[prompt_index], "seed": seed, "image": image_index})
-    meta = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "images": records}
+    meta = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
+    meta.update(eta=eta if args.scheduler == "tcd" else None, images=records)
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(records)} images to {out}")
 
@@ -216,6 +221,17 @@ def cmd_world_overoptimisation(args: argparse.Namespace) -> None:
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
+def cmd_world_sampler_reward(args: argparse.Namespace) -> None:
+    from .experiments.sampler_reward import SamplerRewardSettings, run_sampler_reward
+
+    settings = SamplerRewardSettings(
+        out=Path(args.out), train_steps=args.train_steps, sample_steps=args.sample_steps,
+        grad_steps=args.grad_steps, prompts=args.prompts, etas=args.etas,
+    )  # fmt: skip
+    results = run_sampler_reward(settings)
+    print(f"reports: {settings.out / 'report.md'}, {settings.out / 'tcd' / 'report.md'}  ({results['seconds']:.0f} s)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -253,6 +269,27 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _unit_float(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
+def _unit_float_list(text: str) -> tuple[float, ...]:
+    values = tuple(_unit_float(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1] like 0,0.3,1, got {text!r}")
+    return values
+
+
+def _samplers(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values or set(values) - {"lcm", "tcd"}:
+        raise argparse.ArgumentTypeError(f"expected lcm, tcd or lcm,tcd, got {text!r}")
+    return values
+
+
 def _reward_kwargs(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -265,14 +302,17 @@ def _reward_kwargs(text: str) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .eval_command import EvalSettings, run_eval
+    from .sampling import TCD_ETA
 
+    if args.eta is not None and "tcd" not in args.scheduler:
+        raise UsageError("--eta is TCD's gamma: use it with --scheduler tcd (or lcm,tcd)")
     settings = EvalSettings(
         models=args.model, out=Path(args.out), prompts=args.prompts, limit=args.limit, steps=args.steps,
         teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_guidance=args.teacher_guidance,
         metrics=[name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None,
         reward_kwargs=args.reward_kwargs, fid_features=args.fid_features, inception_weights=args.inception_weights,
         fid_size=args.fid_size, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed,
-        speed=_speed_switches(args),
+        samplers=args.scheduler, etas=args.eta or (TCD_ETA,), speed=_speed_switches(args),
     )  # fmt: skip
     results = run_eval(settings)
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
@@ -333,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sample_command(commands) -> None:
     sample = commands.add_parser(
         "sample", help="few-step samples from an exported RG-LCM/LCM pipeline",
-        description="Write PNGs sampled with multistep latent consistency sampling (LCMScheduler), --batch-size "
-        "images per UNet call. Images are deterministic: image k (prompts in order, each --num-images times) uses "
-        "seed + k, whatever the batch size.",
+        description="Write PNGs sampled with multistep latent consistency sampling (LCMScheduler), or TCD's "
+        "stochastic sampling (--scheduler tcd), --batch-size images per UNet call. Images are deterministic: image k "
+        "(prompts in order, each --num-images times) uses seed + k, whatever the batch size.",
     )  # fmt: skip
     sample.add_argument("--model", required=True, help="exported pipeline folder or hub id")
     sample.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -349,6 +389,14 @@ def _add_sample_command(commands) -> None:
     sample.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     sample.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     sample.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet call (default: 8)")
+    sample.add_argument(
+        "--scheduler", default="lcm", choices=("lcm", "tcd"),
+        help="lcm: the export's LCMScheduler (default); tcd: diffusers' TCDScheduler on the same grid",
+    )  # fmt: skip
+    sample.add_argument(
+        "--eta", type=_unit_float, default=None,
+        help="TCD's gamma in [0, 1]: the share of each step that is re-noised (0: deterministic; default: 0.3)",
+    )  # fmt: skip
     _add_device_argument(sample)
     _add_speed_arguments(sample)
     sample.add_argument("--out", required=True, help="output folder")
@@ -455,6 +503,14 @@ def _add_eval_command(commands) -> None:
     evaluation.add_argument("--teacher-steps", type=_int_list, default=(25, 50), help="DDIM steps (default: 25,50)")
     evaluation.add_argument("--guidance", type=_finite_float, help="LCM guidance scale (default: 6.0 world, else 8.5)")
     evaluation.add_argument(
+        "--scheduler", type=_samplers, default=("lcm",), metavar="lcm|tcd|lcm,tcd",
+        help="the LCM models' sampler(s): their LCMScheduler, diffusers' TCDScheduler, or both side by side",
+    )  # fmt: skip
+    evaluation.add_argument(
+        "--eta", type=_unit_float_list, metavar="GAMMA[,GAMMA...]",
+        help="TCD's gamma, or several to sweep (e.g. 0,0.3,0.6,1): one row set per value (default: 0.3)",
+    )  # fmt: skip
+    evaluation.add_argument(
         "--teacher-guidance", type=_finite_float, default=7.5, help="teacher CFG scale (default: 7.5)"
     )
     evaluation.add_argument(
@@ -550,6 +606,27 @@ def _add_world_command(commands) -> None:
     )
     overoptimisation.add_argument("--lrm-steps", type=_positive_int, default=1_500, help="proxy pretraining steps")
     overoptimisation.set_defaults(run=cmd_world_overoptimisation)
+    sampler_reward = world_commands.add_parser(
+        "sampler-reward", help="the reward on the student's own few-step sample vs on its one-step prediction",
+        description="Distil the quickstart's students with reward.target prediction (the paper) and sample (K steps "
+        "of the student's own sampler from fresh noise), with world-clip and with the hackable world-aesthetic, "
+        "plus a plain LCM; evaluate all at 1, 2 and 4 steps against the teacher (OUT/report.md: rewards, "
+        "colourfulness, judge accuracy, judge-FD, high-frequency ratio, training ms per step), then the world-clip "
+        "students with TCD sampling at several gamma (OUT/tcd/report.md). Finished students and images are reused.",
+    )  # fmt: skip
+    sampler_reward.add_argument("--out", default="runs/sampler-reward")
+    sampler_reward.add_argument("--train-steps", type=_positive_int, default=600, help="distillation steps per student")
+    sampler_reward.add_argument(
+        "--sample-steps", type=_int_list, default=(2, 4), help="K of the world-clip sample-target students (2,4)"
+    )
+    sampler_reward.add_argument(
+        "--grad-steps", type=_positive_int, default=1, help="sampling steps the gradient flows through (default: 1)"
+    )
+    sampler_reward.add_argument("--prompts", type=_positive_int, default=256, help="held-out evaluation prompts")
+    sampler_reward.add_argument(
+        "--etas", type=_unit_float_list, default=(0.0, 0.3, 0.6, 1.0), help="TCD gammas to sweep (default: 0,0.3,0.6,1)"
+    )
+    sampler_reward.set_defaults(run=cmd_world_sampler_reward)
 
 
 def _add_lrm_command(commands) -> None:

@@ -34,6 +34,7 @@ from .plugins import Registry
 from .prompts import Prompt, load_prompts, prompt_set
 from .report import write_report
 from .rewards import REWARDS, build_reward
+from .sampling import SAMPLERS, TCD_ETA
 
 LCM_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
 COCO_FID_SIZE = 256  # GigaGAN's and DMD2's COCO protocol: centre crop, 256²
@@ -57,6 +58,8 @@ class EvalSettings:
     resolution: int | None = None  # None: each model's native size
     batch_size: int = 16
     seed: int = 0
+    samplers: tuple[str, ...] = ("lcm",)  # the LCM models' schedulers: lcm and/or tcd (rglcd.sampling.SAMPLERS)
+    etas: tuple[float, ...] = (TCD_ETA,)  # TCD's γ values, one row set each
     speed: SpeedSwitches = field(default_factory=SpeedSwitches)  # channels-last, torch.compile, TF32
 
 
@@ -115,6 +118,26 @@ def parse_model(text: str) -> tuple[str, str]:
     return (label.strip() or Path(path).name or path), path
 
 
+def sampler_variants(label: str, settings: EvalSettings) -> list[tuple[str, str, float]]:
+    """(label, sampler, eta) of each way an LCM model is sampled: its own label when only LCM's scheduler is asked
+    for, else one variant per sampler and TCD γ (``RG-LCM (lcm)``, ``RG-LCM (tcd eta=0.3)``)."""
+    unknown = sorted(set(settings.samplers) - set(SAMPLERS))
+    if unknown or not settings.samplers:
+        raise EvalError(f"--scheduler {','.join(unknown)}: choose from {', '.join(SAMPLERS)}")
+    bad = [eta for eta in settings.etas if not 0 <= eta <= 1]
+    if bad or not settings.etas:
+        raise EvalError(f"--eta {bad[0] if bad else ''}: TCD's γ must be in [0, 1]")
+    if tuple(settings.samplers) == ("lcm",):
+        return [(label, "lcm", TCD_ETA)]
+    variants = []
+    for sampler in dict.fromkeys(settings.samplers):
+        if sampler == "lcm":
+            variants.append((f"{label} (lcm)", "lcm", TCD_ETA))
+        else:
+            variants += [(f"{label} (tcd eta={eta:g})", "tcd", eta) for eta in dict.fromkeys(settings.etas)]
+    return variants
+
+
 def build_contenders(settings: EvalSettings) -> list[Contender]:
     contenders, labels = [], set()
     lcm_guidance = settings.guidance or prompt_set(settings.prompts).lcm_guidance or LCM_GUIDANCE
@@ -128,7 +151,8 @@ def build_contenders(settings: EvalSettings) -> list[Contender]:
             limit = LCMScheduler.load_config(path, subfolder="scheduler").get("original_inference_steps", 50)
             if max(settings.steps) > limit:
                 raise EvalError(f"--steps {max(settings.steps)}: {label} samples at most {limit} steps (its grid)")
-            contenders.append(Contender(label, Path(path), "lcm", settings.steps, lcm_guidance))
+            for variant, sampler, eta in sampler_variants(label, settings):
+                contenders.append(Contender(variant, Path(path), "lcm", settings.steps, lcm_guidance, sampler, eta))
         else:
             contenders.append(
                 Contender(label, Path(path), "teacher", settings.teacher_steps, settings.teacher_guidance)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .export import load_lcm
 from .models import SpeedSwitches, TeacherLoadError, load_teacher, read_pipeline_index
-from .sampling import ddim_cfg_sample, lcm_sample, to_pil
+from .sampling import TCD_ETA, consistency_scheduler, ddim_cfg_sample, lcm_sample, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
 HPSV2_CHUNK = 80  # HPSv2's benchmark: 800 prompts per style in 10 chunks of 80
@@ -53,6 +53,8 @@ class Contender:
     kind: Literal["teacher", "lcm"]
     steps: tuple[int, ...]
     guidance_scale: float  # CFG scale for a teacher; diffusers' LCM guidance (w + 1) for a consistency model
+    sampler: Literal["lcm", "tcd"] = "lcm"  # a consistency model's scheduler (rglcd.sampling.consistency_scheduler)
+    eta: float = TCD_ETA  # TCD's γ (with sampler "tcd")
 
 
 def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
@@ -74,6 +76,8 @@ def load_contender(contender: Contender, speed: SpeedSwitches = NO_SWITCHES):
     UNet and VAE."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = load_teacher(contender.path).to(device) if contender.kind == "teacher" else load_lcm(contender.path, device)
+    if contender.kind == "lcm":
+        parts.scheduler = consistency_scheduler(parts.scheduler.config, contender.sampler)
     speed.apply(parts.unet, parts.vae)
     return parts
 
@@ -87,7 +91,7 @@ def _sample(
     )  # fmt: skip
     if contender.kind == "teacher":
         return ddim_cfg_sample(parts.unet, parts.vae, parts, parts.scheduler_config, **common)
-    return lcm_sample(parts.unet, parts.vae, parts, parts.scheduler, **common)
+    return lcm_sample(parts.unet, parts.vae, parts, parts.scheduler, eta=contender.eta, **common)
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -142,6 +146,34 @@ def chunk_statistics(scores: Sequence[float], chunk: int = HPSV2_CHUNK) -> tuple
         raise ValueError("no scores")
     means = [float(np.mean(scores[start : start + chunk])) for start in range(0, len(scores), chunk)]
     return float(np.mean(means)), float(np.std(means))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The mean over paired items (same prompt, same seed) of ``first − second``, with a bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def paired_difference(
+    first: Sequence[float], second: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> PairedDifference:
+    """``first − second`` item by item, its mean, and the percentile bootstrap interval at ``level`` of that mean
+    (``resamples`` resamplings of the items with replacement, from ``seed``: the same inputs give the same interval)."""
+    if len(first) != len(second) or len(first) < 2:
+        raise ValueError(
+            f"paired_difference needs two paired sequences of >= 2 items, got {len(first)} and {len(second)}"
+        )
+    differences = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)  # [N]
+    picks = np.random.default_rng(seed).integers(0, len(differences), (resamples, len(differences)))
+    low, high = np.quantile(differences[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return PairedDifference(float(differences.mean()), float(low), float(high), len(differences))
 
 
 def group_statistics(
@@ -269,6 +301,8 @@ def evaluate(
                 "model": contender.label, "kind": contender.kind, "steps": steps,
                 "guidance_scale": contender.guidance_scale, "images": str(folder),
             }  # fmt: skip
+            if contender.kind == "lcm":
+                row.update(sampler=contender.sampler, eta=contender.eta if contender.sampler == "tcd" else None)
             for name in metrics.per_image:
                 scaled = metrics.benchmark_scales.get(name, 1.0) * np.asarray(values[name])
                 row[name] = float(scaled.mean())
@@ -295,6 +329,7 @@ def _claim_folder(
     manifest = {
         "model": str(contender.path), "kind": contender.kind, "steps": steps,
         "guidance_scale": contender.guidance_scale, "seed": seed, "resolution": resolution,
+        **({"sampler": contender.sampler, "eta": contender.eta} if contender.sampler != "lcm" else {}),
         "prompts_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
         "weights": weights_fingerprint(contender.path),
     }  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, LCMScheduler
+from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor, nn
@@ -54,6 +54,18 @@ def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int = 50, timestep
     )
 
 
+SAMPLERS = ("lcm", "tcd")
+TCD_ETA = 0.3  # diffusers' TCDScheduler default γ
+
+
+def consistency_scheduler(scheduler_config: dict, sampler: str = "lcm"):
+    """An exported student's sampler over its grid: its LCMScheduler (``lcm``), or diffusers' TCDScheduler (``tcd``;
+    Zheng et al. 2024's strategic stochastic sampling, whose γ = ``eta`` sets how much fresh noise each step adds)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    return _scheduler_from(LCMScheduler if sampler == "lcm" else TCDScheduler, dict(scheduler_config))
+
+
 @torch.no_grad()
 def lcm_sample(
     unet: nn.Module,
@@ -65,6 +77,7 @@ def lcm_sample(
     guidance_scale: float = 8.5,
     generator: torch.Generator | None = None,
     resolution: int | None = None,
+    eta: float = TCD_ETA,
 ) -> Tensor:
     """Images [B,3,H,W] in [0,1] from a consistency model in ``num_steps`` steps. ``text`` holds the tokenizer(s)
     and text encoder(s): a diffusers pipeline or a :class:`Teacher` (SD's one, or SDXL's two).
@@ -72,9 +85,11 @@ def lcm_sample(
     ``guidance_scale`` is the CFG scale as in diffusers' pipelines; the model sees emb(guidance_scale − 1),
     the LCM-convention w it was distilled with (a LoRA student has no such input and ignores it). Noise is
     drawn in the same order as diffusers' LatentConsistencyModelPipeline, so for one generator both give the
-    same images.
+    same images. ``scheduler``: an LCMScheduler or a TCDScheduler (:func:`consistency_scheduler`), which takes
+    ``eta``, its γ; with a TCDScheduler the images equal diffusers' StableDiffusionPipeline's with that scheduler.
     """
     device = next(unet.parameters()).device
+    step_options = {"eta": eta} if isinstance(scheduler, TCDScheduler) else {}
     prompt_embeds, added = _conditioning(text, prompts, image_size(unet, vae, resolution), unet.dtype)
     latents = _initial_latents(
         unet, vae, len(prompts), resolution, generator, prompt_embeds.dtype, scheduler.init_noise_sigma
@@ -90,9 +105,12 @@ def lcm_sample(
         model_output = unet(
             latents, timestep, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding, added_cond_kwargs=added
         ).sample
-        # The scheduler applies c_skip/c_out (the consistency function) and, between steps, re-noises
-        # the denoised estimate to the next timestep of the grid.
-        latents, denoised = scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)
+        # LCM's scheduler applies c_skip/c_out (the consistency function) and, between steps, re-noises the denoised
+        # estimate to the next timestep of the grid; TCD's moves it to s = ⌊(1 − γ)·t_next⌋ along the predicted noise,
+        # then re-noises to t_next. At the last step both return the final estimate second.
+        latents, denoised = scheduler.step(
+            model_output, timestep, latents, generator=generator, return_dict=False, **step_options
+        )
     return decode_latents(vae, denoised.to(prompt_embeds.dtype))
 
 
