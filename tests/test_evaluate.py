@@ -10,10 +10,12 @@ from PIL import Image
 
 from rglcd.evaluate import (
     Contender,
+    Estimate,
     EvalError,
     FeatureExtractor,
     FrechetDistance,
     Metrics,
+    bootstrap_mean,
     chunk_statistics,
     evaluate,
     generate,
@@ -74,6 +76,10 @@ class CountImages:
         return float(self.count)
 
 
+BOOTSTRAP_PICKS = np.random.default_rng(0).integers(0, 3, (2000, 3))  # bootstrap_mean's draws for 3 prompts
+BOUNDS = [0.025, 0.975]
+
+
 def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
     metrics = Metrics(
         per_image={"brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3))},
@@ -89,16 +95,29 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
         groups = row["groups"]["brightness"]
         assert list(groups) == ["x", "y", "average"]
         assert groups["x"]["mean"] == pytest.approx(100 * (scores["brightness"][0] + scores["brightness"][2]) / 2)
-        assert groups["y"] == {"mean": pytest.approx(100 * scores["brightness"][1]), "std": 0.0}
+        # One chunk of prompts per group: no spread across chunks to report (None, and no ± in the table).
+        assert groups["y"] == {"mean": pytest.approx(100 * scores["brightness"][1]), "std": None, "chunks": 1}
+        brightness = 100 * np.asarray(scores["brightness"])
+        assert row["brightness_ci"] == [
+            pytest.approx(value) for value in np.quantile([brightness[pick].mean() for pick in BOOTSTRAP_PICKS], BOUNDS)
+        ]  # the percentile bootstrap by hand: the same resamplings of the 3 prompts
+        assert row["brightness_ci"][0] <= row["brightness"] <= row["brightness_ci"][1]
     table = markdown_table(rows, ["brightness", "ms_per_image"])
     assert table.splitlines()[0] == "| model | steps | brightness | ms_per_image |"
+    low, high = rows[0]["brightness_ci"]
+    assert f"| {rows[0]['brightness']:.3f} [{low:.3f}, {high:.3f}] |" in table.splitlines()[2]
     assert len(table.splitlines()) == 2 + len(rows)
-    assert "**brightness** by group" in group_tables(rows) and " ± " in group_tables(rows)
+    assert "**brightness** by group" in group_tables(rows)
+    assert not [line for line in group_tables(rows).splitlines() if line.startswith("|") and "±" in line]
     assert Image.open(comparison_grid(rows, [0, 2], tmp_path / "grid.png")).size == (32 * len(rows), 32 * 2)
-    write_report(tmp_path, "test", rows, ["brightness", "count"], {"rows": rows}, ["a note"], [("count", "brightness")])
+    results = {"rows": rows, "undefined": float("nan"), "unbounded": [float("inf")]}
+    write_report(tmp_path, "test", rows, ["brightness", "count"], results, ["a note"], [("count", "brightness")])
     for name in ("results.json", "report.md", "grid.png", "plot-brightness.png", "plot-brightness-vs-count.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "- a note" in (tmp_path / "report.md").read_text()
+    # Strict JSON: NaN and Infinity, which strict parsers refuse, are written as null.
+    strict = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert strict["undefined"] is None and strict["unbounded"] == [None] and strict["rows"][0]["groups"]
 
 
 def test_hpsv2_chunk_arithmetic_by_hand():
@@ -109,14 +128,20 @@ def test_hpsv2_chunk_arithmetic_by_hand():
     assert mean == 4.0 and std == pytest.approx(math.sqrt(26 / 3))
     values = [0.2] * 80 + [0.3] * 80 + [0.25] * 160
     table = group_statistics(values, ["anime"] * 160 + ["photo"] * 160, scale=100)
-    assert table["anime"] == {"mean": pytest.approx(25.0), "std": pytest.approx(5.0)}
-    assert table["photo"] == {"mean": pytest.approx(25.0), "std": pytest.approx(0.0)}
-    assert table["average"]["mean"] == pytest.approx(25.0)
+    assert table["anime"] == {"mean": pytest.approx(25.0), "std": pytest.approx(5.0), "chunks": 2}
+    assert table["photo"] == {"mean": pytest.approx(25.0), "std": pytest.approx(0.0), "chunks": 2}
+    assert table["average"] == {"mean": pytest.approx(25.0), "std": None, "chunks": None}
+    assert group_statistics([0.2] * 80, ["one"] * 80)["one"]["std"] is None  # a single chunk has no spread
+    rows = [{"model": "m", "steps": 2, "groups": {"hps": table}}]
+    assert "| m | 2 | 25.000 ± 5.000 | 25.000 ± 0.000 | 25.000 |" in group_tables(rows)
     with pytest.raises(ValueError, match="no scores"):
         chunk_statistics([])
 
 
-def test_paired_difference_and_its_bootstrap_interval():
+def test_bootstrap_mean_and_the_paired_difference():
+    assert bootstrap_mean([2.0, 2.0, 2.0]) == Estimate(2.0, 2.0, 2.0, 3)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        bootstrap_mean([1.0])
     constant = paired_difference([1.0, 2.0, 3.0], [0.75, 1.75, 2.75])
     assert (constant.mean, constant.low, constant.high, constant.count) == (0.25, 0.25, 0.25, 3)
     # Differences 0 and 1: a resampled mean is 0, ½ or 1 (¼, ½, ¼), so the 95 % interval spans [0, 1].

@@ -252,7 +252,8 @@ def run_eval(
     notes = [
         *notes,
         f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded with {settings.seed} + i for every model.",
-        "Per-image metrics: mean over the prompts (the `_std` fields of results.json hold the spread), rewards on "
+        "Per-image metrics: mean over the prompts with its 95 % bootstrap interval over the prompts in brackets "
+        "(2000 resamplings; `_ci` in results.json, the spread in `_std`), rewards on "
         "their benchmark's scale (HPSv2 and CLIP score: 100 × cosine); group tables follow HPSv2's benchmark "
         f"arithmetic: per group, the mean and std of the means of consecutive chunks of {HPSV2_CHUNK} prompts.",
         f"Whole run: {results['seconds']:.0f} s.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -149,8 +150,8 @@ def chunk_statistics(scores: Sequence[float], chunk: int = HPSV2_CHUNK) -> tuple
 
 
 @dataclass(frozen=True)
-class PairedDifference:
-    """The mean over paired items (same prompt, same seed) of ``first − second``, with a bootstrap interval."""
+class Estimate:
+    """A mean over items (prompts) with its percentile bootstrap interval."""
 
     mean: float
     low: float
@@ -161,32 +162,40 @@ class PairedDifference:
         return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
 
 
+def bootstrap_mean(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Estimate:
+    """The mean of ``values`` and the percentile bootstrap interval at ``level`` of that mean: ``resamples``
+    resamplings of the items with replacement, from ``seed`` (the same inputs give the same interval)."""
+    values = np.asarray(values, dtype=float)  # [N]
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"a bootstrap interval needs at least 2 values, got {values.size}")
+    picks = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    low, high = np.quantile(values[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return Estimate(float(values.mean()), float(low), float(high), len(values))
+
+
 def paired_difference(
     first: Sequence[float], second: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
-) -> PairedDifference:
-    """``first − second`` item by item, its mean, and the percentile bootstrap interval at ``level`` of that mean
-    (``resamples`` resamplings of the items with replacement, from ``seed``: the same inputs give the same interval)."""
+) -> Estimate:
+    """``first − second`` item by item (same prompt, same seed) and :func:`bootstrap_mean` of the differences."""
     if len(first) != len(second) or len(first) < 2:
-        raise ValueError(
-            f"paired_difference needs two paired sequences of >= 2 items, got {len(first)} and {len(second)}"
-        )
-    differences = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)  # [N]
-    picks = np.random.default_rng(seed).integers(0, len(differences), (resamples, len(differences)))
-    low, high = np.quantile(differences[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
-    return PairedDifference(float(differences.mean()), float(low), float(high), len(differences))
+        raise ValueError(f"paired_difference needs two paired sequences of >= 2 items, not {len(first)}, {len(second)}")
+    return bootstrap_mean(np.asarray(first, dtype=float) - np.asarray(second, dtype=float), level, resamples, seed)
 
 
 def group_statistics(
     values: Sequence[float], groups: Sequence[str], scale: float = 1.0, chunk: int = HPSV2_CHUNK
-) -> dict[str, dict[str, float]]:
-    """Per group (in order of appearance): the chunk mean and std of ``scale · value``; ``average``: the mean over
-    every image, which HPSv2 reports as its overall score."""
+) -> dict[str, dict[str, float | None]]:
+    """Per group (in order of appearance): the chunk mean and std of ``scale · value`` and the number of chunks (a
+    group of one chunk has no spread to report: its std is None); ``average``: the mean over every image, which HPSv2
+    reports as its overall score."""
     scaled = [scale * value for value in values]
     table = {}
     for group in dict.fromkeys(groups):
-        mean, std = chunk_statistics([v for v, g in zip(scaled, groups, strict=True) if g == group], chunk)
-        table[group] = {"mean": mean, "std": std}
-    table["average"] = {"mean": float(np.mean(scaled)), "std": float("nan")}
+        members = [v for v, g in zip(scaled, groups, strict=True) if g == group]
+        mean, std = chunk_statistics(members, chunk)
+        chunks = math.ceil(len(members) / chunk)
+        table[group] = {"mean": mean, "std": std if chunks > 1 else None, "chunks": chunks}
+    table["average"] = {"mean": float(np.mean(scaled)), "std": None, "chunks": None}
     return table
 
 
@@ -296,7 +305,7 @@ def evaluate(
             elif timing_file.exists():
                 ms = json.loads(timing_file.read_text())["ms_per_image"]
             values = _measure(image_paths(folder, len(captions)), captions, records, metrics, batch_size)
-            (folder / "scores.json").write_text(json.dumps(values))
+            (folder / "scores.json").write_text(strict_json(values))
             row: dict[str, Any] = {
                 "model": contender.label, "kind": contender.kind, "steps": steps,
                 "guidance_scale": contender.guidance_scale, "images": str(folder),
@@ -306,7 +315,9 @@ def evaluate(
             for name in metrics.per_image:
                 scaled = metrics.benchmark_scales.get(name, 1.0) * np.asarray(values[name])
                 row[name] = float(scaled.mean())
-                row[f"{name}_std"] = float(scaled.std(ddof=1)) if len(scaled) > 1 else 0.0
+                row[f"{name}_std"] = float(scaled.std(ddof=1)) if len(scaled) > 1 else None
+                interval = bootstrap_mean(scaled) if len(scaled) > 1 else None  # the mean's, over the prompts
+                row[f"{name}_ci"] = [interval.low, interval.high] if interval else None
             for name in metrics.per_set:
                 row[name] = values[name]
             if groups and any(groups):
@@ -386,6 +397,21 @@ def _measure(
     for name, metric in metrics.per_set.items():
         values[name] = metric.compute()
     return values
+
+
+def strict_json(data: Any, indent: int | None = None) -> str:
+    """JSON that strict parsers read: NaN and ±Infinity (not JSON) become null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=indent, allow_nan=False)
 
 
 def relative_to_teacher(rows: list[dict], metric: str, name: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,16 +11,17 @@ import matplotlib.pyplot as plt
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluate import image_path
+from .evaluate import image_path, strict_json
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    """One line per (model, steps), one column per metric."""
+    """One line per (model, steps), one column per metric: its value, and for a per-image metric the 95 % bootstrap
+    interval of its mean over the prompts (``<metric>_ci``) in brackets."""
     header = "| model | steps | " + " | ".join(columns) + " |"
     rule = "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"
     lines = [header, rule]
     for row in rows:
-        cells = [_format(row.get(column)) for column in columns]
+        cells = [_format(row.get(column)) + _interval(row.get(f"{column}_ci")) for column in columns]
         lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -34,18 +33,25 @@ def group_tables(rows: list[dict]) -> str:
     sections = []
     for metric, first in rows[0]["groups"].items():
         groups = list(first)
-        lines = [f"**{metric}** by group (mean ± std over chunks of the group's prompts)", ""]
+        lines = [
+            f"**{metric}** by group (mean ± std over chunks of the group's prompts; no ± for a group of one chunk)",
+            "",
+        ]
         lines.append("| model | steps | " + " | ".join(groups) + " |")
         lines.append("| --- | ---: | " + " | ".join("---:" for _ in groups) + " |")
         for row in rows:
             cells = []
             for group in groups:
-                stats = row["groups"][metric][group]
-                spread = "" if math.isnan(stats["std"]) else f" ± {_format(stats['std'])}"
+                stats = row["groups"][metric][group]  # one chunk, or the average: no spread to show
+                spread = "" if stats["std"] is None else f" ± {_format(stats['std'])}"
                 cells.append(_format(stats["mean"]) + spread)
             lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
+
+
+def _interval(bounds: list[float] | None) -> str:
+    return "" if bounds is None else f" [{_format(bounds[0])}, {_format(bounds[1])}]"
 
 
 def _format(value: Any) -> str:
@@ -129,7 +135,7 @@ def write_report(
 ) -> str:
     """``results.json``, ``grid.png`` (the first prompts × every (model, steps)), plots of the ``plotted`` columns
     against steps and of the ``tradeoffs`` (x, y) pairs, and ``report.md``; returns the main table (also printed)."""
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(strict_json(results, indent=2))
     count = min(grid_prompts, len(list(Path(rows[0]["images"]).glob("[0-9][0-9][0-9][0-9][0-9].png"))))
     grid = comparison_grid(rows, list(range(count)), out / "grid.png")
     if plotted is None:  # every numeric column

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..eval_command import run_eval
-from ..evaluate import paired_difference
+from ..evaluate import paired_difference, strict_json
 from .quickstart import distil, prepare_world, world_clip_terms, world_evaluation
 
 
@@ -142,7 +142,7 @@ def run_sampler_reward(settings: SamplerRewardSettings) -> dict:
             "bootstrap interval (2000 resamplings of the prompts). One training seed: seed-to-seed spread is not in "
             "these intervals.\n\n" + "\n".join(lines) + "\n"
         )
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(strict_json(results, indent=2))
     # TCD's γ: the world-clip students sampled with diffusers' TCDScheduler beside their LCMScheduler.
     clip_students = {label: path for label, path in students.items() if label == "LCM" or label.startswith("clip")}
     tcd = world_evaluation(
