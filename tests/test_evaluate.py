@@ -17,12 +17,14 @@ from rglcd.evaluate import (
     Metrics,
     bootstrap_mean,
     chunk_statistics,
+    comparison_pairs,
     evaluate,
     generate,
     group_statistics,
     image_paths,
     load_contender,
     paired_difference,
+    paired_differences,
     pipeline_kind,
     read_images,
     relative_to_teacher,
@@ -102,6 +104,13 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
             pytest.approx(value) for value in np.quantile([brightness[pick].mean() for pick in BOOTSTRAP_PICKS], BOUNDS)
         ]  # the percentile bootstrap by hand: the same resamplings of the 3 prompts
         assert row["brightness_ci"][0] <= row["brightness"] <= row["brightness_ci"][1]
+    pairs = comparison_pairs(rows)  # one model at two step counts: only each LCM row against the teacher
+    assert [(first["model"], first["steps"], second["model"]) for first, second in pairs] == [
+        ("LCM", 1, "teacher"), ("LCM", 2, "teacher")
+    ]  # fmt: skip
+    (difference, _) = paired_differences(pairs, ["brightness"], {"brightness": 100.0})
+    assert difference["brightness"]["mean"] == pytest.approx(rows[1]["brightness"] - rows[0]["brightness"])
+    assert (difference["first"], difference["first_steps"], difference["second_steps"]) == ("LCM", 1, 3)
     table = markdown_table(rows, ["brightness", "ms_per_image"])
     assert table.splitlines()[0] == "| model | steps | brightness | ms_per_image |"
     low, high = rows[0]["brightness_ci"]
@@ -110,11 +119,12 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
     assert "**brightness** by group" in group_tables(rows)
     assert not [line for line in group_tables(rows).splitlines() if line.startswith("|") and "±" in line]
     assert Image.open(comparison_grid(rows, [0, 2], tmp_path / "grid.png")).size == (32 * len(rows), 32 * 2)
-    results = {"rows": rows, "undefined": float("nan"), "unbounded": [float("inf")]}
+    results = {"rows": rows, "undefined": float("nan"), "unbounded": [float("inf")], "paired_differences": [difference]}
     write_report(tmp_path, "test", rows, ["brightness", "count"], results, ["a note"], [("count", "brightness")])
     for name in ("results.json", "report.md", "grid.png", "plot-brightness.png", "plot-brightness-vs-count.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "- a note" in (tmp_path / "report.md").read_text()
+    assert "| LCM 1 | teacher 3 | " in (tmp_path / "report.md").read_text()  # the paired differences
     # Strict JSON: NaN and Infinity, which strict parsers refuse, are written as null.
     strict = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert strict["undefined"] is None and strict["unbounded"] == [None] and strict["rows"][0]["groups"]

@@ -32,11 +32,14 @@ def test_sampler_reward_trains_both_targets_and_reports(tiny_world_cache, tmp_pa
     assert "| clip sample K2 | 2 |" in report and "ms per training step" in report
     assert "| clip sample K2 − clip prediction | 2 | world-clip " in report
     assert "| aesthetic sample K2 − aesthetic prediction | 4 | world-aesthetic " in report
-    pairs = {(d["first"], d["second"], d["steps"]) for d in results["paired_differences"]}
-    assert ("clip prediction", "LCM", 1) in pairs and len(pairs) == 3 * 3
-    for difference in results["paired_differences"]:
-        for measure in (difference["reward_difference"], difference["judge"]):
+    focused = results["focused_differences"]
+    assert {(d["first"], d["second"], d["first_steps"]) for d in focused} >= {("clip prediction", "LCM", 1)}
+    assert len(focused) == 3 * 3 and all(d["first_steps"] == d["second_steps"] for d in focused)
+    for difference in focused:
+        for measure in (difference[difference["reward"]], difference["judge_accuracy"]):
             assert measure["low"] <= measure["mean"] <= measure["high"] and measure["count"] == 4
+    assert "**Paired differences**" in report  # rglcd eval's own: every pair at equal steps, and each vs the teacher
+    assert len(results["paired_differences"]) == 3 * 10 + 15
     tcd = json.loads((out / "tcd" / "results.json").read_text())
     tcd_models = dict.fromkeys(row["model"] for row in tcd["rows"] if row["kind"] == "lcm")
     assert list(tcd_models) == [

@@ -23,7 +23,9 @@ from .evaluate import (
     EvalError,
     FrechetDistance,
     Metrics,
+    comparison_pairs,
     evaluate,
+    paired_differences,
     pipeline_kind,
     read_images,
     relative_to_teacher,
@@ -235,6 +237,9 @@ def run_eval(
         speed=settings.speed,
         resolution=settings.resolution,
     )
+    paired = []
+    if len(prompts) > 1:  # every pair worth comparing, prompt by prompt, on each per-image metric
+        paired = paired_differences(comparison_pairs(rows), list(metrics.per_image), metrics.benchmark_scales)
     columns = [*metrics.per_image, *metrics.per_set]
     if "high_frequency" in metrics.per_image:  # hf_ratio: the high-frequency share over the teacher's
         relative_to_teacher(rows, "high_frequency", "hf_ratio")
@@ -247,6 +252,7 @@ def run_eval(
         "prompts": {"spec": settings.prompts, "count": len(prompts), "groups": sorted({p.group for p in prompts})},
         "contenders": [{**asdict(c), "path": str(c.path)} for c in contenders],
         "rows": rows,
+        "paired_differences": paired,
         "seconds": round(time.perf_counter() - started, 1),
     }
     notes = [

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -180,6 +180,43 @@ def paired_difference(
     if len(first) != len(second) or len(first) < 2:
         raise ValueError(f"paired_difference needs two paired sequences of >= 2 items, not {len(first)}, {len(second)}")
     return bootstrap_mean(np.asarray(first, dtype=float) - np.asarray(second, dtype=float), level, resamples, seed)
+
+
+def comparison_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """The rows worth comparing prompt by prompt: two models at the same step count, and every consistency model's
+    row against the teacher's row with the most steps (the paper's few-step vs many-step comparison)."""
+    pairs = [
+        (first, second)
+        for index, first in enumerate(rows)
+        for second in rows[index + 1 :]
+        if first["steps"] == second["steps"] and first["model"] != second["model"]
+    ]
+    teachers = [row for row in rows if row.get("kind") == "teacher"]
+    if teachers:
+        reference = max(teachers, key=lambda row: row["steps"])
+        pairs += [(row, reference) for row in rows if row.get("kind") == "lcm"]
+    return pairs
+
+
+def paired_differences(
+    pairs: Sequence[tuple[dict, dict]], names: Sequence[str], scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Per pair of rows (same prompts, same seeds), each per-image metric's :func:`paired_difference` on its benchmark
+    scale, read from the rows' ``scores.json``."""
+    scales, scores = scales or {}, {}
+    records = []
+    for first, second in pairs:
+        record = {"first": first["model"], "first_steps": first["steps"]}
+        record.update(second=second["model"], second_steps=second["steps"])
+        for row in (first, second):
+            if row["images"] not in scores:
+                scores[row["images"]] = json.loads(Path(row["images"], "scores.json").read_text())
+        for name in names:
+            scale = scales.get(name, 1.0)
+            a, b = (scale * np.asarray(scores[row["images"]][name]) for row in (first, second))
+            record[name] = asdict(paired_difference(a, b))
+        records.append(record)
+    return records
 
 
 def group_statistics(

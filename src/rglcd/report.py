@@ -50,6 +50,34 @@ def group_tables(rows: list[dict]) -> str:
     return "\n\n".join(sections)
 
 
+PAIRED_LINES = 60  # the report lists this many pairs at most; results.json holds them all
+
+
+def paired_table(records: list[dict]) -> str:
+    """The paired differences (:func:`rglcd.evaluate.paired_differences`): one line per pair, one column per metric,
+    the mean difference with its 95 % bootstrap interval."""
+    if not records:
+        return ""
+    names = [key for key in records[0] if isinstance(records[0][key], dict)]
+    lines = [
+        "**Paired differences** (first − second on the same prompts and seeds: the mean over the prompts and its 95 % "
+        "bootstrap interval)",
+        "",
+        "| first | second | " + " | ".join(f"Δ {name}" for name in names) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for record in records[:PAIRED_LINES]:
+        cells = [
+            f"{_format(record[name]['mean'])} [{_format(record[name]['low'])}, {_format(record[name]['high'])}]"
+            for name in names
+        ]
+        first, second = f"{record['first']} {record['first_steps']}", f"{record['second']} {record['second_steps']}"
+        lines.append(f"| {first} | {second} | " + " | ".join(cells) + " |")
+    if len(records) > PAIRED_LINES:
+        lines += ["", f"{len(records) - PAIRED_LINES} more pairs in results.json (`paired_differences`)."]
+    return "\n".join(lines)
+
+
 def _interval(bounds: list[float] | None) -> str:
     return "" if bounds is None else f" [{_format(bounds[0])}, {_format(bounds[1])}]"
 
@@ -150,6 +178,8 @@ def write_report(
 {table}
 
 {group_tables(rows)}
+
+{paired_table(results.get("paired_differences", []))}
 
 {bullets}
 - Columns of `{grid.name}`: {columns_of_grid}; rows: the first {count} prompts.
