@@ -50,7 +50,9 @@ def test_world_evaluation_writes_the_report_and_resumes(models, tmp_path):
         low, high = row["world-clip_ci"]
         assert low <= row["world-clip"] <= high
     report = (out / "report.md").read_text()
-    columns = "world-clip | judge_accuracy | high_frequency | fid | hf_ratio | ms_per_image | images_per_second"
+    columns = (
+        "world-clip | judge_accuracy | judge_exact | high_frequency | fid | hf_ratio | ms_per_image | images_per_second"
+    )
     assert f"| model | steps | {columns} |" in report and "**world-clip** by group" in report
     for name in ("grid.png", "plot-world-clip.png", "plot-fid.png", "plot-world-clip-vs-fid.png"):
         assert (out / name).stat().st_size > 0, name
@@ -64,6 +66,21 @@ def test_world_evaluation_writes_the_report_and_resumes(models, tmp_path):
     assert image.read_bytes() == before and kept.stat().st_mtime_ns == kept_time
     again = json.loads((out / "results.json").read_text())
     assert [row["world-clip"] for row in again["rows"]] == [row["world-clip"] for row in results["rows"]]
+
+
+def test_the_judge_per_attribute_over_the_prompts_it_applies_to(models, tmp_path):
+    student = models[1]
+    out = tmp_path / "eval"
+    rglcd_eval("--model", f"lcm={student}", "--prompts", "world:12", "--steps", "1", "--metrics", "judge-attributes",
+               "--batch-size", "4", "--out", out, cache=tmp_path / "cache")  # fmt: skip
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text  # strict JSON: a prompt without the attribute is null in scores.json
+    (row,) = json.loads(text)["rows"]
+    scores = json.loads((out / "images" / "lcm-1" / "scores.json").read_text())
+    for name in ("judge_colour", "judge_shape", "judge_size", "judge_position", "judge_left", "judge_right"):
+        applicable = [value for value in scores[name] if value is not None]
+        assert 0 < len(applicable) < 12  # one-shape attributes on one-shape prompts only, sides on two-shape ones
+        assert row[name] == pytest.approx(sum(applicable) / len(applicable))
 
 
 def test_a_text_prompt_file_with_a_pixel_metric(models, tmp_path):

@@ -27,6 +27,6 @@ def test_overoptimisation_trains_three_students_and_reports(tiny_world_cache, tm
     assert (out / "latent-proxy" / "latent_rm" / "model.safetensors").is_file()
     assert "mode: direct" in (out / "direct" / "config.yaml").read_text()
     report = (out / "report.md").read_text()
-    columns = "world-aesthetic | colorfulness | judge_accuracy | high_frequency | fid | hf_ratio | ms_per_image"
+    columns = "world-aesthetic | colorfulness | judge_accuracy | judge_exact | high_frequency | fid | hf_ratio"
     assert f"| model | steps | {columns} |" in report
     assert (out / "grid.png").stat().st_size > 0

@@ -28,7 +28,10 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
         assert 0 <= row["judge_accuracy"] <= 1 and row["fid"] >= 0 and row["ms_per_image"] > 0
         assert -1 <= row["world-clip"] <= 1
     report = (out / "report.md").read_text()
-    assert "| model | steps | world-clip | judge_accuracy | fid | ms_per_image | images_per_second |" in report
+    assert (
+        "| model | steps | world-clip | judge_accuracy | judge_exact | fid | ms_per_image | images_per_second |"
+        in report
+    )
     main_table = report.split("\n\n")[1]
     assert main_table.count("\n| RG-LCM |") == 3 and "**world-clip** by group" in report
     assert (out / "grid.png").stat().st_size > 0

@@ -213,8 +213,9 @@ def paired_differences(
                 scores[row["images"]] = json.loads(Path(row["images"], "scores.json").read_text())
         for name in names:
             scale = scales.get(name, 1.0)
-            a, b = (scale * np.asarray(scores[row["images"]][name]) for row in (first, second))
-            record[name] = asdict(paired_difference(a, b))
+            a, b = (scale * np.asarray(scores[row["images"]][name], dtype=float) for row in (first, second))
+            both = ~(np.isnan(a) | np.isnan(b))  # the prompts the metric applies to (null in scores.json: NaN)
+            record[name] = asdict(paired_difference(a[both], b[both])) if both.sum() > 1 else None
         records.append(record)
     return records
 
@@ -228,11 +229,15 @@ def group_statistics(
     scaled = [scale * value for value in values]
     table = {}
     for group in dict.fromkeys(groups):
-        members = [v for v, g in zip(scaled, groups, strict=True) if g == group]
+        members = [v for v, g in zip(scaled, groups, strict=True) if g == group and not math.isnan(v)]
+        if not members:  # the metric applies to none of the group's prompts
+            table[group] = {"mean": None, "std": None, "chunks": 0}
+            continue
         mean, std = chunk_statistics(members, chunk)
         chunks = math.ceil(len(members) / chunk)
         table[group] = {"mean": mean, "std": std if chunks > 1 else None, "chunks": chunks}
-    table["average"] = {"mean": float(np.mean(scaled)), "std": None, "chunks": None}
+    applicable = [value for value in scaled if not math.isnan(value)]
+    table["average"] = {"mean": float(np.mean(applicable)) if applicable else None, "std": None, "chunks": None}
     return table
 
 
@@ -350,8 +355,9 @@ def evaluate(
             if contender.kind == "lcm":
                 row.update(sampler=contender.sampler, eta=contender.eta if contender.sampler == "tcd" else None)
             for name in metrics.per_image:
-                scaled = metrics.benchmark_scales.get(name, 1.0) * np.asarray(values[name])
-                row[name] = float(scaled.mean())
+                scaled = metrics.benchmark_scales.get(name, 1.0) * np.asarray(values[name], dtype=float)
+                scaled = scaled[~np.isnan(scaled)]  # NaN: the metric does not apply to that prompt
+                row[name] = float(scaled.mean()) if len(scaled) else None
                 row[f"{name}_std"] = float(scaled.std(ddof=1)) if len(scaled) > 1 else None
                 interval = bootstrap_mean(scaled) if len(scaled) > 1 else None  # the mean's, over the prompts
                 row[f"{name}_ci"] = [interval.low, interval.high] if interval else None

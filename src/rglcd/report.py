@@ -58,7 +58,7 @@ def paired_table(records: list[dict]) -> str:
     the mean difference with its 95 % bootstrap interval."""
     if not records:
         return ""
-    names = [key for key in records[0] if isinstance(records[0][key], dict)]
+    names = [key for key in records[0] if key not in ("first", "first_steps", "second", "second_steps")]
     lines = [
         "**Paired differences** (first − second on the same prompts and seeds: the mean over the prompts and its 95 % "
         "bootstrap interval)",
@@ -68,7 +68,7 @@ def paired_table(records: list[dict]) -> str:
     ]
     for record in records[:PAIRED_LINES]:
         cells = [
-            f"{_format(record[name]['mean'])} [{_format(record[name]['low'])}, {_format(record[name]['high'])}]"
+            f"{_format(d['mean'])} [{_format(d['low'])}, {_format(d['high'])}]" if (d := record[name]) else "—"
             for name in names
         ]
         first, second = f"{record['first']} {record['first_steps']}", f"{record['second']} {record['second_steps']}"

@@ -28,6 +28,7 @@ POSITION_NAMES = tuple(POSITIONS)
 HEADS = {"pairs": len(COLOUR_NAMES) * len(SHAPES), "count": 2, "size": len(SIZE_NAMES), "position": len(POSITIONS)}
 WEIGHTS_FILE = "judge.safetensors"
 CONFIG_FILE = "judge.json"
+ATTRIBUTES = ("colour", "shape", "size", "position", "left", "right")  # per-attribute accuracy (attribute_checks)
 IGNORE = -100  # size/position target of a two-object scene: those heads only learn from one-object scenes
 
 
@@ -82,11 +83,12 @@ class Judge(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
     @torch.no_grad()
-    def attribute_scores(self, images: Tensor, scenes: Sequence[Scene]) -> Tensor:
-        """Per image, the fraction of its scene's attributes the judge finds (float in [0, 1]); use in eval mode.
+    def attribute_checks(self, images: Tensor, scenes: Sequence[Scene]) -> dict[str, Tensor]:
+        """Per image [B], whether each of :data:`ATTRIBUTES` of its scene is found: 1.0 or 0.0, and NaN where the
+        prompt has no such attribute; ``exact``: every check of :meth:`attribute_scores` passed. Use in eval mode.
 
-        One object: its pair is the top pair logit and present, the count is one, the size and the position
-        are right (4 checks). Two objects: each pair is present and the count is two (3 checks).
+        One object: ``colour`` and ``shape`` of the top pair logit, ``size``, ``position``; two objects: ``left`` and
+        ``right``, that side's (colour, shape) pair found present (the judge does not locate the two).
         """
         if len(scenes) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(scenes)} scenes")
@@ -94,23 +96,38 @@ class Judge(nn.Module):
         present = (logits["pairs"] > 0).tolist()  # sigmoid > 0.5
         top_pair = logits["pairs"].argmax(dim=1).tolist()
         count, size, position = (logits[name].argmax(dim=1).tolist() for name in ("count", "size", "position"))
-        scores = []
+        nan = float("nan")
+        checks: dict[str, list[float]] = {name: [] for name in (*ATTRIBUTES, "exact", "score")}
         for i, scene in enumerate(scenes):
-            pairs = [pair_index(shape) for shape in scene.objects]
+            found = dict.fromkeys(ATTRIBUTES, nan)
             if len(scene.objects) == 1:
                 shape = scene.objects[0]
-                checks = [
-                    top_pair[i] == pairs[0] and present[i][pairs[0]],
-                    count[i] == 0,
-                    size[i] == SIZE_NAMES.index(shape.size),
-                    position[i] == POSITION_NAMES.index(shape.position),
-                ]
+                colour_found = COLOUR_NAMES[top_pair[i] // len(SHAPES)] == shape.colour
+                shape_found = SHAPES[top_pair[i] % len(SHAPES)] == shape.shape
+                found.update(colour=colour_found, shape=shape_found, size=size[i] == SIZE_NAMES.index(shape.size))
+                found["position"] = position[i] == POSITION_NAMES.index(shape.position)
+                # the score's 4 checks: the pair (top and present), one object, the size, the position
+                passed = [colour_found and shape_found and present[i][pair_index(shape)], count[i] == 0]
+                passed += [found["size"], found["position"]]
             elif len(scene.objects) == 2:
-                checks = [present[i][pairs[0]], present[i][pairs[1]], count[i] == 1]
+                for shape in scene.objects:
+                    found[shape.position] = present[i][pair_index(shape)]
+                passed = [found["left"], found["right"], count[i] == 1]  # the score's 3 checks
             else:
                 raise ValueError(f"the judge checks scenes of 1 or 2 objects, not {len(scene.objects)}")
-            scores.append(sum(checks) / len(checks))
-        return torch.tensor(scores, device=images.device)
+            for name in ATTRIBUTES:
+                checks[name].append(float(found[name]))
+            checks["exact"].append(float(all(passed)))
+            checks["score"].append(sum(passed) / len(passed))
+        return {name: torch.tensor(values, device=images.device) for name, values in checks.items()}
+
+    def attribute_scores(self, images: Tensor, scenes: Sequence[Scene]) -> Tensor:
+        """Per image, the fraction of its scene's attributes the judge finds (float in [0, 1]); use in eval mode.
+
+        One object: its pair is the top pair logit and present, the count is one, the size and the position
+        are right (4 checks). Two objects: each pair is present and the count is two (3 checks).
+        """
+        return self.attribute_checks(images, scenes)["score"]
 
     def save(self, folder: str | Path, training: dict | None = None) -> Path:
         """Write ``judge.safetensors`` and ``judge.json`` (the architecture, plus ``training`` facts if given)."""

@@ -10,7 +10,7 @@ from ..evaluate import FeatureExtractor, FrechetDistance, Metrics
 from ..prompts import Prompt, PromptSetError, register_prompt_set
 from . import rewards  # noqa: F401  (registers world-clip and world-aesthetic)
 from .data import eval_scenes, reference_images
-from .judge import Judge, train_judge
+from .judge import ATTRIBUTES, Judge, train_judge
 from .paths import world_asset
 from .render import Scene
 
@@ -47,11 +47,26 @@ def _scenes(request: MetricRequest, needs: str) -> list[Scene]:
     return scenes
 
 
-@register_metric("judge", "the miniature's judge: fraction of the prompt's attributes found (world prompts only)")
+@register_metric(
+    "judge", "the miniature's judge: fraction of the prompt's attributes found, and whether all are (world prompts)"
+)
 def _judge_accuracy(metrics: Metrics, request: MetricRequest) -> None:
     _scenes(request, "the judge metric")
     judge = world_judge()
     metrics.per_image["judge_accuracy"] = lambda images, texts, records: judge.attribute_scores(images, records)
+    metrics.per_image["judge_exact"] = lambda images, texts, records: judge.attribute_checks(images, records)["exact"]
+
+
+@register_metric(
+    "judge-attributes", "the judge's accuracy per attribute: colour, shape, size, position; left, right of two shapes"
+)
+def _judge_attributes(metrics: Metrics, request: MetricRequest) -> None:
+    _scenes(request, "the judge-attributes metric")
+    judge = world_judge()
+    for name in ATTRIBUTES:  # NaN where a prompt has no such attribute: averaged over the prompts that have it
+        metrics.per_image[f"judge_{name}"] = lambda images, texts, records, name=name: judge.attribute_checks(
+            images, records
+        )[name]
 
 
 @FID_FEATURES.register("world-judge")
