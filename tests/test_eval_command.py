@@ -41,6 +41,7 @@ def test_world_evaluation_writes_the_report_and_resumes(models, tmp_path):
         assert -1 <= row["world-clip"] <= 1 and 0 <= row["judge_accuracy"] <= 1 and row["fid"] >= 0
         assert row["ms_per_image"] > 0 and list(row["groups"]["world-clip"]) == ["one shape", "two shapes", "average"]
     assert results["rows"][0]["hf_ratio"] == 1.0  # the teacher is the reference
+    assert not (student / "README.md").exists()  # a folder without an rglcd model card gets none
     pairs = [(d["first"], d["first_steps"], d["second"], d["second_steps"]) for d in results["paired_differences"]]
     assert pairs == [("teacher", 2, "lcm", 2), ("lcm", 1, "teacher", 2), ("lcm", 2, "teacher", 2)]
     for difference in results["paired_differences"]:

@@ -94,6 +94,14 @@ def test_lora_run_trains_only_adapters_and_exports_for_load_lora_weights(tiny, t
     from_fused = fused(prompts, num_inference_steps=2, guidance_scale=1.0, output_type="pt",
                        generator=torch.Generator().manual_seed(seed)).images  # fmt: skip
     torch.testing.assert_close(from_fused, loaded, atol=1e-4, rtol=0)  # fusing only reorders the float sums
+    # Both exports carry a model card whose loading example runs as written.
+    for folder in (out / "lora", out / "student"):
+        card = (folder / "README.md").read_text()
+        assert "| student | LoRA adapters, rank 4, alpha 16 |" in card and "guidance_scale=1" in card
+        namespace = {}
+        exec(re.search(r"```python\n(.*?)```", card, re.S)[1], namespace)
+        assert namespace["image"].size == (32, 32)
+    assert "load_lora_weights" in (out / "lora" / "README.md").read_text()
 
 
 def test_lora_options_are_validated(tiny, tmp_path):

@@ -35,6 +35,9 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
     main_table = report.split("\n\n")[1]
     assert main_table.count("\n| RG-LCM |") == 3 and "**world-clip** by group" in report
     assert (out / "grid.png").stat().st_size > 0
+    card = (out / "rg-lcm" / "student" / "README.md").read_text()  # rglcd eval adds its table to the model card
+    assert "## Evaluation (`rglcd eval`)" in card and "| RG-LCM | 2 |" in card and "| LCM | 2 |" not in card
+    assert "world-clip (β 0.5)" in card
     rg_config = (out / "rg-lcm" / "config.yaml").read_text()
     assert "world-clip" in rg_config and "name: world-clip" not in (out / "lcm" / "config.yaml").read_text()
 
@@ -42,6 +45,8 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
     before = student.stat().st_mtime_ns
     quickstart(tiny_world_cache, out)  # the second run distils nothing and generates nothing again
     assert student.stat().st_mtime_ns == before
+    card = (out / "rg-lcm" / "student" / "README.md").read_text()
+    assert card.count("## Evaluation (`rglcd eval`)") == 1  # replaced, not appended again
     assert (
         json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]
     )

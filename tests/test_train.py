@@ -77,6 +77,16 @@ def test_cli_smoke_run_writes_everything(tiny, tmp_path):
     assert (out / "student" / "model_index.json").is_file() and (out / "target_unet" / "config.json").is_file()
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["skipped_samples"] == 0
+    card = (out / "student" / "README.md").read_text()  # the model card: diffusers' metadata, training, sampling
+    assert card.startswith("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n") and "rg-lcd" in card
+    reward = "colorfulness (β 0.1), through the VAE decoder (Alg. 3); on the one-step prediction (the paper)"
+    rows = [f"| teacher | `{tiny / 'teacher'}` |", "| training steps × batch | 4 × 4 per process × 1 accumulation |",
+            f"| reward | {reward} |", "| guidance range w | [5, 15] (LCM convention) |"]  # fmt: skip
+    for row in rows:
+        assert row in card, row
+    namespace = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.S)[1], namespace)  # its loading example runs as written
+    assert namespace["image"].size == (32, 32) and "guidance_scale=11" in card  # w = 10, the range's middle
 
 
 def test_dry_run_prints_the_resolved_config(tiny, tmp_path):

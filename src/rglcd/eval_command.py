@@ -30,11 +30,12 @@ from .evaluate import (
     read_images,
     relative_to_teacher,
 )
+from .export import add_evaluation_to_card
 from .metrics import high_frequency_share
 from .models import SpeedSwitches
 from .plugins import Registry
 from .prompts import Prompt, load_prompts, prompt_set
-from .report import write_report
+from .report import markdown_table, write_report
 from .rewards import REWARDS, build_reward
 from .sampling import SAMPLERS, TCD_ETA
 
@@ -267,4 +268,8 @@ def run_eval(
     rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]
     tradeoffs = [("fid", name) for name in rewards] if "fid" in metrics.per_set else []
     write_report(out, title, rows, columns, results, notes, tradeoffs, plotted)
+    for path in dict.fromkeys(contender.path for contender in contenders if contender.kind == "lcm"):
+        labels = {contender.label for contender in contenders if contender.path == path}
+        about = f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded {settings.seed} + i; report: {out}."
+        add_evaluation_to_card(path, markdown_table([row for row in rows if row["model"] in labels], columns), about)
     return results

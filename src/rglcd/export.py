@@ -4,8 +4,10 @@ and loading an exported LCM back for sampling."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
+import yaml
 from diffusers import (
     DiffusionPipeline,
     LatentConsistencyModelPipeline,
@@ -16,6 +18,7 @@ from diffusers import (
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from .config import TrainConfig
 from .files import atomic_folder
 from .lora import STUDENT
 from .models import Teacher, TeacherLoadError, read_pipeline_index
@@ -114,3 +117,114 @@ def export_fused(
     with atomic_folder(out_dir) as partial:
         pipeline.save_pretrained(partial)
     return Path(out_dir)
+
+
+CARD_FILE = "README.md"
+CARD_MARKER = "<!-- made by rglcd -->"  # `rglcd eval` adds its table only to cards it recognises
+EVALUATION_HEADING = "## Evaluation (`rglcd eval`)"
+
+
+def _reward_description(config: TrainConfig) -> str:
+    reward = config.reward
+    if not reward.terms:
+        return "none: plain latent consistency distillation (β = 0)"
+    terms = " + ".join(f"{term.name} (β {term.beta:g})" for term in reward.terms)
+    if reward.mode == "latent":
+        text = f"{terms} as the expert of a latent proxy reward model fitted online (Alg. 4; β {reward.latent.beta:g})"
+    else:
+        text = f"{terms}, through the VAE decoder (Alg. 3)"
+    if reward.target == "sample":
+        text += (
+            f"; on the student's own {reward.sample_steps}-step sample, backpropagated through its last "
+            f"{reward.grad_steps} step(s)"
+        )
+    else:
+        text += "; on the one-step prediction (the paper)"
+    return text + (f"; every {reward.every} steps" if reward.every > 1 else "")
+
+
+def model_card(config: TrainConfig, kind: Literal["pipeline", "lora", "fused"], location: str) -> str:
+    """A diffusers-style model card (YAML metadata, then Markdown) of a distilled student: how it was made and how to
+    sample it. ``kind``: a pipeline folder with the student UNet, LoRA weights, or the teacher with them fused."""
+    teacher, distill, optim = config.model.teacher, config.distill, config.optim
+    is_hub_id = teacher.count("/") == 1 and not Path(teacher).exists()
+    tags = ["text-to-image", "latent-consistency-model", "rg-lcd", "rglcd", *(["lora"] if kind == "lora" else [])]
+    metadata = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags}
+    if is_hub_id:
+        metadata["base_model"] = teacher
+    name = "RG-LCM" if config.reward.terms else "LCM"
+    student = (
+        f"LoRA adapters, rank {config.lora.rank}, alpha {config.lora.alpha or config.lora.rank:g}"
+        if config.lora.rank
+        else f"the whole UNet, with a guidance embedding of size {config.model.time_cond_proj_dim}"
+    )
+    rows = {
+        "teacher": f"`{teacher}`",
+        "student": student,
+        "training steps × batch": f"{optim.max_train_steps} × {optim.batch_size} per process"
+        f" × {optim.gradient_accumulation_steps} accumulation",
+        "learning rate": f"{optim.learning_rate:g} ({optim.lr_scheduler}, {optim.lr_warmup_steps} warm-up steps)",
+        "guidance range w": f"[{distill.w_min:g}, {distill.w_max:g}] (LCM convention)",
+        "DDIM grid": f"{distill.num_ddim_timesteps} timesteps",
+        "distance": f"{distill.loss}" + (f" (c {distill.distance_c:g})" if distill.distance_c else ""),
+        "EMA μ": f"{distill.ema_decay:g}",
+        "reward": _reward_description(config),
+        "data": f"`{config.data.source}` at {config.data.resolution} px",
+        "seed": str(config.seed),
+    }
+    table = "\n".join(
+        ["| setting | value |", "| --- | --- |", *(f"| {key} | {value} |" for key, value in rows.items())]
+    )
+    if kind == "lora":  # no guidance input: the teacher's CFG is distilled in, so diffusers' guidance stays ≤ 1
+        guidance = 1.0
+        loading = (
+            f'pipe = DiffusionPipeline.from_pretrained("{teacher}"); pipe.scheduler = '
+            f'LCMScheduler.from_config(pipe.scheduler.config); pipe.load_lora_weights("{location}")\n'
+        )
+        imports = "from diffusers import DiffusionPipeline, LCMScheduler"
+    else:
+        guidance = 1.0 if config.lora.rank else (distill.w_min + distill.w_max) / 2 + 1  # w = guidance − 1
+        loading = f'pipe = DiffusionPipeline.from_pretrained("{location}")\n'
+        imports = "from diffusers import DiffusionPipeline"
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+{CARD_MARKER}
+
+# {name} distilled from `{teacher}`
+
+A latent consistency model made with rglcd by Reward Guided Latent Consistency Distillation (RG-LCD; Li, Feng,
+Chen, Wang, TMLR 2024): distilled from the teacher's DDIM + classifier-free-guidance trajectory while maximising the
+reward below.
+
+## How it was made
+
+{table}
+
+## How to sample it
+
+2–4 steps (1–8 work), `guidance_scale={guidance:g}`, its `LCMScheduler` (or TCD: diffusers' `TCDScheduler` on the
+same grid, `eta` 0.3):
+
+```python
+{imports}
+{loading}image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={guidance:g}).images[0]
+```
+"""
+
+
+def write_model_card(folder: str | Path, config: TrainConfig, kind: Literal["pipeline", "lora", "fused"]) -> Path:
+    """``folder/README.md``: the model card of the student in ``folder``."""
+    path = Path(folder) / CARD_FILE
+    path.write_text(model_card(config, kind, str(folder)))
+    return path
+
+
+def add_evaluation_to_card(folder: str | Path, table: str, about: str) -> bool:
+    """Put (or replace) the evaluation section of an rglcd model card in ``folder``; False when there is none."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file() or CARD_MARKER not in (text := path.read_text()):
+        return False
+    text = text.split(f"\n{EVALUATION_HEADING}\n", 1)[0].rstrip("\n")
+    path.write_text(f"{text}\n\n{EVALUATION_HEADING}\n\n{about}\n\n{table}\n")
+    return True

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data import check_cache, is_cache, teacher_fingerprint
-from ..export import export_fused, export_pipeline, save_lora
+from ..export import export_fused, export_pipeline, save_lora, write_model_card
 from ..lora import STUDENT, TARGET
 from ..models import Teacher, load_teacher, update_ema
 from ..rewards.latent import LatentClip, ProxyFit, proxy_fit
@@ -84,6 +84,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             config.distill.num_ddim_timesteps, config.distill.timestep_scaling, revision=config.model.revision,
             variant=config.model.variant,
         )  # fmt: skip
+        write_model_card(Path(config.logging.output_dir) / "student", config, "fused")
     return Path(config.logging.output_dir) / "student"
 
 
@@ -418,11 +419,13 @@ def save_models(run: Run, student: torch.nn.Module) -> None:
     if run.config.lora.rank:
         save_lora(student, out / "lora", STUDENT, teacher.is_sdxl)
         save_lora(student, out / "target_lora", TARGET, teacher.is_sdxl)
+        write_model_card(out / "lora", run.config, "lora")
     else:
         distillation = run.distillation
         export_pipeline(
             out / "student", student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
         )
+        write_model_card(out / "student", run.config, "pipeline")
         run.networks.target.save_pretrained(out / "target_unet")
     if run.proxy is not None:
         run.proxy.model.save_pretrained(out / "latent_rm", {"fitted_steps": run.global_step})
