@@ -2,20 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import yaml
+
+from .test_cli import rglcd
 
 
 def test_sampler_reward_trains_both_targets_and_reports(tiny_world_cache, tmp_path):
     out = tmp_path / "sampler-reward"
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "world", "sampler-reward", "--out", str(out), "--train-steps", "2",
-         "--prompts", "4", "--sample-steps", "2", "--etas", "0,1"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "RGLCD_CACHE": str(tiny_world_cache)},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    rglcd("world", "sampler-reward", "--out", out, "--train-steps", "2", "--prompts", "4", "--sample-steps", "2",
+          "--etas", "0,1", env={**os.environ, "RGLCD_CACHE": str(tiny_world_cache)})  # fmt: skip
     students = ["LCM", "clip prediction", "clip sample K2", "aesthetic prediction", "aesthetic sample K2"]
     results = json.loads((out / "results.json").read_text())
     assert [(row["model"], row["steps"]) for row in results["rows"]] == [("teacher DDIM+CFG", 50)] + [

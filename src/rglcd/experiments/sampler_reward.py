@@ -68,14 +68,22 @@ def training_times(students: dict[str, Path]) -> dict[str, dict]:
     return times
 
 
+REWARDS = {"clip": "world-clip", "aesthetic": "world-aesthetic"}  # a label's first word: the reward it was trained on
+
+
+def prediction_twin(label: str) -> str:
+    """The paper's-target student a label is compared with: its reward's ``prediction`` run (the LCM's: clip's)."""
+    family = label.partition(" ")[0]
+    return f"{family if family in REWARDS else 'clip'} prediction"
+
+
 def comparisons(runs: dict[str, list[str]]) -> list[tuple[str, str, str]]:
     """(first, second, the reward they were trained on): each sample-target student against its prediction-target
     twin, and the paper's RG-LCM against the LCM."""
-    pairs = [("clip prediction", "LCM", "world-clip")]
+    pairs = [("clip prediction", "LCM", REWARDS["clip"])]
     for label in runs:
-        family, _, rest = label.partition(" ")
-        if rest.startswith("sample"):
-            pairs.append((label, f"{family} prediction", "world-clip" if family == "clip" else "world-aesthetic"))
+        if " sample " in label:
+            pairs.append((label, prediction_twin(label), REWARDS[label.partition(" ")[0]]))
     return pairs
 
 
@@ -109,7 +117,7 @@ def run_sampler_reward(settings: SamplerRewardSettings) -> dict:
     times = training_times(students)
     time_table = ["| student | ms per training step (median) | relative to prediction |", "|---|---:|---:|"]
     for label, record in times.items():
-        reference = times["aesthetic prediction" if label.startswith("aesthetic") else "clip prediction"]
+        reference = times[prediction_twin(label)]
         ratio = record["median_after_first"] / reference["median_after_first"]
         time_table.append(f"| {label} | {1000 * record['median_after_first']:.0f} | {ratio:.2f}× |")
     notes = [
