@@ -30,6 +30,7 @@ from rglcd.evaluate import (
     relative_to_teacher,
 )
 from rglcd.export import export_pipeline
+from rglcd.grid import GAP, ROW_LABEL_WIDTH
 from rglcd.models import build_student, load_teacher
 from rglcd.report import comparison_grid, group_tables, markdown_table, write_report
 
@@ -118,9 +119,12 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
     assert len(table.splitlines()) == 2 + len(rows)
     assert "**brightness** by group" in group_tables(rows)
     assert not [line for line in group_tables(rows).splitlines() if line.startswith("|") and "±" in line]
-    assert Image.open(comparison_grid(rows, [0, 2], tmp_path / "grid.png")).size == (32 * len(rows), 32 * 2)
+    grid = Image.open(comparison_grid(rows, CAPTIONS[:2], tmp_path / "grid.png"))  # 32-pixel images, shown 4× larger
+    assert grid.width == ROW_LABEL_WIDTH + (128 + GAP) * len(rows) - GAP and grid.height > 128 * 2
     results = {"rows": rows, "undefined": float("nan"), "unbounded": [float("inf")], "paired_differences": [difference]}
-    write_report(tmp_path, "test", rows, ["brightness", "count"], results, ["a note"], [("count", "brightness")])
+    write_report(
+        tmp_path, "test", rows, ["brightness", "count"], results, ["a note"], CAPTIONS, [("count", "brightness")]
+    )
     for name in ("results.json", "report.md", "grid.png", "plot-brightness.png", "plot-brightness-vs-count.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "- a note" in (tmp_path / "report.md").read_text()

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from PIL import Image
 from safetensors.torch import load_file
 
 from rglcd.config import load_config
 from rglcd.data import DataError
 from rglcd.experiments.demo import colour_samples, tiny_setup
+from rglcd.grid import GAP, ROW_LABEL_WIDTH, upscale_factor
 from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 from rglcd.train import TrainingError, checkpoints, resolve_resume, train
@@ -72,7 +74,11 @@ def test_cli_smoke_run_writes_everything(tiny, tmp_path):
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["data"][0]["samples_consumed_in_epoch"] > 0
-    assert (out / "validation" / "step-00000002.png").stat().st_size > 0
+    config = load_config(out / "config.yaml")
+    validation = Image.open(out / "validation" / "step-00000002.png")  # prompts × 1, 2, 4 steps, labelled
+    tile = config.data.resolution * upscale_factor(config.data.resolution)
+    assert validation.width == ROW_LABEL_WIDTH + len(config.logging.validation_prompts) * (tile + GAP) - GAP
+    assert validation.height > 3 * tile
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "student" / "model_index.json").is_file() and (out / "target_unet" / "config.json").is_file()
     summary = json.loads((out / "train_summary.json").read_text())

@@ -267,7 +267,7 @@ def run_eval(
     ]
     rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]
     tradeoffs = [("fid", name) for name in rewards] if "fid" in metrics.per_set else []
-    write_report(out, title, rows, columns, results, notes, tradeoffs, plotted)
+    write_report(out, title, rows, columns, results, notes, [p.text for p in prompts], tradeoffs, plotted)
     for path in dict.fromkeys(contender.path for contender in contenders if contender.kind == "lcm"):
         labels = {contender.label for contender in contenders if contender.path == path}
         about = f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded {settings.seed} + i; report: {out}."

@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .evaluate import image_path, strict_json
+from .grid import labelled_grid
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -92,18 +93,15 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def comparison_grid(rows: list[dict], prompt_indices: list[int], path: Path) -> Path:
-    """A PNG with one row per prompt and one column per (model, steps), read from the written images."""
-
+def comparison_grid(rows: list[dict], prompts: list[str], path: Path) -> Path:
+    """A labelled PNG (``grid.labelled_grid``): one row per prompt (the first ``len(prompts)`` of the written
+    images), one column per (model, steps), read from the written images."""
     tiles = [
-        [Image.open(image_path(Path(row["images"]), index)).convert("RGB") for row in rows] for index in prompt_indices
+        [Image.open(image_path(Path(row["images"]), index)).convert("RGB") for row in rows]
+        for index in range(len(prompts))
     ]
-    width, height = tiles[0][0].size
-    grid = Image.new("RGB", (width * len(rows), height * len(prompt_indices)), "white")
-    for r, tile_row in enumerate(tiles):
-        for c, tile in enumerate(tile_row):
-            grid.paste(tile, (c * width, r * height))
-    grid.save(path)
+    headers = [f"{row['model']}\n{row['steps']} step{'s' * (row['steps'] != 1)}" for row in rows]
+    labelled_grid(tiles, headers, prompts).save(path)
     return path
 
 
@@ -123,28 +121,48 @@ def _save(figure, axes, x_label: str, y_label: str, path: Path) -> Path:
     return path
 
 
+def _error_bars(chosen: list[dict], metric: str) -> list[list[float]] | None:
+    """matplotlib's [below, above] distances to each point's 95 % interval (``<metric>_ci``); None if none has one."""
+    intervals = [row.get(f"{metric}_ci") for row in chosen]
+    if not any(intervals):
+        return None
+    below = [row[metric] - ci[0] if ci else 0.0 for row, ci in zip(chosen, intervals, strict=True)]
+    above = [ci[1] - row[metric] if ci else 0.0 for row, ci in zip(chosen, intervals, strict=True)]
+    return [below, above]
+
+
 def plot_metrics(rows: list[dict], metrics: list[str], out: Path) -> list[Path]:
-    """``plot-<metric>.png``: the metric against the number of steps, one line per model (log-2 step axis)."""
+    """``plot-<metric>.png``: the metric against the number of steps, one line per model (log-2 step axis), with
+    the 95 % bootstrap interval as error bars where the metric has one."""
     paths = []
     models = list(dict.fromkeys(row["model"] for row in rows))
     for metric in metrics:
         figure, axes = _axes()
         for model in models:
-            chosen = [row for row in rows if row["model"] == model and row.get(metric) is not None]
-            points = sorted((row["steps"], row[metric]) for row in chosen)
-            if points:
-                axes.plot(*zip(*points, strict=True), marker="o", label=model)
+            chosen = sorted(
+                (row for row in rows if row["model"] == model and row.get(metric) is not None), key=lambda r: r["steps"]
+            )
+            if chosen:
+                axes.errorbar(
+                    [row["steps"] for row in chosen], [row[metric] for row in chosen],
+                    yerr=_error_bars(chosen, metric), marker="o", capsize=3, label=model,
+                )  # fmt: skip
         axes.set_xscale("log", base=2)
-        paths.append(_save(figure, axes, "sampling steps", metric, out / f"plot-{metric}.png"))
+        intervals = any(row.get(f"{metric}_ci") for row in rows)
+        y_label = f"{metric} (95 % interval)" if intervals else metric
+        paths.append(_save(figure, axes, "sampling steps", y_label, out / f"plot-{metric}.png"))
     return paths
 
 
 def plot_tradeoff(rows: list[dict], x_metric: str, y_metric: str, out: Path) -> Path:
-    """``plot-<y>-vs-<x>.png``: one point per (model, steps), labelled with the steps."""
+    """``plot-<y>-vs-<x>.png``: one point per (model, steps), labelled with the steps, with 95 % intervals."""
     figure, axes = _axes()
     for model in dict.fromkeys(row["model"] for row in rows):
         chosen = [row for row in rows if row["model"] == model]
-        axes.scatter([row[x_metric] for row in chosen], [row[y_metric] for row in chosen], label=model)
+        axes.errorbar(
+            [row[x_metric] for row in chosen], [row[y_metric] for row in chosen],
+            xerr=_error_bars(chosen, x_metric), yerr=_error_bars(chosen, y_metric), fmt="o", capsize=3, label=model,
+        )  # fmt: skip
         for row in chosen:
             axes.annotate(str(row["steps"]), (row[x_metric], row[y_metric]), fontsize=7)
     return _save(figure, axes, x_metric, y_metric, out / f"plot-{y_metric}-vs-{x_metric}.png")
@@ -157,21 +175,21 @@ def write_report(
     columns: list[str],
     results: dict,
     notes: list[str],
+    prompts: list[str],
     tradeoffs: Sequence[tuple[str, str]] = (),
     plotted: list[str] | None = None,
     grid_prompts: int = 8,
 ) -> str:
-    """``results.json``, ``grid.png`` (the first prompts × every (model, steps)), plots of the ``plotted`` columns
+    """``results.json``, ``grid.png`` (the first ``grid_prompts`` of ``prompts``, whose images are written, ×
+    every (model, steps)), plots of the ``plotted`` columns
     against steps and of the ``tradeoffs`` (x, y) pairs, and ``report.md``; returns the main table (also printed)."""
     (out / "results.json").write_text(strict_json(results, indent=2))
-    count = min(grid_prompts, len(list(Path(rows[0]["images"]).glob("[0-9][0-9][0-9][0-9][0-9].png"))))
-    grid = comparison_grid(rows, list(range(count)), out / "grid.png")
+    grid = comparison_grid(rows, prompts[:grid_prompts], out / "grid.png")
     if plotted is None:  # every numeric column
         plotted = [column for column in columns if any(isinstance(row.get(column), float) for row in rows)]
     plots = plot_metrics(rows, plotted, out) + [plot_tradeoff(rows, x, y, out) for x, y in tradeoffs]
     table = markdown_table(rows, columns)
     bullets = "\n".join(f"- {note}" for note in notes)
-    columns_of_grid = ", ".join(f"{row['model']} {row['steps']}" for row in rows)
     figures = "\n".join(f"![{path.stem}]({path.name})" for path in plots)
     text = f"""# {title}
 
@@ -182,7 +200,7 @@ def write_report(
 {paired_table(results.get("paired_differences", []))}
 
 {bullets}
-- Columns of `{grid.name}`: {columns_of_grid}; rows: the first {count} prompts.
+- `{grid.name}`: one column per (model, steps), one row per prompt (the first {min(grid_prompts, len(prompts))}).
 
 ![samples]({grid.name})
 

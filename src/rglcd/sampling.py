@@ -12,6 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor, nn
 
+from .grid import labelled_grid
 from .models import decode_latents, text_conditioning, vae_scale_factor
 from .schedules import guidance_scale_embedding
 
@@ -156,7 +157,6 @@ def to_pil(images: Tensor) -> list:
     return [Image.fromarray(array) for array in arrays]
 
 
-def save_grid(images: Tensor, path: str | Path) -> None:
-    """Save [B,3,H,W] images in [0,1] side by side as one PNG."""
-    (grid,) = to_pil(torch.cat(list(images), dim=2)[None])  # [1, 3, H, B·W]
-    grid.save(path)
+def save_grid(rows: list[Tensor], path: str | Path, column_labels: list[str], row_labels: list[str]) -> None:
+    """Save rows of [B,3,H,W] images in [0,1] as one labelled PNG (``grid.labelled_grid``)."""
+    labelled_grid([to_pil(images) for images in rows], column_labels, row_labels).save(path)

@@ -68,5 +68,5 @@ def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: s
             pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, prompts, num_steps=num_steps,
             generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        save_grid(images, out / "rglcd" / f"samples-{num_steps}-steps.png")
+        save_grid([images], out / "rglcd" / f"samples-{num_steps}-steps.png", prompts, [f"{num_steps} steps"])
     return student_dir

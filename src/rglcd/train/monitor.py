@@ -87,20 +87,21 @@ def validate_samples(
         return
     student.eval()
     scheduler = lcm_scheduler(teacher.scheduler_config, distillation.num_ddim_timesteps, distillation.timestep_scaling)
-    rows = []
-    for num_steps in (1, 2, 4):
+    prompts = list(config.logging.validation_prompts)
+    rows, step_counts = [], (1, 2, 4)
+    for num_steps in step_counts:
         images = lcm_sample(
-            student, teacher.vae, teacher, scheduler, list(config.logging.validation_prompts), num_steps=num_steps,
+            student, teacher.vae, teacher, scheduler, prompts, num_steps=num_steps,
             generator=torch.Generator(accelerator.device).manual_seed(config.seed), resolution=config.data.resolution,
         )  # fmt: skip
-        rows.append(torch.cat(list(images.float().cpu()), dim=2))  # [3, H, P·W]
+        rows.append(images.float().cpu())  # [P, 3, H, W]
     student.train()
     if not accelerator.is_main_process:
         return
-    grid = torch.cat(rows, dim=1)  # [3, 3·H, P·W]: rows are 1, 2, 4 steps
     folder = Path(config.logging.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    save_grid(grid[None], folder / f"step-{global_step:08d}.png")
+    save_grid(rows, folder / f"step-{global_step:08d}.png", prompts, [f"{n} step{'s' * (n > 1)}" for n in step_counts])
+    grid = torch.cat([torch.cat(list(images), dim=2) for images in rows], dim=1)  # [3, 3·H, P·W]: 1, 2, 4 steps
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation/1-2-4-steps", grid, global_step)
