@@ -1,15 +1,24 @@
-"""`rglcd quickstart` on a cache of tiny world assets: the report files, and reuse on a second run."""
+"""`rglcd quickstart` on a cache of tiny world assets: the report files, reuse on a second run, and the summary
+across training seeds."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
+import pytest
+from PIL import Image
 
-def quickstart(cache, out):
+from rglcd.experiments.quickstart import reward_effects, spread, student_spreads
+from rglcd.grid import GAP, ROW_LABEL_WIDTH
+
+
+def quickstart(cache, out, *extra):
     env = {**os.environ, "RGLCD_CACHE": str(cache)}
+    size = ["--train-steps", "2", "--prompts", "8"]
     result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "quickstart", "--out", str(out), "--train-steps", "2", "--prompts", "8"],
+        [sys.executable, "-m", "rglcd", "quickstart", "--out", str(out), *size, *extra],
         capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -34,7 +43,9 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
     )
     main_table = report.split("\n\n")[1]
     assert main_table.count("\n| RG-LCM |") == 3 and "**world-clip** by group" in report
-    assert (out / "grid.png").stat().st_size > 0
+    grid = Image.open(out / "grid.png")  # 8 prompts × (teacher at 2 step counts, 2 students at 3): 32 px shown at 128
+    assert grid.width == ROW_LABEL_WIDTH + 8 * (128 + GAP) - GAP and grid.height > 8 * (128 + GAP)
+    assert "across_seeds" not in results and "Across training seeds" not in report
     card = (out / "rg-lcm" / "student" / "README.md").read_text()  # rglcd eval adds its table to the model card
     assert "## Evaluation (`rglcd eval`)" in card and "| RG-LCM | 2 |" in card and "| LCM | 2 |" not in card
     assert "world-clip (β 0.5)" in card
@@ -50,3 +61,56 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
     assert (
         json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]
     )
+
+    # Two training seeds: the first seed's students are reused, the second seed's distilled into their own folders.
+    quickstart(tiny_world_cache, out, "--seeds", "2")
+    assert student.stat().st_mtime_ns == before
+    assert "seed: 1" in (out / "rg-lcm-seed1" / "config.yaml").read_text()
+    assert "seed: 1" in (out / "lcm-seed1" / "config.yaml").read_text()
+    results = json.loads((out / "results.json").read_text())
+    models = list(dict.fromkeys(row["model"] for row in results["rows"]))
+    assert models == ["teacher DDIM+CFG", "LCM seed 0", "RG-LCM seed 0", "LCM seed 1", "RG-LCM seed 1"]
+    summary = results["across_seeds"]
+    assert summary["seeds"] == [0, 1]
+    rows = {(row["model"], row["steps"]): row for row in results["rows"]}
+    rg_2 = next(s for s in summary["students"] if (s["model"], s["steps"]) == ("RG-LCM", 2))
+    values = [rows["RG-LCM seed 0", 2]["world-clip"], rows["RG-LCM seed 1", 2]["world-clip"]]
+    assert rg_2["world-clip"]["mean"] == pytest.approx(statistics.fmean(values))
+    assert rg_2["world-clip"]["sd"] == pytest.approx(statistics.stdev(values)) and rg_2["fid"]["n"] == 2
+    effect_2 = next(e for e in summary["rg_lcm_minus_lcm"] if e["steps"] == 2)
+    differences = [rows[f"RG-LCM seed {s}", 2]["world-clip"] - rows[f"LCM seed {s}", 2]["world-clip"] for s in (0, 1)]
+    assert effect_2["world-clip"]["mean"] == pytest.approx(statistics.fmean(differences), abs=1e-9)
+    # Only same-seed pairs between students (and each student against the teacher) are compared.
+    for record in results["paired_differences"]:
+        assert record["second"] == "teacher DDIM+CFG" or record["first"][-1] == record["second"][-1]
+    report = (out / "report.md").read_text()
+    assert "**Across training seeds** (2: 0, 1)" in report and "**RG-LCM − LCM, seed by seed**" in report
+    assert Image.open(out / "grid.png").width == grid.width  # the first seed's students only
+
+
+def test_spread_and_reward_effects_by_hand():
+    assert spread([1.0, 2.0, 6.0]) == {"mean": 3.0, "sd": pytest.approx(2.6457513), "min": 1.0, "max": 6.0, "n": 3}
+    assert spread([4.0])["sd"] is None
+    family_of = {"LCM seed 0": "LCM", "RG-LCM seed 0": "RG-LCM", "LCM seed 1": "LCM", "RG-LCM seed 1": "RG-LCM"}
+    rows = [
+        {"model": "teacher", "steps": 50, "r": 9.0},
+        {"model": "LCM seed 0", "steps": 2, "r": 1.0},
+        {"model": "RG-LCM seed 0", "steps": 2, "r": 2.0},
+        {"model": "LCM seed 1", "steps": 2, "r": 3.0},
+        {"model": "RG-LCM seed 1", "steps": 2, "r": 5.0},
+    ]
+    spreads = student_spreads(rows, family_of, ["r"])
+    assert [(s["model"], s["steps"], s["r"]["mean"], s["r"]["min"], s["r"]["max"]) for s in spreads] == [
+        ("LCM", 2, 2.0, 1.0, 3.0), ("RG-LCM", 2, 3.5, 2.0, 5.0)
+    ]  # fmt: skip
+    paired = [  # as rglcd eval writes them: first − second in row order; one seed's RG-LCM comes first
+        {"first": "LCM seed 0", "first_steps": 2, "second": "RG-LCM seed 0", "second_steps": 2,
+         "r": {"mean": -1.0, "low": -1.5, "high": -0.5}},
+        {"first": "RG-LCM seed 1", "first_steps": 2, "second": "LCM seed 1", "second_steps": 2,
+         "r": {"mean": 2.0, "low": -0.5, "high": 4.0}},
+        {"first": "LCM seed 0", "first_steps": 2, "second": "teacher", "second_steps": 50,
+         "r": {"mean": -8.0, "low": -9.0, "high": -7.0}},
+    ]  # fmt: skip
+    (effect,) = reward_effects(paired, family_of, ["r"])
+    assert effect["steps"] == 2 and effect["r"]["mean"] == 1.5 and effect["r"]["sd"] == pytest.approx(0.7071068)
+    assert (effect["r"]["above_zero"], effect["r"]["below_zero"]) == (1, 0)  # seed 0: [0.5, 1.5]; seed 1 spans 0

@@ -187,7 +187,9 @@ def cmd_world_judge(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from .experiments.quickstart import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(out=Path(args.out), train_steps=args.train_steps, prompts=args.prompts)
+    settings = QuickstartSettings(
+        out=Path(args.out), train_steps=args.train_steps, prompts=args.prompts, seeds=args.seeds
+    )
     results = run_quickstart(settings)
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
@@ -545,11 +547,18 @@ def _add_quickstart_command(commands) -> None:
         "quickstart", help="the whole method in the miniature world: distil LCM and RG-LCM, evaluate, report",
         description="Make or load (cache, else shipped weights) the world data, teacher, rewards and judge; distil "
         "an LCM and an RG-LCM (world-clip guidance) with `rglcd train`; compare them with the teacher's DDIM+CFG "
-        "on held-out prompts; write OUT/report.md, results.json and grid.png. A second run reuses everything.",
+        "on held-out prompts; write OUT/report.md, results.json and grid.png. A second run reuses everything. "
+        "--seeds N distils each student with N training seeds and adds their mean and spread to the report.",
     )  # fmt: skip
     quickstart.add_argument("--out", default="runs/quickstart", help="report folder (default: runs/quickstart)")
     quickstart.add_argument("--train-steps", type=_positive_int, default=600, help="distillation steps per student")
-    quickstart.add_argument("--prompts", type=_positive_int, default=64, help="held-out evaluation prompts")
+    quickstart.add_argument(
+        "--prompts", type=_positive_int, default=256, help="held-out evaluation prompts (default: 256)"
+    )
+    quickstart.add_argument(
+        "--seeds", type=_positive_int, default=1,
+        help="training seeds per student (default: 1): 0, 1, ...; the report adds the mean and spread across them",
+    )  # fmt: skip
     quickstart.set_defaults(run=cmd_quickstart)
 
 

@@ -215,9 +215,15 @@ def run_eval(
     notes: Sequence[str] = (),
     context: dict | None = None,
     started: float | None = None,
+    pairs: Callable[[list[dict]], list[tuple[dict, dict]]] = comparison_pairs,
+    summary: Callable[[list[dict], list[dict]], tuple[dict, str]] | None = None,
+    grid_models: Sequence[str] | None = None,
 ) -> dict:
     """Check everything, generate what is missing, measure, and write the report folder. ``notes`` open the
-    report's list; ``context`` is stored in results.json; ``started`` (a perf_counter) dates the whole run."""
+    report's list; ``context`` is stored in results.json; ``started`` (a perf_counter) dates the whole run.
+    Callers with structure of their own (the quickstart's training seeds) choose the rows to compare prompt by
+    prompt (``pairs``), add a ``summary`` of the rows and paired differences (its dict joins results.json, its
+    markdown follows the main table) and keep the grid to ``grid_models``."""
     started = time.perf_counter() if started is None else started
     prompts = load_prompts(settings.prompts, settings.limit)
     contenders = build_contenders(settings)
@@ -240,7 +246,7 @@ def run_eval(
     )
     paired = []
     if len(prompts) > 1:  # every pair worth comparing, prompt by prompt, on each per-image metric
-        paired = paired_differences(comparison_pairs(rows), list(metrics.per_image), metrics.benchmark_scales)
+        paired = paired_differences(pairs(rows), list(metrics.per_image), metrics.benchmark_scales)
     columns = [*metrics.per_image, *metrics.per_set]
     if "high_frequency" in metrics.per_image:  # hf_ratio: the high-frequency share over the teacher's
         relative_to_teacher(rows, "high_frequency", "hf_ratio")
@@ -267,7 +273,14 @@ def run_eval(
     ]
     rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]
     tradeoffs = [("fid", name) for name in rewards] if "fid" in metrics.per_set else []
-    write_report(out, title, rows, columns, results, notes, [p.text for p in prompts], tradeoffs, plotted)
+    sections = []
+    if summary is not None:
+        data, markdown = summary(rows, paired)
+        results.update(data)
+        sections.append(markdown)
+    grid_rows = rows if grid_models is None else [row for row in rows if row["model"] in grid_models]
+    texts = [prompt.text for prompt in prompts]
+    write_report(out, title, rows, columns, results, notes, texts, tradeoffs, plotted, sections, grid_rows)
     for path in dict.fromkeys(contender.path for contender in contenders if contender.kind == "lcm"):
         labels = {contender.label for contender in contenders if contender.path == path}
         about = f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded {settings.seed} + i; report: {out}."

@@ -22,7 +22,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     rule = "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"
     lines = [header, rule]
     for row in rows:
-        cells = [_format(row.get(column)) + _interval(row.get(f"{column}_ci")) for column in columns]
+        cells = [format_number(row.get(column)) + _interval(row.get(f"{column}_ci")) for column in columns]
         lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -44,8 +44,8 @@ def group_tables(rows: list[dict]) -> str:
             cells = []
             for group in groups:
                 stats = row["groups"][metric][group]  # one chunk, or the average: no spread to show
-                spread = "" if stats["std"] is None else f" ± {_format(stats['std'])}"
-                cells.append(_format(stats["mean"]) + spread)
+                spread = "" if stats["std"] is None else f" ± {format_number(stats['std'])}"
+                cells.append(format_number(stats["mean"]) + spread)
             lines.append(f"| {row['model']} | {row['steps']} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
@@ -69,7 +69,9 @@ def paired_table(records: list[dict]) -> str:
     ]
     for record in records[:PAIRED_LINES]:
         cells = [
-            f"{_format(d['mean'])} [{_format(d['low'])}, {_format(d['high'])}]" if (d := record[name]) else "—"
+            f"{format_number(d['mean'])} [{format_number(d['low'])}, {format_number(d['high'])}]"
+            if (d := record[name])
+            else "—"
             for name in names
         ]
         first, second = f"{record['first']} {record['first_steps']}", f"{record['second']} {record['second_steps']}"
@@ -80,10 +82,10 @@ def paired_table(records: list[dict]) -> str:
 
 
 def _interval(bounds: list[float] | None) -> str:
-    return "" if bounds is None else f" [{_format(bounds[0])}, {_format(bounds[1])}]"
+    return "" if bounds is None else f" [{format_number(bounds[0])}, {format_number(bounds[1])}]"
 
 
-def _format(value: Any) -> str:
+def format_number(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -178,22 +180,27 @@ def write_report(
     prompts: list[str],
     tradeoffs: Sequence[tuple[str, str]] = (),
     plotted: list[str] | None = None,
+    sections: Sequence[str] = (),
+    grid_rows: list[dict] | None = None,
     grid_prompts: int = 8,
 ) -> str:
-    """``results.json``, ``grid.png`` (the first ``grid_prompts`` of ``prompts``, whose images are written, ×
-    every (model, steps)), plots of the ``plotted`` columns
-    against steps and of the ``tradeoffs`` (x, y) pairs, and ``report.md``; returns the main table (also printed)."""
+    """``results.json``, ``grid.png`` (the first ``grid_prompts`` of ``prompts`` × each of ``grid_rows``, default
+    every row), plots of the ``plotted`` columns against steps and of the ``tradeoffs`` (x, y) pairs, and
+    ``report.md`` (the main table, then ``sections``). Returns the main table (also printed)."""
     (out / "results.json").write_text(strict_json(results, indent=2))
-    grid = comparison_grid(rows, prompts[:grid_prompts], out / "grid.png")
+    grid = comparison_grid(grid_rows or rows, prompts[:grid_prompts], out / "grid.png")
     if plotted is None:  # every numeric column
         plotted = [column for column in columns if any(isinstance(row.get(column), float) for row in rows)]
     plots = plot_metrics(rows, plotted, out) + [plot_tradeoff(rows, x, y, out) for x, y in tradeoffs]
     table = markdown_table(rows, columns)
+    extra = "\n\n".join(sections)
     bullets = "\n".join(f"- {note}" for note in notes)
     figures = "\n".join(f"![{path.stem}]({path.name})" for path in plots)
     text = f"""# {title}
 
 {table}
+
+{extra}
 
 {group_tables(rows)}
 

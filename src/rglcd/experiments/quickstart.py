@@ -3,17 +3,21 @@
 World data, teacher, rewards and judge come from the cache (``cache_dir()/world``), else from the weights
 shipped with the package, else they are trained. Then an LCM (β = 0) and an RG-LCM (world-clip guidance) are
 distilled from the teacher with ``rglcd train``, and everything is evaluated on held-out prompts with the
-judge: the teacher's DDIM + CFG at 50 and 25 steps against both students at 1, 2 and 4 steps.
+judge: the teacher's DDIM + CFG at 50 and 25 steps against both students at 1, 2 and 4 steps. With ``seeds`` > 1
+each student is distilled once per training seed, and the report adds the mean and spread across seeds.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_config
 from ..eval_command import EvalSettings, run_eval
+from ..evaluate import comparison_pairs
+from ..report import format_number
 from ..train import train
 from ..world.data import write_world_shards
 from ..world.judge import train_judge
@@ -22,6 +26,8 @@ from ..world.rewards import train_world_aesthetic, train_world_clip
 from ..world.teacher import train_world_teacher
 
 TEACHER_LABEL = "teacher DDIM+CFG"
+METRICS = ["world-clip", "judge", "fid"]
+SPREAD_COLUMNS = ["world-clip", "judge_accuracy", "judge_exact", "fid"]  # the columns summarised across seeds
 
 
 @dataclass
@@ -29,9 +35,30 @@ class QuickstartSettings:
     out: Path = Path("runs/quickstart")
     train_steps: int = 600
     reward_beta: float = 0.5
-    prompts: int = 64
+    prompts: int = 256
     data_samples: int = 10_000
-    seed: int = 0
+    seed: int = 0  # the first training seed, and the evaluation's seed (the same prompts and noise for every model)
+    seeds: int = 1  # training seeds per student: seed, seed + 1, ...
+
+
+@dataclass(frozen=True)
+class Student:
+    family: str  # "LCM" or "RG-LCM"
+    seed: int
+    label: str  # the model's name in the report: the family, with its seed when there are several
+    folder: Path
+
+
+def students_to_distil(settings: QuickstartSettings) -> list[Student]:
+    """Both students for every training seed; the first seed's stay in ``out/lcm`` and ``out/rg-lcm``."""
+    students = []
+    for offset in range(settings.seeds):
+        seed = settings.seed + offset
+        for family in ("LCM", "RG-LCM"):
+            label = family if settings.seeds == 1 else f"{family} seed {seed}"
+            folder = settings.out / (family.lower() if offset == 0 else f"{family.lower()}-seed{seed}")
+            students.append(Student(family, seed, label, folder))
+    return students
 
 
 def prepare_world(data_samples: int) -> dict[str, Path]:
@@ -65,30 +92,149 @@ def world_clip_terms(reward_beta: float) -> str:
     return "reward.terms=" + (f"[{{name: world-clip, beta: {reward_beta}}}]" if reward_beta else "[]")
 
 
+def same_seed_pairs(students: list[Student]):
+    """``rglcd eval``'s comparisons kept to those a seed study reads: RG-LCM against the LCM of its own training
+    seed (same steps), and every student against the teacher."""
+    seed_of = {student.label: student.seed for student in students}
+
+    def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+        return [
+            (first, second)
+            for first, second in comparison_pairs(rows)
+            if second.get("kind") == "teacher" or seed_of.get(first["model"]) == seed_of.get(second["model"])
+        ]
+
+    return pairs
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (None for one value), lowest and highest of one figure across seeds."""
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def student_spreads(rows: list[dict], family_of: dict[str, str], columns: list[str]) -> list[dict]:
+    """Per student family and steps, each column's :func:`spread` over the family's rows (one per seed)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        if row["model"] in family_of:
+            groups.setdefault((family_of[row["model"]], row["steps"]), []).append(row)
+    return [
+        {"model": family, "steps": steps, **{column: spread([row[column] for row in group]) for column in columns}}
+        for (family, steps), group in groups.items()
+    ]
+
+
+def reward_effects(paired: list[dict], family_of: dict[str, str], columns: list[str]) -> list[dict]:
+    """Per steps, RG-LCM − LCM: each seed's paired difference (same prompts and noise), its :func:`spread` over the
+    seeds, and how many seeds' own 95 % intervals lie above and below zero."""
+    by_steps: dict[int, list[dict]] = {}
+    for record in paired:
+        first, second = family_of.get(record["first"]), family_of.get(record["second"])
+        if {first, second} == {"LCM", "RG-LCM"}:
+            sign = 1.0 if first == "RG-LCM" else -1.0  # records are first − second in row order
+            bounds = {c: sorted((sign * record[c]["low"], sign * record[c]["high"])) for c in columns}
+            by_steps.setdefault(record["first_steps"], []).append(
+                {c: (*bounds[c], sign * record[c]["mean"]) for c in columns}
+            )  # per column: (low, high, mean) of RG-LCM − LCM
+    return [
+        {
+            "steps": steps,
+            **{
+                c: {
+                    **spread([seed[c][2] for seed in seeds]),
+                    "above_zero": sum(seed[c][0] > 0 for seed in seeds),
+                    "below_zero": sum(seed[c][1] < 0 for seed in seeds),
+                }
+                for c in columns
+            },
+        }
+        for steps, seeds in sorted(by_steps.items())
+    ]
+
+
+def _spread_cell(figure: dict) -> str:
+    if figure["sd"] is None:
+        return format_number(figure["mean"])
+    low, high = format_number(figure["min"]), format_number(figure["max"])
+    return f"{format_number(figure['mean'])} ± {format_number(figure['sd'])} ({low} to {high})"
+
+
+def seed_tables(
+    seeds: list[int], spreads: list[dict], columns: list[str], effects: list[dict], effect_columns: list[str]
+) -> str:
+    """The report's markdown for :func:`student_spreads` and :func:`reward_effects`."""
+    lines = [
+        f"**Across training seeds** ({len(seeds)}: {', '.join(map(str, seeds))}): each student's mean ± standard "
+        "deviation over the seeds (lowest to highest); each seed's per-prompt 95 % intervals are in the table above.",
+        "",
+        "| model | steps | " + " | ".join(columns) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |",
+        *(
+            f"| {s['model']} | {s['steps']} | " + " | ".join(_spread_cell(s[c]) for c in columns) + " |"
+            for s in spreads
+        ),
+        "",
+        "**RG-LCM − LCM, seed by seed**: each seed's paired difference over the same prompts and noise, as mean ± "
+        "standard deviation over the seeds; in brackets, how many seeds' own 95 % intervals lie above / below zero.",
+        "",
+        "| steps | " + " | ".join(f"Δ {c}" for c in effect_columns) + " |",
+        "| ---: | " + " | ".join("---:" for _ in effect_columns) + " |",
+    ]
+    for effect in effects:
+        cells = [
+            f"{_spread_cell(effect[c])} [{effect[c]['above_zero']}↑ {effect[c]['below_zero']}↓]" for c in effect_columns
+        ]
+        lines.append(f"| {effect['steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_summary(students: list[Student]):
+    """``run_eval``'s summary for several training seeds: ``across_seeds`` in results.json and its tables."""
+    family_of = {student.label: student.family for student in students}
+    seeds = sorted({student.seed for student in students})
+
+    def summary(rows: list[dict], paired: list[dict]) -> tuple[dict, str]:
+        columns = [
+            c for c in SPREAD_COLUMNS if all(row.get(c) is not None for row in rows if row["model"] in family_of)
+        ]
+        per_image = [c for c in columns if paired and isinstance(paired[0].get(c), dict)]  # fid is per set
+        spreads, effects = student_spreads(rows, family_of, columns), reward_effects(paired, family_of, per_image)
+        data = {"across_seeds": {"seeds": seeds, "students": spreads, "rg_lcm_minus_lcm": effects}}
+        return data, seed_tables(seeds, spreads, columns, effects, per_image)
+
+    return summary
+
+
 def run_quickstart(settings: QuickstartSettings) -> dict:
     started = time.perf_counter()
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     world = prepare_world(settings.data_samples)
-    students = {
-        label: distil(out / label.lower(), settings.train_steps, settings.seed, [world_clip_terms(beta)])
-        for label, beta in (("LCM", 0.0), ("RG-LCM", settings.reward_beta))
-    }
+    students = students_to_distil(settings)
+    for student in students:
+        beta = settings.reward_beta if student.family == "RG-LCM" else 0.0
+        distil(student.folder, settings.train_steps, student.seed, [world_clip_terms(beta)])
     evaluation = world_evaluation(
-        world, students, out, settings.prompts, settings.seed,
-        steps=(1, 2, 4), teacher_steps=(50, 25), metrics=["world-clip", "judge", "fid"],
+        world, {student.label: student.folder / "student" for student in students}, out, settings.prompts,
+        settings.seed, steps=(1, 2, 4), teacher_steps=(50, 25), metrics=METRICS,
     )  # fmt: skip
     notes = [
         "**world-clip**: the reward (cosine of image and prompt embeddings); **judge_accuracy**: fraction of the "
         "prompt's attributes the independent judge finds; **fid**: Fréchet distance between the judge's features "
         "of the generated images and of fresh renders of the same prompts (lower is better); **ms_per_image**: "
         "generation time, batch of 32, this machine.",
-        f"Students distilled for {settings.train_steps} steps; the RG-LCM with β = {settings.reward_beta} on "
-        "world-clip.",
+        f"Students distilled for {settings.train_steps} steps with {settings.seeds} training seed(s) "
+        f"({', '.join(str(s.seed) for s in students[::2])}); the RG-LCM with β = {settings.reward_beta} on "
+        "world-clip." + (" The grid shows the first seed's students." if settings.seeds > 1 else ""),
     ]
     context = {
         "quickstart": {key: str(value) for key, value in vars(settings).items()},
         "world": {key: str(value) for key, value in world.items()},
     }
     title = "rglcd quickstart: RG-LCD in the miniature world"
-    return run_eval(evaluation, title, notes, context, started)
+    first_seed = [TEACHER_LABEL, *(student.label for student in students if student.seed == settings.seed)]
+    return run_eval(
+        evaluation, title, notes, context, started, pairs=same_seed_pairs(students),
+        summary=seed_summary(students) if settings.seeds > 1 else None, grid_models=first_seed,
+    )  # fmt: skip
