@@ -194,6 +194,28 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .rewards import REWARDS
+    from .serve import LCM_GUIDANCE, ServeSettings, serve
+
+    models, reward, guidance = list(args.model or []), args.reward, args.guidance
+    if not models:  # the miniature: the quickstart's students beside the world teacher, scored by world-clip
+        from .experiments.quickstart import quickstart_models
+        from .world.plugin import WORLD_LCM_GUIDANCE
+
+        models = quickstart_models(Path(args.quickstart))
+        reward, guidance = reward or "world-clip", guidance or WORLD_LCM_GUIDANCE
+    if reward is not None and reward not in REWARDS:
+        raise UsageError(f"--reward {reward}: choose from {', '.join(REWARDS.names())}")
+    settings = ServeSettings(
+        models, args.host, args.port, reward, guidance or LCM_GUIDANCE, args.steps, str(_device(args.device))
+    )
+    if args.host not in ("127.0.0.1", "localhost"):
+        print(f"rglcd serve: listening on {args.host}: anyone who can reach this machine can use the page")
+    print(f"rglcd serve: loading {len(models)} model(s), then http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve(settings)
+
+
 def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
     from .lrm import RETRIEVAL_GROUP, PretrainSettings, pretrain_lrm
     from .rewards.weights import read_training_record
@@ -366,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_command(commands)
     _add_eval_command(commands)
     _add_quickstart_command(commands)
+    _add_serve_command(commands)
     _add_world_command(commands)
     _add_lrm_command(commands)
     _add_demo_command(commands)
@@ -562,6 +585,34 @@ def _add_quickstart_command(commands) -> None:
     quickstart.set_defaults(run=cmd_quickstart)
 
 
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="try students (and the teacher) side by side in the browser (gradio: pip install 'rglcd[serve]')",
+        description="Load exported students (full or LoRA, SD or SDXL) and teacher pipelines, and serve a page that "
+        "samples each of them for a prompt from the same seed and shows the images side by side with their "
+        "generation time and, with --reward, their score. Requests queue and run one at a time. Without --model it "
+        "serves the miniature: the quickstart's LCM and RG-LCM and the world teacher, scored by world-clip.",
+        epilog="example: rglcd serve --model RG-LCM=runs/sd15/student --model teacher=runs/sd15/teacher "
+        "--reward hpsv2.1",
+    )  # fmt: skip
+    serve.add_argument(
+        "--model", action="append", metavar="[LABEL=]PATH",
+        help="an exported student folder, an rglcd LoRA export (RUN/lora), or a teacher pipeline (folder or hub id); "
+        "repeat for several, shown in this order",
+    )  # fmt: skip
+    serve.add_argument("--quickstart", default="runs/quickstart", help="without --model: the quickstart's folder")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=7860, help="default: 7860")
+    serve.add_argument("--reward", help="score every image with this reward (e.g. hpsv2.1, world-clip)")
+    serve.add_argument(
+        "--guidance", type=_finite_float, default=None,
+        help="the page's initial LCM guidance (diffusers' scale, w + 1; default: 8.5, the miniature's 6.0)",
+    )  # fmt: skip
+    serve.add_argument("--steps", type=int, default=2, choices=range(1, 9), metavar="{1..8}", help="initial steps")
+    _add_device_argument(serve)
+    serve.set_defaults(run=cmd_serve)
+
+
 def _add_world_command(commands) -> None:
     world = commands.add_parser("world", help="make the miniature world's data, teacher, rewards and judge")
     world_commands = world.add_subparsers(dest="world_command", required=True)
@@ -692,9 +743,13 @@ def main(argv: list[str] | None = None) -> None:
     from .evaluate import EvalError
     from .models import TeacherLoadError
     from .prompts import PromptSetError
+    from .serve import RequestError
     from .train import TrainingError
 
-    expected = (UsageError, TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError, TrainingError, OSError)
+    expected = (
+        UsageError, TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError, TrainingError, RequestError,
+        OSError,
+    )  # fmt: skip
     try:
         args.run(args)
     except expected as error:

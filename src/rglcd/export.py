@@ -94,17 +94,16 @@ def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl:
     return Path(folder)
 
 
-def export_fused(
+def fused_lora_pipeline(
     teacher: str,
     lora_folder: str | Path,
-    out_dir: str | Path,
     num_ddim_timesteps: int,
     timestep_scaling: float,
     revision: str | None = None,
     variant: str | None = None,
-) -> Path:
-    """The teacher's pipeline with the adapters fused into its UNet and an LCMScheduler, written atomically:
-    ``DiffusionPipeline.from_pretrained(out_dir)`` samples in a few steps without peft."""
+):
+    """The teacher's pipeline with the adapters fused into its UNet and an LCMScheduler on the distillation's grid:
+    a few-step sampler without peft."""
     # The weights distilled from (revision, variant); SD's safety checker is not part of the student.
     optional = {
         name: None for name in ("safety_checker", "feature_extractor") if name in read_pipeline_index(teacher, revision)
@@ -114,6 +113,21 @@ def export_fused(
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
     pipeline.scheduler = lcm_scheduler(dict(pipeline.scheduler.config), num_ddim_timesteps, timestep_scaling)
+    return pipeline
+
+
+def export_fused(
+    teacher: str,
+    lora_folder: str | Path,
+    out_dir: str | Path,
+    num_ddim_timesteps: int,
+    timestep_scaling: float,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> Path:
+    """:func:`fused_lora_pipeline`, written atomically: ``DiffusionPipeline.from_pretrained(out_dir)`` samples in a
+    few steps without peft."""
+    pipeline = fused_lora_pipeline(teacher, lora_folder, num_ddim_timesteps, timestep_scaling, revision, variant)
     with atomic_folder(out_dir) as partial:
         pipeline.save_pretrained(partial)
     return Path(out_dir)

@@ -92,6 +92,18 @@ def world_clip_terms(reward_beta: float) -> str:
     return "reward.terms=" + (f"[{{name: world-clip, beta: {reward_beta}}}]" if reward_beta else "[]")
 
 
+def quickstart_models(out: Path) -> list[str]:
+    """``LABEL=PATH`` of the world teacher and the first seed's students of the quickstart in ``out``."""
+    students = {"LCM": out / "lcm" / "student", "RG-LCM": out / "rg-lcm" / "student"}
+    missing = [str(path) for path in students.values() if not (path / "model_index.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no quickstart students in {out} ({', '.join(missing)}): run `rglcd quickstart` first, or pass --model"
+        )
+    teacher = world_asset("teacher")
+    return [f"{TEACHER_LABEL}={teacher}", *(f"{label}={path}" for label, path in students.items())]
+
+
 def same_seed_pairs(students: list[Student]):
     """``rglcd eval``'s comparisons kept to those a seed study reads: RG-LCM against the LCM of its own training
     seed (same steps), and every student against the teacher."""
