@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ from rglcd.experiments.demo import tiny_setup
 from rglcd.losses import ConsistencyDistance
 from rglcd.models import build_student, build_target, load_teacher, reward_input, sdxl_time_ids, text_conditioning
 from rglcd.rewards import build_reward
-from rglcd.sampling import consistency_scheduler, lcm_sample
+from rglcd.sampling import consistency_scheduler, lcm_sample, to_pil
+from rglcd.serve import ServeSettings, check_request, generate, load_models
 from rglcd.step import Distillation, SamplerReward, StepNoise, rglcd_step
 from rglcd.tiny import save_tiny_pipeline
 
@@ -116,6 +118,18 @@ def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path)
         guidance_scale=6.0, eta=0.3, generator=torch.Generator().manual_seed(1),
     )  # fmt: skip
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+    # rglcd serve loads the SDXL student and teacher and samples them as our sampler does.
+    models, _ = load_models(ServeSettings([f"student={out / 'student'}", f"teacher={sdxl_dir}"]))
+    request = check_request(models, PROMPTS[0], seed=1, steps=2, guidance=6.0, scheduler="tcd", eta=0.3,
+                            teacher_steps=2, teacher_guidance=5.0)  # fmt: skip
+    student, teacher = generate(models, request)
+    ours = lcm_sample(
+        pipe.unet, pipe.vae, pipe, consistency_scheduler(pipe.scheduler.config, "tcd"), PROMPTS[:1], num_steps=2,
+        guidance_scale=6.0, eta=0.3, generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(student.image), np.asarray(to_pil(ours)[0]))
+    assert teacher.label == "teacher" and teacher.steps == 2 and teacher.image.size == student.image.size
 
 
 def test_sdxl_training_from_a_cache_matches_training_from_the_images(sdxl_dir, tmp_path):
