@@ -166,7 +166,7 @@ def generate(models: list[ServedModel], request: Request, reward=None) -> list[S
         seconds = time.perf_counter() - started
         score = None
         if reward is not None:
-            score = float(reward(images.float().cpu(), [request.prompt])[0]) * reward.benchmark_scale
+            score = float(reward(images.float(), [request.prompt])[0]) * reward.benchmark_scale
         samples.append(Sample(model.label, steps, to_pil(images.float().cpu())[0], seconds, score))
     return samples
 
@@ -211,7 +211,7 @@ def load_models(settings: ServeSettings) -> tuple[list[ServedModel], Any]:
     labels = [model.label for model in models]
     if len(set(labels)) != len(labels):
         raise RequestError(f"two models share a label ({', '.join(labels)}): name them with --model LABEL=PATH")
-    reward = build_reward(settings.reward) if settings.reward else None
+    reward = build_reward(settings.reward).to(device) if settings.reward else None
     return models, reward
 
 
