@@ -233,7 +233,8 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     )  # fmt: skip
     notes = [
         "**world-clip**: the reward (cosine of image and prompt embeddings); **judge_accuracy**: fraction of the "
-        "prompt's attributes the independent judge finds; **fid**: Fréchet distance between the judge's features "
+        "prompt's attributes the independent judge finds; **judge_exact**: share of prompts with every attribute "
+        "found; **fid**: Fréchet distance between the judge's features "
         "of the generated images and of fresh renders of the same prompts (lower is better); **ms_per_image**: "
         "generation time, batch of 32, this machine.",
         f"Students distilled for {settings.train_steps} steps with {settings.seeds} training seed(s) "
