@@ -19,11 +19,20 @@ PURE_MATH = {"rglcd.schedules", "rglcd.losses", "rglcd.step"}
 # The layers, bottom first; a module may import its own layer's and the layers below (rglcd.plugins and
 # rglcd.files are helpers every layer may use).
 LAYERS = [
-    {"rglcd.schedules", "rglcd.losses", "rglcd.step", "rglcd.plugins", "rglcd.files", "rglcd.gpus", "rglcd.metrics"},
+    {
+        "rglcd.schedules",
+        "rglcd.losses",
+        "rglcd.step",
+        "rglcd.plugins",
+        "rglcd.files",
+        "rglcd.gpus",
+        "rglcd.metrics",
+        "rglcd.grid",
+    },
     {"rglcd.models", "rglcd.tiny", "rglcd.architectures", "rglcd.lora"},
     {"rglcd.rewards", "rglcd.data"},
     {"rglcd.config", "rglcd.train", "rglcd.sampling", "rglcd.export", "rglcd.plan", "rglcd.lrm", "rglcd.fitting"},
-    {"rglcd.evaluate", "rglcd.eval_command", "rglcd.prompts", "rglcd.report"},
+    {"rglcd.evaluate", "rglcd.eval_command", "rglcd.prompts", "rglcd.report", "rglcd.serve"},
     {"rglcd.world"},
     {"rglcd.experiments", "rglcd.cli", "rglcd.__main__", "rglcd"},
 ]
