@@ -1,5 +1,9 @@
-"""Smoke tests of every CLI command, run as a user runs them (a subprocess), checking the files written."""
+"""Smoke tests of every CLI command, run as a user runs them (a subprocess), checking the files written; checks of
+one command's options and errors run its entry point in this process (``run_main``), which skips the interpreter's
+start-up."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -22,6 +26,22 @@ def rglcd(*args, cwd=None, check=True, env=None):
     if check and result.returncode != 0:
         raise AssertionError(f"rglcd {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_main(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """``rglcd.cli.main`` in this process, as a finished ``rglcd ARGS``: its exit code, stdout and stderr (a failure
+    is an AssertionError with them, unless ``check`` is False)."""
+    from rglcd.cli import main
+
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    if check and code:
+        raise AssertionError(f"rglcd {' '.join(map(str, args))} failed:\n{stdout.getvalue()}\n{stderr.getvalue()}")
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +74,9 @@ def test_sample_is_deterministic_for_a_seed(demo_run, tmp_path):
         "--prompt",
         "a blue picture",
     ]
-    rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "a")
-    rglcd(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "b")
-    rglcd(*args, "--steps", "2", "--seed", "6", "--out", tmp_path / "c")
+    run_main(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "a")
+    run_main(*args, "--steps", "2", "--seed", "5", "--out", tmp_path / "b")
+    run_main(*args, "--steps", "2", "--seed", "6", "--out", tmp_path / "c")
     meta = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert meta["steps"] == 2 and [image["file"] for image in meta["images"]] == ["000-00.png", "001-00.png"]
     for name in ("000-00.png", "001-00.png"):
@@ -70,8 +90,8 @@ def test_sample_in_batches_and_channels_last_gives_the_same_images(demo_run, tmp
 
     student = demo_run / "rglcd" / "student"
     args = ["sample", "--model", student, "--prompt", "a red picture", "--prompt", "a blue picture", "--steps", "2"]
-    rglcd(*args, "--num-images", "2", "--batch-size", "1", "--out", tmp_path / "one")
-    rglcd(*args, "--num-images", "2", "--batch-size", "3", "--channels-last", "--out", tmp_path / "three")
+    run_main(*args, "--num-images", "2", "--batch-size", "1", "--out", tmp_path / "one")
+    run_main(*args, "--num-images", "2", "--batch-size", "3", "--channels-last", "--out", tmp_path / "three")
     meta = json.loads((tmp_path / "three" / "samples.json").read_text())
     assert [(image["file"], image["seed"]) for image in meta["images"]] == [
         ("000-00.png", 0), ("000-01.png", 1), ("001-00.png", 2), ("001-01.png", 3)
@@ -84,40 +104,30 @@ def test_sample_in_batches_and_channels_last_gives_the_same_images(demo_run, tmp
 
 def test_sample_with_tcd_and_its_gamma(demo_run, tmp_path):
     args = ["sample", "--model", demo_run / "rglcd" / "student", "--prompt", "a red picture", "--steps", "4"]
-    rglcd(*args, "--out", tmp_path / "lcm")
-    rglcd(*args, "--scheduler", "tcd", "--out", tmp_path / "tcd")
-    rglcd(*args, "--scheduler", "tcd", "--eta", "0", "--out", tmp_path / "tcd0")
+    run_main(*args, "--out", tmp_path / "lcm")
+    run_main(*args, "--scheduler", "tcd", "--out", tmp_path / "tcd")
+    run_main(*args, "--scheduler", "tcd", "--eta", "0", "--out", tmp_path / "tcd0")
     meta = json.loads((tmp_path / "tcd" / "samples.json").read_text())
     assert (meta["scheduler"], meta["eta"]) == ("tcd", 0.3)  # TCD's default γ
     assert json.loads((tmp_path / "tcd0" / "samples.json").read_text())["eta"] == 0.0
     assert json.loads((tmp_path / "lcm" / "samples.json").read_text())["scheduler"] == "lcm"
     images = {run: (tmp_path / run / "000-00.png").read_bytes() for run in ("lcm", "tcd", "tcd0")}
     assert len(set(images.values())) == 3
-    result = rglcd(*args, "--eta", "0.5", "--out", tmp_path / "x", check=False)
+    result = run_main(*args, "--eta", "0.5", "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "--eta is TCD's gamma: use it with --scheduler tcd" in result.stderr
-    result = rglcd(*args, "--scheduler", "tcd", "--eta", "1.5", "--out", tmp_path / "x", check=False)
+    result = run_main(*args, "--scheduler", "tcd", "--eta", "1.5", "--out", tmp_path / "x", check=False)
     assert result.returncode == 2 and "must be in [0, 1]" in result.stderr
 
 
 def test_sample_errors_are_clear(demo_run, tmp_path):
-    result = rglcd("sample", "--model", demo_run / "teacher", "--prompt", "x", "--out", tmp_path, check=False)
+    result = run_main("sample", "--model", demo_run / "teacher", "--prompt", "x", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "no guidance embedding" in result.stderr
-    result = rglcd("sample", "--model", tmp_path / "missing", "--prompt", "x", "--out", tmp_path, check=False)
+    result = run_main("sample", "--model", tmp_path / "missing", "--prompt", "x", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "could not read the pipeline index" in result.stderr
-    result = rglcd("sample", "--model", demo_run / "rglcd" / "student", "--out", tmp_path, check=False)
+    result = run_main("sample", "--model", demo_run / "rglcd" / "student", "--out", tmp_path, check=False)
     assert result.returncode != 0 and "at least one --prompt" in result.stderr
-    result = rglcd(
-        "sample",
-        "--model",
-        demo_run / "rglcd" / "student",
-        "--prompt",
-        "x",
-        "--steps",
-        "9",
-        "--out",
-        tmp_path,
-        check=False,
-    )
+    student = demo_run / "rglcd" / "student"
+    result = run_main("sample", "--model", student, "--prompt", "x", "--steps", "9", "--out", tmp_path, check=False)
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 

@@ -11,6 +11,8 @@ import torch
 from rglcd.export import export_pipeline
 from rglcd.models import build_student, load_teacher
 
+from .test_cli import run_main
+
 
 @pytest.fixture(scope="module")
 def models(teacher_dirs, tmp_path_factory):
@@ -137,21 +139,23 @@ def test_an_lcm_and_tcd_gamma_sweep(models, tmp_path):
         (["--model", "NOT_A_PIPELINE"], "no model_index.json"),
     ],
 )
-def test_bad_input_fails_before_generating(models, tmp_path, change, message):
+def test_bad_input_fails_before_generating(models, tmp_path, monkeypatch, change, message):
     teacher, _ = models
+    monkeypatch.setenv("RGLCD_CACHE", str(tmp_path))
     (tmp_path / "prompts.txt").write_text("a red square\n")
     (tmp_path / "empty").mkdir()
     change = [str(tmp_path / "prompts.txt") if c == "PROMPTS" else str(tmp_path / "empty") if c == "NOT_A_PIPELINE"
               else c for c in change]  # fmt: skip
     out = tmp_path / "eval"
-    result = rglcd_eval("--model", teacher, "--prompts", "world:2", *change, "--out", out, cache=tmp_path, expect=2)
-    assert message in result.stderr
+    result = run_main("eval", "--model", teacher, "--prompts", "world:2", *change, "--out", out, check=False)
+    assert result.returncode == 2 and message in result.stderr
     assert not (out / "images").exists()
 
 
-def test_coco_fid_names_the_inception_weights_it_needs(models, tmp_path):
+def test_coco_fid_names_the_inception_weights_it_needs(models, tmp_path, monkeypatch):
     from PIL import Image
 
+    monkeypatch.setenv("RGLCD_CACHE", str(tmp_path))
     images = tmp_path / "val2014"
     images.mkdir()
     for index in (1, 2):
@@ -162,12 +166,14 @@ def test_coco_fid_names_the_inception_weights_it_needs(models, tmp_path):
     }
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     spec = f"coco:{tmp_path / 'captions.json'}:{images}"
-    result = rglcd_eval("--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
-                        cache=tmp_path, expect=2)  # fmt: skip
+    result = run_main("eval", "--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
+                      check=False)  # fmt: skip
+    assert result.returncode == 2
     assert "--inception-weights weights-inception-2015-12-05-6726825d.pth" in result.stderr
     (images / "COCO_val2014_000000000002.jpg").unlink()
-    result = rglcd_eval("--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
-                        cache=tmp_path, expect=2)  # fmt: skip
+    result = run_main("eval", "--model", models[0], "--prompts", spec, "--metrics", "fid", "--out", tmp_path / "eval",
+                      check=False)  # fmt: skip
+    assert result.returncode == 2
     assert "1 reference images are missing" in result.stderr
 
 

@@ -34,7 +34,7 @@ from rglcd.serve import (
     shown,
 )
 
-from .test_cli import rglcd
+from .test_cli import run_main
 
 CPU = torch.device("cpu")
 GOOD = dict(prompt="a red picture", seed=3, steps=2, guidance=6.0, scheduler="lcm", eta=0.3, teacher_steps=25,
@@ -145,7 +145,7 @@ def test_bad_models_are_refused_before_serving(served, tmp_path):
         (["--model", served["student"], "--reward", "no-such-reward"], "--reward no-such-reward: choose from"),
         (["--quickstart", tmp_path / "none"], "no quickstart students in"),
     ]:
-        result = rglcd("serve", *args, "--port", "9", check=False)
+        result = run_main("serve", *args, "--port", "9", check=False)
         assert result.returncode == 2 and result.stderr.startswith("rglcd serve: "), result.stderr
         assert message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
