@@ -195,8 +195,9 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from .eval_command import LCM_GUIDANCE
     from .rewards import REWARDS
-    from .serve import LCM_GUIDANCE, ServeSettings, serve
+    from .serve import ServeSettings, serve
 
     models, reward, guidance = list(args.model or []), args.reward, args.guidance
     if not models:  # the miniature: the quickstart's students beside the world teacher, scored by world-clip

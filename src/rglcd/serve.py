@@ -34,7 +34,7 @@ TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
 
 
 class RequestError(ValueError):
-    """A request the page refuses; the message says what to change."""
+    """A request (or, at start-up, a model) that cannot be served; the message says what to change."""
 
 
 @dataclass
