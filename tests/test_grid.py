@@ -2,11 +2,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from rglcd.grid import FONT_SIZE, GAP, MIN_TILE, ROW_LABEL_WIDTH, labelled_grid, upscale_factor, wrap
+from rglcd.grid import FONT_SIZE, GAP, MIN_TILE, ROW_LABEL_WIDTH, labelled_grid, steps_text, upscale_factor, wrap
 
 
 def test_upscale_factor_is_the_whole_number_reaching_the_minimum():
     assert [upscale_factor(size) for size in (32, 33, 64, 100, 128, 512)] == [4, 4, 2, 2, 1, 1]
+
+
+def test_steps_text_is_singular_for_one_step():
+    assert [steps_text(n) for n in (1, 2, 50)] == ["1 step", "2 steps", "50 steps"]
 
 
 def test_wrap_keeps_words_whole_and_lines_within_the_width():

@@ -140,6 +140,8 @@ def test_bad_models_are_refused_before_serving(served, tmp_path):
         load_served_model(str(lonely), CPU)
     with pytest.raises(RequestError, match="two models share a label"):
         load_models(ServeSettings([f"a={served['student']}", f"a={served['teacher']}"]))
+    with pytest.raises(RequestError, match="two models share a label"):  # refused before any weights load
+        load_models(ServeSettings([f"a={tmp_path / 'missing'}", f"a={tmp_path / 'missing too'}"]))
     for args, message in [
         (["--model", tmp_path / "missing"], str(tmp_path / "missing")),
         (["--model", served["student"], "--reward", "no-such-reward"], "--reward no-such-reward: choose from"),

@@ -21,6 +21,11 @@ def upscale_factor(tile_size: int, min_tile: int = MIN_TILE) -> int:
     return max(1, math.ceil(min_tile / tile_size))
 
 
+def steps_text(steps: int) -> str:
+    """ "1 step", "4 steps": the label of a sampler's step count in grids, captions and tables."""
+    return f"{steps} step{'s' * (steps != 1)}"
+
+
 def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default(size=FONT_SIZE)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .evaluate import image_path, strict_json
-from .grid import labelled_grid
+from .grid import labelled_grid, steps_text
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -102,7 +102,7 @@ def comparison_grid(rows: list[dict], prompts: list[str], path: Path) -> Path:
         [Image.open(image_path(Path(row["images"]), index)).convert("RGB") for row in rows]
         for index in range(len(prompts))
     ]
-    headers = [f"{row['model']}\n{row['steps']} step{'s' * (row['steps'] != 1)}" for row in rows]
+    headers = [f"{row['model']}\n{steps_text(row['steps'])}" for row in rows]
     labelled_grid(tiles, headers, prompts).save(path)
     return path
 

@@ -21,7 +21,7 @@ from .config import load_config
 from .eval_command import LCM_GUIDANCE, parse_model
 from .evaluate import pipeline_kind
 from .export import fused_lora_pipeline, load_lcm
-from .grid import upscale_factor
+from .grid import steps_text, upscale_factor
 from .models import load_teacher
 from .rewards import build_reward
 from .sampling import SAMPLERS, TCD_ETA, consistency_scheduler, ddim_cfg_sample, lcm_sample, to_pil
@@ -178,7 +178,7 @@ def shown(image: Image.Image) -> Image.Image:
 
 
 def caption(sample: Sample, reward_name: str | None) -> str:
-    text = f"{sample.label} · {sample.steps} step{'s' * (sample.steps != 1)} · {1000 * sample.seconds:.0f} ms"
+    text = f"{sample.label} · {steps_text(sample.steps)} · {1000 * sample.seconds:.0f} ms"
     return text if sample.score is None else f"{text} · {reward_name} {sample.score:.3f}"
 
 
@@ -206,11 +206,11 @@ class ServeSettings:
 
 def load_models(settings: ServeSettings) -> tuple[list[ServedModel], Any]:
     """Every model and the reward, loaded before the server starts (a bad path stops it with a one-line error)."""
+    labels = [parse_model(text)[0] for text in settings.models]
+    if len(set(labels)) != len(labels):  # checked before any weights load
+        raise RequestError(f"two models share a label ({', '.join(labels)}): name them with --model LABEL=PATH")
     device = torch.device(settings.device)
     models = [load_served_model(text, device) for text in settings.models]
-    labels = [model.label for model in models]
-    if len(set(labels)) != len(labels):
-        raise RequestError(f"two models share a label ({', '.join(labels)}): name them with --model LABEL=PATH")
     reward = build_reward(settings.reward).to(device) if settings.reward else None
     return models, reward
 

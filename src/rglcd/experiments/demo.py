@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from ..config import load_config
 from ..data import write_shards
 from ..export import load_lcm
+from ..grid import steps_text
 from ..sampling import lcm_sample, save_grid
 from ..tiny import save_tiny_pipeline
 from ..train import train
@@ -68,5 +69,5 @@ def run_demo(out: str | Path = "runs/tiny", steps: int = 100, prediction_type: s
             pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, prompts, num_steps=num_steps,
             generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        save_grid([images], out / "rglcd" / f"samples-{num_steps}-steps.png", prompts, [f"{num_steps} steps"])
+        save_grid([images], out / "rglcd" / f"samples-{num_steps}-steps.png", prompts, [steps_text(num_steps)])
     return student_dir

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..grid import steps_text
 from ..sampling import lcm_sample, lcm_scheduler, save_grid
 
 logger = logging.getLogger("rglcd.train")
@@ -100,7 +101,7 @@ def validate_samples(
         return
     folder = Path(config.logging.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    save_grid(rows, folder / f"step-{global_step:08d}.png", prompts, [f"{n} step{'s' * (n > 1)}" for n in step_counts])
+    save_grid(rows, folder / f"step-{global_step:08d}.png", prompts, [steps_text(n) for n in step_counts])
     grid = torch.cat([torch.cat(list(images), dim=2) for images in rows], dim=1)  # [3, 3·H, P·W]: 1, 2, 4 steps
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
