@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from rglcd.experiments.demo import tiny_setup
-from rglcd.plan import StepTracer, parse_memory
+from rglcd.gpus import GPUS
+from rglcd.plan import CUDA_AUTOCAST, GIB, StepTracer, cuda_autocast_rules, parse_memory
+from rglcd.train import monitor
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,104 @@ def test_the_tracer_counts_flops_with_torchs_formulas_and_cpu_flash_attention():
     assert tracer.flops == 2 * (2 * 2 * 4 * 64 * 64 * 32)  # Q·Kᵀ and P·V
 
 
+def _autocast_ops(device: str) -> dict[str, torch.Tensor]:
+    """The ops whose autocast differs between CUDA and the CPU, and some that agree, on a half-precision conv."""
+    x = torch.empty(2, 8, 16, 16, device=device, dtype=torch.float16, requires_grad=True)
+    weight = torch.empty(8, 8, 3, 3, device=device, requires_grad=True)  # float32, as the trained weights are
+    y = F.conv2d(x, weight, padding=1)
+    return {
+        "conv2d": y, "group_norm": F.group_norm(y, 4), "layer_norm": F.layer_norm(y, (16,)),
+        "softmax": F.softmax(y, -1), "log_softmax": F.log_softmax(y, 1), "upsample": F.interpolate(y, scale_factor=2.0),
+        "sum": y.sum(), "sum(dim)": y.sum(1), "pow": y**2, "exp": y.exp(), "rsqrt": y.rsqrt(), "norm": y.norm(),
+        "cumsum": y.cumsum(0), "mse_loss": F.mse_loss(y, y.float()), "addcmul": torch.addcmul(y, y.float(), y),
+        "silu": F.silu(y), "linear": F.linear(y, torch.empty(16, 16, device=device)), "cat": torch.cat([y, y.float()]),
+        "conv2d(padding='same')": F.conv2d(x, weight, padding="same"),
+        "einsum": torch.einsum("bchw,bchw->bc", y.float(), y.float()),
+    }  # fmt: skip
+
+
+def test_a_gpu_plan_applies_cudas_autocast_rules_on_the_cpu():
+    """CUDA's autocast runs normalisations, softmax, upsampling, pow/exp and sums in float32 where the CPU's keeps
+    float16: the GPU's plan traces CUDA's dtypes (as CUDA's own kernels give them on fake CUDA tensors, forward only)
+    and their bytes; outside the rules the CPU's autocast is back."""
+    with FakeTensorMode():
+        torch.set_autocast_enabled("cuda", True)  # torch.autocast refuses "cuda" without a GPU; its kernels do not
+        torch.set_autocast_dtype("cuda", torch.float16)
+        try:
+            on_cuda = {name: out.dtype for name, out in _autocast_ops("cuda").items()}
+        finally:
+            torch.set_autocast_enabled("cuda", False)
+        with torch.autocast("cpu", dtype=torch.float16):
+            on_cpu = {name: out.dtype for name, out in _autocast_ops("cpu").items()}
+        with cuda_autocast_rules(), torch.autocast("cpu", dtype=torch.float16), StepTracer() as tracer:
+            outputs = _autocast_ops("cpu")
+            ruled = {name: out.dtype for name, out in outputs.items()}
+            norm = outputs["group_norm"]
+            sum(out.float().sum() for out in outputs.values()).backward()  # the backward pass runs under the rules
+        with torch.autocast("cpu", dtype=torch.float16):
+            after = {name: out.dtype for name, out in _autocast_ops("cpu").items()}
+    assert ruled == on_cuda and after == on_cpu
+    differ = {name for name in on_cuda if on_cuda[name] != on_cpu[name]}
+    assert differ == {
+        "group_norm", "layer_norm", "softmax", "log_softmax", "upsample", "sum", "sum(dim)", "pow", "exp", "rsqrt",
+        "norm", "cumsum",
+    }  # fmt: skip
+    assert all(on_cuda[name] == torch.float32 for name in differ)
+    assert norm.untyped_storage().nbytes() == 2 * 8 * 16 * 16 * 4  # float32: twice the CPU autocast's float16
+    assert tracer.peak > 0
+
+
+def test_the_cuda_autocast_table_is_the_installed_torchs():
+    """Every op with a CUDA autocast kernel in this torch has its policy in the table, and no other."""
+    cuda_ops = {
+        name.removeprefix("aten::") for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("aten::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "AutocastCUDA")
+    }  # fmt: skip
+    listed = [name for names in CUDA_AUTOCAST.values() for name in names]
+    assert sorted(listed) == sorted(cuda_ops)
+
+
+def test_the_gpu_table_is_in_gib_as_torch_reports_it():
+    """A card sold as 80 GB holds less than 80 GiB: the budget is the capacity torch reports."""
+    assert 79 * GIB < GPUS["H100-80GB"].memory_gib * GIB < 80 * GIB
+    assert GPUS["A100-40GB"].memory_gib < 40 and GPUS["RTX-4090"].memory_gib < 24 and GPUS["T4"].memory_gib < 16
+
+
+def test_the_steps_peak_leaves_validation_and_checkpoints_out(monkeypatch):
+    """The CUDA counters, simulated: the steps peak at 5 then 6 GiB, validation at 9 GiB in between (paused)."""
+    counters = {"allocated": 0, "reserved": 0, "peak_allocated": 0, "peak_reserved": 0, "emptied": 0}
+
+    def use(allocated, reserved):
+        counters.update(allocated=allocated, reserved=reserved)
+        counters["peak_allocated"] = max(counters["peak_allocated"], allocated)
+        counters["peak_reserved"] = max(counters["peak_reserved"], reserved)
+
+    def reset(device):
+        counters.update(peak_allocated=counters["allocated"], peak_reserved=counters["reserved"])
+
+    def empty_cache():
+        counters.update(reserved=counters["allocated"], emptied=counters["emptied"] + 1)
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: counters["peak_allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: counters["peak_reserved"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    use(3, 3)  # the weights, loaded before the loop
+    peak = monitor.StepsPeak(torch.device("cuda"))
+    use(5, 7), use(3, 7)  # step 1
+    with peak.paused():
+        use(9, 10), use(3, 10)  # validation
+        assert monitor.peak_memory_of_the_steps(torch.device("cuda"))["max_allocated"] == 9  # the counters alone
+    assert counters["emptied"] == 1
+    use(6, 8), use(3, 8)  # step 2
+    with peak.paused():
+        use(4, 9)  # a checkpoint
+    assert peak.summary() == {"device": "cuda", "max_allocated": 6, "max_reserved": 8}
+
+
 def test_memory_sizes_parse():
-    assert parse_memory("80GiB") == parse_memory("80GB") == parse_memory("80") == 80.0
+    assert parse_memory("80GiB") == parse_memory("80G") == parse_memory("80") == 80.0
+    assert parse_memory("80GB") == 80e9 / 2**30  # decimal, as cards are sold
     assert parse_memory(" 24g ") == 24.0
     for bad in ("lots", "-3GiB", "0"):
         with pytest.raises(ValueError, match="--gpu-memory"):
@@ -63,13 +161,18 @@ def test_memory_sizes_parse():
 
 
 def test_rglcd_plan_prints_memory_flops_and_time(tiny):
-    result = plan(tiny, "--gpu", "RTX-4090")
+    result = plan(tiny, "--gpu", "RTX-4090", "--processes", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     for line in ("student UNet", "EMA target UNet", "teacher UNet", "gradients", "optimizer states", "VAE",
-                 "reward: colorfulness", "activations and temporaries", "CUDA context", "total"):  # fmt: skip
+                 "reward: colorfulness", "activations and temporaries", "CUDA context", "allocator fragmentation",
+                 "NCCL buffers", "total"):  # fmt: skip
         assert f"\n{line}" in text, line
-    assert "RTX-4090 (24 GiB): fits" in text and " MiB" in text
+    sizes = {name: float(re.search(rf"\n{name}.*?([\d.]+) MiB", text)[1])
+             for name in ("activations and temporaries", "allocator fragmentation")}  # fmt: skip
+    assert "allowance: 10% of activations, not traced" in text
+    assert sizes["allocator fragmentation"] == pytest.approx(0.1 * sizes["activations and temporaries"], abs=0.1)
+    assert "RTX-4090 (23.52 GiB): fits" in text and " MiB" in text
     assert "FLOPs per optimizer step" in text and "the paper's 10,000 iterations" in text
     assert "switches that make it fit" not in text
 
@@ -91,7 +194,8 @@ def test_rglcd_plan_counts_the_sampler_reward(tiny):
 def test_rglcd_plan_lists_the_switches_that_make_a_run_fit(tiny):
     result = plan(tiny, "--gpu-memory", "0.0001GiB", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "a GPU of 0.0001 GiB: does NOT fit" in result.stdout and "CUDA context" not in result.stdout
+    assert "a GPU of 0.0001 GiB: does NOT fit" in result.stdout
+    assert "CUDA context" not in result.stdout and "fragmentation" not in result.stdout
     switches = result.stdout.split("switches that make it fit")[1].splitlines()[1:]
     labels = [line.split()[1] for line in switches if line.startswith("  + ")]
     # In order; LoRA is skipped: rank-64 adapters are larger than this tiny UNet's layers.

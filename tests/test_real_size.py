@@ -118,7 +118,8 @@ def test_a_traced_step_records_its_phases_and_outputs():
     config = load_config("sdxl-1024", ["optim.batch_size=1"])
     trace = trace_step(_build_on_meta(config), config)
     assert trace.outputs["model_pred"] == ((1, 4, 128, 128), torch.float32)
-    assert trace.outputs["reward"] == ((1,), torch.bfloat16)  # the reward under SDXL's bf16 autocast
+    # The reward under SDXL's bf16 autocast with CUDA's rules (a GPU's plan): its norms and sums run in float32.
+    assert trace.outputs["reward"] == ((1,), torch.float32)
     assert trace.outputs["added_cond.time_ids"][0] == (1, 6)
     assert list(trace.phases)[:3] == [
         "encode the batch (VAE encoder, text encoders)", "forward: student, teacher, target, decoder and reward",
@@ -153,5 +154,5 @@ def test_a_plan_counts_every_part_of_a_full_student():
     assert plan.total == sum(parts.values())
     sharded = {part.name: part.bytes for part in memory_parts(_build_on_meta(config), config, 4, sharded=True)}
     assert sharded["optimizer states"] == parts["optimizer states"] // 4
-    assert sharded["student UNet"] == parts["student UNet"] // 4 and sharded["EMA target UNet"] == 4 * unet
+    assert sharded["student UNet"] == sharded["EMA target UNet"] == parts["student UNet"] // 4  # sharded alike
     assert "DDP gradient buckets" not in sharded

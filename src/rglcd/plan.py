@@ -7,14 +7,18 @@ the config's autocast, backward, gradient clipping, the optimizer step, the EMA 
 fake tensors (torch's FakeTensorMode: shapes, dtypes and kernels' output sizes, no data) at the config's batch size
 and resolution, while a dispatch mode follows every storage from its allocation to its release. The peak of what
 the step allocates on top of the weights and optimizer states is the activations-and-temporaries line; torch's
-FLOP formulas count the same ops. What the trace cannot see (the CUDA context, allocator fragmentation) is a stated
-allowance, not a measurement.
+FLOP formulas count the same ops. A plan for a GPU traces under CUDA's autocast rules (:func:`cuda_autocast_rules`):
+CUDA runs normalisations, softmax, upsampling and reductions in float32 where the CPU's autocast keeps them in the low
+dtype. What the trace cannot see (the CUDA context, allocator fragmentation, NCCL's buffers) is a stated allowance,
+not a measurement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.amp.autocast_mode import _cast
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from .architectures import architecture_of, build_teacher
@@ -51,6 +56,12 @@ from .train.build import (
 GIB = 2**30
 # What the trace cannot see on a GPU: the CUDA context and cuBLAS/cuDNN workspaces (typically 0.3-0.8 GiB).
 CUDA_CONTEXT_BYTES = GIB // 2
+# The caching allocator reserves more than is allocated: freed blocks split by later, differently sized requests
+# (typically 5-15 % over the allocated peak in training loops). An allowance on the traced activations.
+FRAGMENTATION = 0.10
+# NCCL's communicator buffers per process (NCCL_BUFFSIZE, 4 MiB, per channel and peer for each protocol, up to 32
+# channels on NVLink, NVLS buffers on Hopper): typically 0.3-1 GiB.
+NCCL_BYTES = GIB
 PAPER_ITERATIONS = 10_000  # RG-LCD's runs (Li et al. 2024, appendix)
 
 
@@ -77,6 +88,136 @@ class Plan:
     @property
     def total(self) -> int:
         return sum(part.bytes for part in self.parts)
+
+
+# ------------------------------------------------------------------------------ CUDA's autocast on the CPU
+
+# CUDA's autocast, op by op (aten/src/ATen/autocast_mode.h and .cpp: AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32,
+# AT_FORALL_FP32_SET_OPT_DTYPE, AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE, AT_FORALL_PROMOTE and the cuDNN and banned
+# entries), by policy. tests/test_plan.py checks the names against the installed torch's AutocastCUDA kernels and the
+# policies against CUDA's own kernels run on fake CUDA tensors.
+CUDA_AUTOCAST = {
+    "lower_precision_fp": (
+        "_convolution", "_convolution.deprecated", "conv1d", "conv2d", "conv3d", "conv_tbc", "conv_transpose1d",
+        "conv_transpose2d.input", "conv_transpose3d.input", "convolution", "cudnn_convolution",
+        "cudnn_convolution_transpose", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv",
+        "linalg_vecdot", "linear", "addbmm", "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot",
+        "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+        "_cudnn_rnn", "_scaled_dot_product_flash_attention", "scaled_dot_product_attention",
+    ),
+    "fp32": (
+        "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+        "sinh", "tan", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "softplus", "layer_norm",
+        "native_layer_norm", "group_norm", "rms_norm", "frobenius_norm.dim", "nuclear_norm", "nuclear_norm.dim",
+        "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d",
+        "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss",
+        "margin_ranking_loss", "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss",
+        "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist", "cdist", "renorm", "logsumexp",
+        "linalg_matrix_sqrth", "upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_nearest2d",
+        "_upsample_nearest_exact2d", "upsample_nearest3d", "_upsample_nearest_exact3d", "upsample_linear1d",
+        "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_bicubic2d",
+        "_upsample_bicubic2d_aa",
+    ),
+    # float32 through the op's dtype argument (no float32 copy of the input): softmax, sums, norms
+    "fp32_set_opt_dtype": (
+        "prod", "prod.dim_int", "softmax.int", "log_softmax.int", "cumprod", "cumsum", "linalg_vector_norm",
+        "linalg_matrix_norm", "linalg_matrix_norm.str_ord", "sum", "sum.dim_IntList",
+    ),
+    "fp32_append_dtype": ("norm.Scalar", "norm.ScalarOpt_dim"),  # redispatched to the overload with a dtype
+    "promote": (
+        "addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put", "tensordot",
+        "scatter_add",
+    ),
+    "banned": ("binary_cross_entropy",),
+}  # fmt: skip
+_AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+_NORM_WITH_DTYPE = {"norm.Scalar": "norm.ScalarOpt_dtype", "norm.ScalarOpt_dim": "norm.ScalarOpt_dim_dtype"}
+
+
+@contextlib.contextmanager
+def cuda_autocast_rules():
+    """While active, the CPU's autocast applies CUDA's rules: the kernels of CUDA's autocast ops are replaced, for the
+    CPU, by ones with CUDA's policy, and the CPU's own autocast ops that CUDA leaves alone fall through. (Fake CUDA
+    tensors would run CUDA's real autocast kernels, but autograd's engine needs a GPU for their backward pass.)
+    Lower-precision ops that the CPU's autocast also casts keep torch's kernels and their weight cache; the others
+    (einsum, mv, RNN cells, none on the traced models' paths) cast without it."""
+    library = torch.library.Library("aten", "IMPL")
+    cuda_ops = {name for names in CUDA_AUTOCAST.values() for name in names}
+    try:
+        with warnings.catch_warnings():  # torch warns about every kernel replaced
+            warnings.filterwarnings("ignore", "Overriding a previously registered kernel")
+            for policy, names in CUDA_AUTOCAST.items():
+                for name in names:
+                    if policy == "lower_precision_fp" and _has_cpu_autocast(name):
+                        continue
+                    library.impl(name, _cuda_autocast_kernel(name, policy), "AutocastCPU")
+            for qualified in torch._C._dispatch_get_all_op_names():
+                name = qualified.removeprefix("aten::")
+                if qualified.startswith("aten::") and name not in cuda_ops and _has_cpu_autocast(name):
+                    library.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
+        yield
+    finally:
+        library._destroy()  # torch's own kernels are back
+
+
+def _has_cpu_autocast(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "AutocastCPU")
+
+
+def _aten(name: str) -> torch._ops.OpOverload:
+    packet, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, packet), overload or "default")
+
+
+def _eligible(value) -> bool:
+    """What CUDA's autocast casts: floating-point tensors but float64 ones."""
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype is not torch.float64
+
+
+def _cuda_autocast_kernel(name: str, policy: str):
+    """``name``'s kernel with CUDA's autocast ``policy``, for the CPU's autocast dispatch key. Like CUDA's, it runs the
+    op with autocast off (the ops it calls are not cast again)."""
+    op = _aten(name)
+
+    def run(op, args, kwargs, dtype=None):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+            if dtype is None:
+                return op(*args, **kwargs)
+            return op(*_cast(args, "cpu", dtype), **_cast(kwargs, "cpu", dtype))
+
+    if policy == "lower_precision_fp":
+        return lambda *args, **kwargs: run(op, args, kwargs, torch.get_autocast_dtype("cpu"))
+    if policy == "fp32":
+        return lambda *args, **kwargs: run(op, args, kwargs, torch.float32)
+    if policy == "promote":  # the widest floating type among the inputs
+
+        def promote(*args, **kwargs):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            widest = torch.float32 if any(_eligible(t) and t.dtype == torch.float32 for t in leaves) else None
+            return run(op, args, kwargs, widest or torch.get_autocast_dtype("cpu"))
+
+        return promote
+    if policy == "fp32_set_opt_dtype":  # dtype=float32 unless given; only for a floating first input
+        position = [argument.name for argument in op._schema.arguments].index("dtype")
+
+        def set_dtype(*args, **kwargs):
+            if _eligible(args[0]) and position < len(args) and args[position] is None:
+                args = (*args[:position], torch.float32, *args[position + 1 :])
+            elif _eligible(args[0]) and position >= len(args) and kwargs.get("dtype") is None:
+                kwargs = {**kwargs, "dtype": torch.float32}
+            return run(op, args, kwargs)
+
+        return set_dtype
+    if policy == "fp32_append_dtype":
+        with_dtype = _aten(_NORM_WITH_DTYPE[name])
+        return lambda *args, **kwargs: (
+            run(with_dtype, args, {**kwargs, "dtype": torch.float32}) if _eligible(args[0]) else run(op, args, kwargs)
+        )
+
+    def banned(*args, **kwargs):
+        raise RuntimeError(f"{name} is unsafe to autocast on CUDA; torch refuses it (use its _with_logits form)")
+
+    return banned
 
 
 # --------------------------------------------------------------------------------------------------- the trace
@@ -237,6 +378,12 @@ class _FakeStep:
 def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     """The run's tensors made fake, its optimizers with their states, the empty prompt's conditioning."""
     _to_fake(run.modules())
+    # The schedule was built on the meta device with the models; the step indexes it (and the DDIM grid made on its
+    # device) with the batch's CPU timesteps.
+    schedule = run.teacher.schedule
+    run.teacher.schedule = dataclasses.replace(
+        schedule, alphas_cumprod=torch.empty_like(schedule.alphas_cumprod, device="cpu")
+    )  # fmt: skip
     trained = [param for param in run.networks.student.parameters() if param.requires_grad]
     # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
     # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
@@ -260,7 +407,9 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
     """One step of ``rglcd train`` on fake tensors at the config's batch size and resolution: what it allocates
     (at its peak and per phase) and its FLOPs. ``run`` is consumed (its tensors become fake)."""
     teacher, networks, proxy = run.teacher, run.networks, run.proxy
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    # The fake tensors are CPU tensors (autograd's engine needs a GPU for CUDA ones); a GPU's plan gets CUDA's rules.
+    rules = cuda_autocast_rules() if device == "cuda" else contextlib.nullcontext()
+    with FakeTensorMode(allow_non_fake_inputs=True), rules:
         fake = _prepare(run, config, device)
         generator = torch.Generator().manual_seed(0)
         live = StepTracer()
@@ -407,7 +556,7 @@ def memory_parts(run: _Run, config: TrainConfig, processes: int, sharded: bool) 
     else:
         target, teacher_unet = list(run.networks.target.parameters()), list(teacher.unet.parameters())
         parts.append(Part("student UNet", _describe(trained, shard_note), _bytes(trained) // shard))
-        parts.append(Part("EMA target UNet", _describe(target), _bytes(target)))
+        parts.append(Part("EMA target UNet", _describe(target, shard_note), _bytes(target) // shard))  # as the student
         parts.append(Part("teacher UNet", _describe(teacher_unet), _bytes(teacher_unet)))
     parts.append(Part("gradients", _describe(trained, shard_note), _bytes(trained) // shard))
     if config.optim.use_8bit_adam:
@@ -450,9 +599,16 @@ def make_plan(config: TrainConfig, processes: int = 1, sharded: bool = False, de
     )  # fmt: skip
     trace = trace_step(run, config, device)
     # Without accumulation the gradients are allocated during the backward pass, inside the trace: counted above.
-    plan.parts.append(Part("activations and temporaries", "traced peak of one step", max(trace.peak - gradients, 0)))
+    activations = max(trace.peak - gradients, 0)
+    plan.parts.append(Part("activations and temporaries", "traced peak of one step", activations))
     if device == "cuda":
-        plan.parts.append(Part("CUDA context, workspaces", "allowance, not traced", CUDA_CONTEXT_BYTES))
+        plan.parts += [
+            Part("CUDA context, workspaces", "allowance, not traced", CUDA_CONTEXT_BYTES),
+            Part("allocator fragmentation", f"allowance: {FRAGMENTATION:.0%} of activations, not traced",
+                 int(FRAGMENTATION * activations)),
+        ]  # fmt: skip
+        if processes > 1:
+            plan.parts.append(Part("NCCL buffers", "allowance, not traced", NCCL_BYTES))
     plan.flops, plan.phases, plan.trace = trace.flops, trace.phases, trace
     return plan
 
@@ -528,7 +684,10 @@ def fit_switches(plan: Plan, budget_bytes: float) -> list[tuple[Switch, Plan]]:
     return steps
 
 
-_TRACED_PARTS = ("activations and temporaries", "CUDA context, workspaces")
+# What a switch that changes no activations carries over from the last plan: the traced peak and its allowances.
+_TRACED_PARTS = (
+    "activations and temporaries", "CUDA context, workspaces", "allocator fragmentation", "NCCL buffers",
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -562,7 +721,7 @@ def format_plan(
     lines.append(f"{'total':<46} {'':<44} {size(plan.total):>10}")
     budget = gpu.memory_gib * GIB
     verdict = "fits" if plan.total <= budget else "does NOT fit"
-    memory = f"a GPU of {gpu.memory_gib:g} GiB" if memory_given else f"{gpu_name} ({gpu.memory_gib:g} GiB)"
+    memory = f"a GPU of {gpu.memory_gib:.4g} GiB" if memory_given else f"{gpu_name} ({gpu.memory_gib:.4g} GiB)"
     lines += ["", f"{memory}: {verdict} ({100 * plan.total / budget:.0f} % of its memory)"]
     lines += ["", "activations by phase of the step (peak within each):"]
     lines += [f"  {phase:<60} {size(peak):>10}" for phase, peak in plan.phases.items()]
@@ -589,12 +748,14 @@ def format_plan(
 
 
 def parse_memory(text: str) -> float:
-    """'80GiB', '80GB', '80G' or '80' (GiB) -> GiB."""
-    number = text.strip().upper().removesuffix("IB").removesuffix("B").removesuffix("G").strip()
+    """'80GiB', '80G' or '80' (GiB), or '80GB' (decimal: 80·10⁹ bytes, 74.5 GiB) -> GiB."""
+    upper = text.strip().upper()
+    decimal = upper.endswith("GB")
+    number = upper.removesuffix("IB").removesuffix("B").removesuffix("G").strip()
     try:
         value = float(number)
     except ValueError as error:
         raise ValueError(f"--gpu-memory: {text!r} is not a size like 80GiB") from error
     if value <= 0:
         raise ValueError(f"--gpu-memory: {text!r} must be positive")
-    return value
+    return value * 1e9 / GIB if decimal else value

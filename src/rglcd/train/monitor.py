@@ -4,6 +4,7 @@ config as tracker hyper-parameters."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,16 +54,61 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_of_the_steps(device: torch.device) -> dict:
-    """The peak since :func:`reset_peak_memory`: bytes allocated on the GPU, or the process's resident high-water
-    mark on the CPU (which also holds Python, torch and the libraries)."""
+    """The peak since :func:`reset_peak_memory`: bytes allocated on the GPU and reserved by torch's caching allocator
+    (what the GPU must hold: allocated plus the cached blocks), or the process's resident high-water mark on the CPU
+    (which also holds Python, torch and the libraries)."""
     if device.type == "cuda":
-        return {"device": "cuda", "max_allocated": torch.cuda.max_memory_allocated(device)}
+        return {
+            "device": "cuda",
+            "max_allocated": torch.cuda.max_memory_allocated(device),
+            "max_reserved": torch.cuda.max_memory_reserved(device),
+        }
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return {"device": "cpu", "resident_high_water_mark": None}
     kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
     return {"device": "cpu", "resident_high_water_mark": kib * 1024}
+
+
+class StepsPeak:
+    """The peak memory of the training steps alone (what ``rglcd plan`` predicts): validation and checkpointing run
+    :meth:`paused`, their own peaks are left out. The peak counters are process-wide, so a pause reads the steps'
+    peak so far and the resume starts the counters anew."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._peak: dict = {}
+        reset_peak_memory(device)
+
+    def pause(self) -> None:
+        """Keep the steps' peak so far."""
+        now = peak_memory_of_the_steps(self.device)
+        self._peak = {
+            key: max(value, self._peak[key]) if isinstance(self._peak.get(key), int) else value
+            for key, value in now.items()
+        }  # fmt: skip
+
+    def resume(self) -> None:
+        """Count anew from here, without what ran since :meth:`pause`."""
+        if self.device.type == "cuda":
+            # The blocks validation left cached would count in the steps' reserved peak (the counters restart from
+            # what is reserved now); the steps reserve again what they need.
+            torch.cuda.empty_cache()
+        reset_peak_memory(self.device)
+
+    @contextmanager
+    def paused(self):
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def summary(self) -> dict:
+        """The steps' peak (``train_summary.json``'s ``peak_memory_bytes``)."""
+        self.pause()
+        return dict(self._peak)
 
 
 def step_time_summary(seconds: list[float]) -> dict:
