@@ -302,3 +302,11 @@ def test_a_damaged_sample_is_skipped_and_counted(setup, tmp_path):
     (batch,) = take(stream, 1)
     assert batch["captions"] == [c for i, c in enumerate(stored(setup.cache)[1]) if i != 6]
     assert stream.stats.reasons == {"undecodable tensors": 1} and stream.stats.seen == SAMPLES
+
+
+def test_the_default_encoder_batch_shrinks_with_the_resolution():
+    """32 images of 512 px per call hold a 4 GiB float32 activation (128 channels) in the VAE encoder; 32 of 1024 px
+    would hold 16 GiB: the default keeps the 4 GiB."""
+    from rglcd.data.cache import default_cache_batch
+
+    assert [default_cache_batch(size) for size in (32, 512, 768, 1024, 4096)] == [32, 32, 14, 8, 1]

@@ -138,3 +138,54 @@ def test_checkpointing_the_decoder_keeps_the_rewards_gradient(epsilon_teacher_di
     teacher.vae.enable_gradient_checkpointing()
     assert teacher.vae.decoder.gradient_checkpointing
     torch.testing.assert_close(gradient(), kept, rtol=1e-6, atol=1e-8)
+
+
+def test_one_move_casts_each_part_on_its_way(epsilon_teacher_dir, monkeypatch):
+    """Teacher.to(device, dtype): one Module.to per part with both (each weight cast as it moves), never a move and
+    then a cast, which would put the whole float32 model on the GPU first."""
+    calls = []
+    original = torch.nn.Module.to
+
+    def recording_to(self, *args, **kwargs):
+        calls.append((type(self).__name__, args, kwargs))
+        return original(self, *args, **kwargs)
+
+    teacher = load_teacher(epsilon_teacher_dir)
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    teacher.to("meta", torch.float16)
+    assert [(name, args) for name, args, _ in calls] == [
+        ("UNet2DConditionModel", ("meta", torch.float16)),
+        ("CLIPTextModel", ("meta", torch.float16)),
+        ("AutoencoderKL", ("meta", torch.float16)),  # SD layout: its VAE runs in float16 as its pipelines run it
+    ]
+    assert {
+        (p.device.type, p.dtype) for module in (teacher.unet, *teacher.encoders()) for p in module.parameters()
+    } == {("meta", torch.float16)}
+
+
+def test_an_sdxl_vae_stays_float32_under_float16_and_decodes_outside_autocast(tmp_path):
+    """SDXL's VAE overflows float16 (NaN rewards, then the NaN stop): kept in float32 as diffusers' SDXL pipelines
+    keep it (force_upcast), and its decode inside the step's float16 autocast runs in float32."""
+    from rglcd.tiny import save_tiny_pipeline
+
+    teacher = load_teacher(save_tiny_pipeline(tmp_path / "sdxl", sdxl=True)).to("cpu", torch.float16)
+    assert teacher.vae.config.force_upcast and teacher.vae.dtype == torch.float32
+    assert teacher.unet.dtype == teacher.text_encoder_2.dtype == torch.float16
+    seen = []
+    teacher.vae.decoder.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        images = decode_latents(teacher.vae, latents)
+    assert seen == [torch.float32] and images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
+def test_compiling_raises_the_recompile_limit(epsilon_teacher_dir, monkeypatch):
+    """Student, target and teacher share UNet2DConditionModel.forward's code object: its variants exceed torch's
+    default of 8 compiled versions, after which the rest would silently run eagerly."""
+    import torch._dynamo.config as dynamo
+
+    from rglcd.models import speed_up
+
+    monkeypatch.setattr(dynamo, "recompile_limit", 8)
+    speed_up(load_teacher(epsilon_teacher_dir).unet, compile=True)  # compiles lazily: nothing runs here
+    assert dynamo.recompile_limit == 64

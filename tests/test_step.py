@@ -207,3 +207,21 @@ def test_sampler_noise_is_drawn_after_the_step_noise(setup):
     with_sampler = StepNoise.draw(latents, distillation, torch.Generator().manual_seed(3), sampler_steps=4)
     assert plain.sampler_noise is None and with_sampler.sampler_noise.shape == (4, *latents.shape)
     assert torch.equal(plain.noise, with_sampler.noise) and torch.equal(plain.guidance, with_sampler.guidance)
+
+
+def test_the_schedule_and_grid_live_on_the_steps_device(monkeypatch):
+    """Moved once with the distillation: a step indexes ᾱ and the grid where its tensors are, with no copy from the
+    CPU and no grid rebuilt (each a host sync on a GPU)."""
+    from rglcd.schedules import NoiseSchedule
+
+    schedule = NoiseSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    distillation = Distillation(schedule).to("meta")
+    assert distillation.grid.device.type == distillation.schedule.alphas_cumprod.device.type == "meta"
+    monkeypatch.setattr("rglcd.step.ddim_grid", lambda *args: pytest.fail("the grid was rebuilt"))
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda self, *a, **k: pytest.fail("a copy") if self.device != a[0] else self
+    )
+    start = distillation.grid[torch.tensor([0, 49], device="meta")]
+    alpha, sigma = distillation.schedule.alpha_sigma(start)
+    assert alpha.device.type == sigma.device.type == "meta" and alpha.shape == (2, 1, 1, 1)
+    assert distillation.sampling_timesteps(2).device.type == "meta"

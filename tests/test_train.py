@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,26 @@ def test_the_demo_runs_again_into_its_own_folder(tmp_path):
     run_demo(tmp_path / "demo", steps=50)
     again = json.loads(state.read_text())
     assert first["run_id"] != again["run_id"]  # the second run's, not the first's kept
+
+
+def test_a_skipped_step_releases_its_graph_before_the_next_forward(tiny, tmp_path, monkeypatch):
+    """A non-finite loss is not backpropagated, so nothing frees its graph but dropping it: kept until the next
+    forward has run, two steps' activations would be live at once (an OOM on a config the plan says fits)."""
+    from rglcd.train import loop
+
+    losses, alive_at_next_forward = [], []
+    original = loop.forward
+
+    def recording_forward(run, batch):
+        alive_at_next_forward.extend(loss() is not None for loss in losses)
+        losses.clear()
+        output, latents = original(run, batch)
+        losses.append(weakref.ref(output.loss))
+        return output, latents
+
+    monkeypatch.setattr(loop, "forward", recording_forward)
+    fields = dict(logging__max_consecutive_nan_steps=3, logging__validation_steps=0)
+    config = load_config("tiny", [*overrides(tiny, tmp_path / "run", **fields), "reward.terms=[{name: test-nan}]"])
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
+        train(config)
+    assert alive_at_next_forward == [False, False]

@@ -56,17 +56,27 @@ def export_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    contiguous(*(part for part in pipeline.components.values() if isinstance(part, nn.Module)))
     with atomic_folder(out_dir) as partial:
         pipeline.save_pretrained(partial)
     return out_dir
 
 
-def load_lcm(model: str | Path, device: str | torch.device = "cpu"):
-    """Load an exported (or any diffusers LCM) pipeline folder or hub id; errors name what is wrong."""
+def contiguous(*modules: nn.Module) -> None:
+    """In place: every weight back in the contiguous memory format. Channels-last weights
+    (``precision.channels_last``) are not contiguous, and safetensors refuses to save them (diffusers makes them
+    contiguous itself only from 0.33 on)."""
+    for module in modules:
+        module.to(memory_format=torch.contiguous_format)
+
+
+def load_lcm(model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load an exported (or any diffusers LCM) pipeline folder or hub id, its weights read in ``dtype`` (default: as
+    saved) and then moved to ``device``, so no float32 copy reaches the GPU; errors name what is wrong."""
     index = read_pipeline_index(str(model), revision=None)
     if "unet" not in index or "vae" not in index:
         raise TeacherLoadError(f"{model} is not a UNet latent diffusion pipeline (model_index.json: {sorted(index)})")
-    pipeline = DiffusionPipeline.from_pretrained(str(model))
+    pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
     has_guidance_input = pipeline.unet.config.get("time_cond_proj_dim") is not None
     # A distilled full student has a guidance embedding; a fused LoRA student has none but ships an LCMScheduler.
     if not has_guidance_input and not isinstance(pipeline.scheduler, LCMScheduler):
@@ -87,7 +97,8 @@ def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl:
     # The file carries no alpha, and loaders take alpha = rank (scaling 1): fold alpha / rank into B.
     config = unet.peft_config[adapter]
     scaling = config.lora_alpha / config.r
-    state = {key: value * scaling if ".lora_B." in key else value for key, value in state.items()}
+    # .contiguous(): a channels-last run's 3×3 lora_A weights are not, and safetensors refuses them.
+    state = {key: (value * scaling if ".lora_B." in key else value).contiguous() for key, value in state.items()}
     pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     with atomic_folder(folder) as partial:
         pipeline_class.save_lora_weights(partial, unet_lora_layers=state, safe_serialization=True)

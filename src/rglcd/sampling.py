@@ -112,7 +112,7 @@ def lcm_sample(
         latents, denoised = scheduler.step(
             model_output, timestep, latents, generator=generator, return_dict=False, **step_options
         )
-    return decode_latents(vae, denoised.to(prompt_embeds.dtype))
+    return decode_latents(vae, denoised)  # in the VAE's dtype: an upcast VAE decodes float32 latents
 
 
 @torch.no_grad()

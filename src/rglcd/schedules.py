@@ -7,6 +7,7 @@ LCM boundary scalings and the guidance-scale (w) Fourier embedding used as ``tim
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,9 +83,13 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """The schedule with ᾱ on ``device``, once: indexing it there needs no copy per step (a host sync on a GPU)."""
+        return dataclasses.replace(self, alphas_cumprod=self.alphas_cumprod.to(device))
+
     def alpha_sigma(self, timesteps: Tensor, ndim: int = 4) -> tuple[Tensor, Tensor]:
         """α_t, σ_t for a batch of integer timesteps, shaped [B, 1, ..., 1] to broadcast over latents."""
-        alphas_cumprod = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        alphas_cumprod = self.alphas_cumprod.to(timesteps.device)[timesteps]  # no copy once on their device (.to)
         shape = (-1,) + (1,) * (ndim - 1)
         return alphas_cumprod.sqrt().view(shape), (1 - alphas_cumprod).sqrt().view(shape)
 

@@ -6,6 +6,7 @@ a step is reproducible and can be checked against an independent implementation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .devices import host_to_device
 from .losses import ConsistencyDistance
 from .schedules import (
     NoiseSchedule,
@@ -47,17 +49,21 @@ class Distillation:
     timestep_scaling: float = 10.0
     time_cond_proj_dim: int = 256  # the student's guidance embedding; 0 for a LoRA student, which has none
 
+    grid: Tensor = field(init=False, repr=False)  # [N] t_1..t_N, on the schedule's device
+
     def __post_init__(self) -> None:
         if self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+        grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim_timesteps)
+        object.__setattr__(self, "grid", grid.to(self.schedule.alphas_cumprod.device))  # built once, not per step
+
+    def to(self, device: torch.device | str) -> Distillation:
+        """The distillation with its schedule and grid on ``device`` (the step's), so a step copies neither."""
+        return dataclasses.replace(self, schedule=self.schedule.to(device))
 
     @property
     def skip(self) -> int:
         return self.schedule.num_train_timesteps // self.num_ddim_timesteps
-
-    @property
-    def grid(self) -> Tensor:
-        return ddim_grid(self.schedule.num_train_timesteps, self.num_ddim_timesteps)
 
     def sampling_timesteps(self, num_steps: int) -> Tensor:
         """τ_1 > … > τ_K: the timesteps the exported student samples ``num_steps`` steps with (its LCMScheduler's)."""
@@ -107,8 +113,8 @@ class StepNoise:
         device, sampler_noise = latents.device, None
         if sampler_steps:
             sampler_noise = torch.randn((sampler_steps, *latents.shape), generator=generator, dtype=torch.float32)
-            sampler_noise = sampler_noise.to(device)
-        return cls(noise.to(device), indices.to(device), guidance.to(device), sampler_noise)
+            sampler_noise = host_to_device(sampler_noise, device)
+        return cls(*(host_to_device(drawn, device) for drawn in (noise, indices, guidance)), sampler_noise)
 
 
 @dataclass
@@ -192,8 +198,7 @@ def teacher_ddim_cfg_step(
 ) -> Tensor:
     """ẑ_{t_n}: one DDIM step of the teacher's CFG-guided PF-ODE from z_{t_{n+k}} (LCM's augmented ODE)."""
     schedule = distillation.schedule
-    grid = distillation.grid.to(z_t.device)
-    start = grid[indices]
+    start = distillation.grid[indices]
     previous = (start - distillation.skip).clamp(min=0)
     dtype = next(teacher_unet.parameters()).dtype
     # One batched pass for cond and uncond: [2B, C, h, w].
@@ -250,8 +255,7 @@ def rglcd_step(
     if rewarded and sampler is not None and noise.sampler_noise is None:
         raise ValueError("a sampler reward needs the sampler's noise: StepNoise.draw(..., sampler_steps=K)")
     schedule = distillation.schedule
-    grid = distillation.grid.to(latents.device)
-    start = grid[noise.indices]  # t_{n+k}
+    start = distillation.grid[noise.indices]  # t_{n+k}
     previous = (start - distillation.skip).clamp(min=0)  # t_n
     # The step works in the noise's dtype (float32 in training; float64 in the exactness tests).
     z_start = schedule.add_noise(latents.to(noise.noise.dtype), noise.noise, start)

@@ -74,6 +74,12 @@ INFO_KEYS = (
 _UNSTABLE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype"}
 
 
+def default_cache_batch(resolution: int) -> int:
+    """Images per encoder call: 32 up to 512 px, fewer above, so that a full-resolution float32 activation of the
+    VAE encoder (128 channels) stays at 4 GiB, as 32 images at 512 px make it (1024 px: 8, not 32 and 16 GiB)."""
+    return max(1, min(32, 32 * 512**2 // resolution**2))
+
+
 def write_cache(
     teacher: str | os.PathLike[str],
     source: str | os.PathLike[str],
@@ -81,7 +87,7 @@ def write_cache(
     *,
     resolution: int,
     samples: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     samples_per_shard: int = 1000,
     dtype: str = "float32",
     device: str | torch.device = "cpu",
@@ -90,11 +96,13 @@ def write_cache(
     """Encode one pass over ``source`` (at most ``samples``) with ``teacher``'s encoders into the cache ``out``.
 
     The images are prepared as :class:`~rglcd.data.TrainStream` prepares them with ``center_crop`` and without
-    flips or caption dropout, and encoded ``batch_size`` at a time on ``device`` in float32; unusable samples
-    are skipped. Raises :class:`DataError` if ``out`` exists or the source is unusable; an interrupted write
-    leaves no ``out`` (only ``out.partial``, removed by the next attempt). Returns ``out``.
+    flips or caption dropout, and encoded ``batch_size`` (default :func:`default_cache_batch`) at a time on
+    ``device`` in float32; unusable samples are skipped. Raises :class:`DataError` if ``out`` exists or the source
+    is unusable; an interrupted write leaves no ``out`` (only ``out.partial``, removed by the next attempt).
+    Returns ``out``.
     """
     out = Path(out)
+    batch_size = default_cache_batch(resolution) if batch_size is None else batch_size
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     for name, value in (("batch_size", batch_size), ("samples_per_shard", samples_per_shard), ("samples", samples)):

@@ -1,5 +1,6 @@
 """The models of a run: the teacher and its conditioning, the student and its EMA target, VAE helpers."""
 
+from ..devices import host_to_device
 from .speed import SpeedSwitches, speed_up, use_tf32
 from .student import build_student, build_target, update_ema
 from .teacher import (
@@ -11,13 +12,14 @@ from .teacher import (
     has_component,
     load_raw_config,
     load_teacher,
+    place,
     read_pipeline_index,
     read_sd_layout_index,
     sdxl_added_cond,
     sdxl_time_ids,
     text_conditioning,
 )
-from .vae import decode_latents, reward_input, vae_scale_factor
+from .vae import decode_latents, reward_input, vae_dtype, vae_scale_factor
 
 __all__ = [
     "REQUIRED_COMPONENTS",
@@ -30,8 +32,10 @@ __all__ = [
     "encode_prompts",
     "encode_sdxl_prompts",
     "has_component",
+    "host_to_device",
     "load_raw_config",
     "load_teacher",
+    "place",
     "read_pipeline_index",
     "read_sd_layout_index",
     "reward_input",
@@ -41,5 +45,6 @@ __all__ = [
     "text_conditioning",
     "update_ema",
     "use_tf32",
+    "vae_dtype",
     "vae_scale_factor",
 ]

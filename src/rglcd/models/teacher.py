@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..schedules import NoiseSchedule
-from .vae import vae_scale_factor
+from .vae import vae_dtype, vae_scale_factor
 
 # The components an SD-layout pipeline folder must have (model_index.json keys).
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -51,18 +51,27 @@ class Teacher:
         return vae_scale_factor(self.vae.config)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None, unet: bool = True) -> Teacher:
-        """Move (and cast) the parts; ``unet=False`` leaves the UNet alone (a LoRA run's, which is the student)."""
-        verbosity = diffusers_logging.get_verbosity()
-        # diffusers warns of "modules that should be kept in float32: []" on every cast, even when there are none.
-        diffusers_logging.set_verbosity_error()
-        try:
-            for module in [self.unet, *self.encoders()] if unet else self.encoders():
-                module.to(device)
-                if dtype is not None and module.dtype != dtype:
-                    module.to(dtype)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
+        """:func:`place` the parts; ``unet=False`` leaves the UNet alone (a LoRA run's, which is the student)."""
+        place(self, device, dtype, unet)
         return self
+
+
+def place(parts: Any, device: torch.device | str, dtype: torch.dtype | None = None, unet: bool = True) -> None:
+    """In place: a pipeline's (or :class:`Teacher`'s) UNet and text encoder(s) to ``device`` in ``dtype`` (None:
+    as they are), its VAE in :func:`vae_dtype`. One ``Module.to(device, dtype)`` each casts every weight on its way,
+    so no float32 copy of a model reaches the GPU before the cast, and an upcast VAE keeps its weights exactly."""
+    sdxl = getattr(parts, "text_encoder_2", None) is not None
+    modules = [parts.unet] if unet else []
+    modules += [module for module in (parts.text_encoder, getattr(parts, "text_encoder_2", None)) if module is not None]
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers warns of "modules that should be kept in float32: []" on every cast, even when there are none.
+    diffusers_logging.set_verbosity_error()
+    try:
+        for module in modules:
+            module.to(device, dtype)
+        parts.vae.to(device, dtype and vae_dtype(parts.vae, dtype, sdxl))
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def read_pipeline_index(source: str, revision: str | None) -> dict:

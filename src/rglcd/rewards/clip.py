@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
 from ..architectures import clip_tokenizer
+from ..devices import host_to_device
 from .base import RewardModel, check_batch, register_reward
 from .weights import load_state_dict, load_strict, resolve_file
 
@@ -226,7 +227,9 @@ class ClipScorer(RewardModel):
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Unit-norm text embeddings [B, D]."""
-        return self.clip.encode_text(self.tokenize(prompts).to(self.clip.logit_scale.device), normalize=True)
+        return self.clip.encode_text(
+            host_to_device(self.tokenize(prompts), self.clip.logit_scale.device), normalize=True
+        )
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_batch(images, prompts)
@@ -444,7 +447,7 @@ class PickScore(RewardModel):
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Unit-norm text embeddings [B, D]."""
         tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
-        tokens = tokens.to(self.preprocess.mean.device)
+        tokens = {key: host_to_device(ids, self.preprocess.mean.device) for key, ids in tokens.items()}
         return F.normalize(_projected(self.model.get_text_features(**tokens)), dim=-1)
 
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

@@ -33,8 +33,9 @@ from pathlib import Path
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+from transformers import BatchEncoding, BertTokenizer, BlipTextConfig, BlipTextModel
 
+from ..devices import host_to_device
 from .base import RewardModel, check_batch, register_reward
 from .clip import ClipPreprocess, linear_mlp_head
 from .weights import load_state_dict, load_strict, resolve_file
@@ -171,10 +172,11 @@ class ImageReward(RewardModel):
             load_strict(self, state, path)
         self.freeze()
 
-    def tokenize(self, prompts: Sequence[str]):
-        return self.tokenizer(
+    def tokenize(self, prompts: Sequence[str]) -> BatchEncoding:
+        tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.config.max_length, return_tensors="pt"
-        ).to(self.preprocess.mean.device)
+        )
+        return BatchEncoding({key: host_to_device(ids, self.preprocess.mean.device) for key, ids in tokens.items()})
 
     def enable_gradient_checkpointing(self) -> None:
         # The image tower (timm); transformers checkpoints its text encoder only in training mode, never for a reward.

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from open_clip.transformer import lock_text_tower
 from torch import Tensor, nn
 
+from ..devices import host_to_device
 from ..models import decode_latents
 from .clip import ClipScorer, small_open_clip
 from .weights import load_model_weights, read_model_config, save_model_folder
@@ -205,13 +206,14 @@ def proxy_fit(
 ) -> ProxyFit:
     """The LRM's preference loss on the samples ``indices`` [R] of a batch.
 
-    ``model_pred``, ``target``, ``latents``: the step's student prediction, target prediction and clean latents
-    [B, C, h, w], all × the VAE scaling factor. The expert scores the three decoded latents per sample; its
-    logits are multiplied by ``expert_scale``, or by the LRM's own exp(logit_scale) when
+    ``indices``: a CPU tensor. ``model_pred``, ``target``, ``latents``: the step's student prediction, target
+    prediction and clean latents [B, C, h, w], all × the VAE scaling factor. The expert scores the three decoded
+    latents per sample; its logits are multiplied by ``expert_scale``, or by the LRM's own exp(logit_scale) when
     ``expert_scale_from_proxy`` (the official code's choice for ImageReward, which has no logit scale).
     """
-    scaled = torch.cat([x[indices].detach().float() for x in (model_pred, target, latents)])  # [3R, C, h, w]
-    texts = [prompts[i] for i in indices.tolist()] * 3
+    texts = [prompts[i] for i in indices.tolist()] * 3  # indices on the CPU: no read back from the GPU
+    chosen = host_to_device(indices, model_pred.device)
+    scaled = torch.cat([x[chosen].detach().float() for x in (model_pred, target, latents)])  # [3R, C, h, w]
     with torch.no_grad():
         images = decode_latents(vae, scaled, decode_batch_size)  # [3R, 3, H, W]
         expert_logits = expert.logits(images, texts).float()

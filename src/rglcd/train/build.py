@@ -117,6 +117,17 @@ def build_networks(config: TrainConfig, teacher: Teacher, device: torch.device) 
     return networks
 
 
+def shard_target(accelerator: Accelerator, target: torch.nn.Module) -> torch.nn.Module:
+    """The EMA target under FSDP2, sharded as accelerate shards the student (the same mesh, wrap policy and
+    precision, so each rank's shard of θ⁻ matches its shard of θ): the EMA update is local to each shard (no
+    collective), the fp32 target is never whole on a GPU, and its forward gathers one block at a time."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    target = fsdp2_prepare_model(accelerator, target)
+    target.set_reshard_after_forward(True)  # the root's too: θ⁻ is sharded again when the EMA update reaches it
+    return target
+
+
 def ema_pairs(
     student: torch.nn.Module, target: torch.nn.Module | AdapterView
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from ..files import atomic_folder, partial_folder
 from .errors import TrainingError
@@ -143,9 +144,9 @@ def save_checkpoint(
             accelerator.save_state(str(partial))
             save_file({"state": generator.get_state()}, partial / f"generator-{accelerator.process_index}.safetensors")
             data_states = gather_objects(accelerator, stream.state_dict())
+            for name, module in modules.items():
+                save_whole(module, partial / f"{name}.safetensors", main)
             if main:
-                for name, module in modules.items():
-                    save_model(module, str(partial / f"{name}.safetensors"))
                 for name, optimizer in optimizers.items():
                     torch.save(optimizer.state_dict(), partial / f"{name}.pt")  # tensors and numbers: weights_only
                 (partial / TRAINER_STATE).write_text(json.dumps({**trainer_state, "data": data_states}))
@@ -170,7 +171,7 @@ def load_checkpoint(
     try:
         accelerator.load_state(str(checkpoint))
         for name, module in modules.items():
-            load_model(module, str(checkpoint / f"{name}.safetensors"), device=str(next(module.parameters()).device))
+            load_whole(module, checkpoint / f"{name}.safetensors", accelerator.is_main_process)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(torch.load(checkpoint / f"{name}.pt", map_location="cpu", weights_only=True))
         generator.set_state(load_file(checkpoint / f"generator-{accelerator.process_index}.safetensors")["state"])
@@ -180,6 +181,35 @@ def load_checkpoint(
         raise TrainingError(f"{checkpoint} cannot be resumed ({type(error).__name__}: {str(error)[:300]})") from error
     stream.load_state_dict(state["data"][accelerator.process_index])
     accelerator.print(f"resumed from {checkpoint} at step {state['global_step']}")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 shards the module's weights (DTensors; the EMA target of an FSDP run)."""
+    return any(hasattr(param, "full_tensor") for param in module.parameters())
+
+
+def save_whole(module: nn.Module, path: Path, main: bool) -> None:
+    """The module's whole weights to ``path`` by the main process; a sharded module's are gathered first (a
+    collective: every rank calls this)."""
+    if is_sharded(module):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole on the main process's CPU only
+        weights = get_model_state_dict(module, options=options)
+        if main:
+            save_file({key: value.contiguous() for key, value in weights.items()}, path)
+    elif main:
+        # force_contiguous: channels-last weights are not (older safetensors default to refusing them).
+        save_model(module, str(path), force_contiguous=True)
+
+
+def load_whole(module: nn.Module, path: Path, main: bool) -> None:
+    """What :func:`save_whole` wrote, into the module; a sharded module's read by the main process and sent to the
+    others' shards (a collective)."""
+    if is_sharded(module):
+        weights = load_file(path) if main else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, weights, options=options)
+    else:
+        load_model(module, str(path), device=str(next(module.parameters()).device))
 
 
 def check_safe_to_load(checkpoint: Path, process_index: int) -> None:

@@ -6,7 +6,6 @@ backward → optimizer → proxy fit → EMA → log / validate / checkpoint) �
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import json
@@ -18,11 +17,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
+from diffusers import UNet2DConditionModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data import check_cache, is_cache, teacher_fingerprint
-from ..export import export_fused, export_pipeline, save_lora, write_model_card
+from ..export import contiguous, export_fused, export_pipeline, save_lora, write_model_card
 from ..lora import STUDENT, TARGET
 from ..models import Teacher, load_teacher, update_ema
 from ..rewards.latent import LatentClip, ProxyFit, proxy_fit
@@ -43,6 +44,7 @@ from .build import (
     float_conditions,
     prepare_batch,
     set_trainable,
+    shard_target,
     unconditional,
 )
 from .checkpoints import (
@@ -56,13 +58,11 @@ from .checkpoints import (
 )
 from .errors import TrainingError
 from .monitor import (
+    StepsPeak,
     flat_scalars,
-    peak_memory_of_the_steps,
     rank_checksums,
-    reset_peak_memory,
     step_time_summary,
     validate_samples,
-    whole,
 )
 from .prefetch import Prefetch
 
@@ -140,10 +140,12 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
             center_crop=config.data.center_crop, random_flip=config.data.random_flip,
         )  # fmt: skip
     networks = build_networks(config, teacher, accelerator.device)
-    distillation = build_distillation(config, teacher, networks.student)
+    distillation = build_distillation(config, teacher, networks.student).to(accelerator.device)
     expert = expert.to(accelerator.device) if expert is not None else None
     optimizer, lr_scheduler = build_optimizers(config, networks.student, accelerator.num_processes, sharded)
     networks.student, optimizer, lr_scheduler = accelerator.prepare(networks.student, optimizer, lr_scheduler)
+    if sharded:
+        networks.target = shard_target(accelerator, networks.target)
     if config.lora.rank:
         checkpoint_adapters_only(accelerator)  # the EMA target is an adapter, saved with the student's
     proxy = build_latent_proxy(config, accelerator.device)
@@ -166,8 +168,8 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
             accelerator.print(f"resumed with changed settings: {listed}")
     if accelerator.is_main_process:
         accelerator.init_trackers("rglcd", config=settings)
-    step_seconds = run_steps(run)
-    return export(run, step_seconds, peak_memory_of_the_steps(accelerator.device))
+    step_seconds, peak_memory = run_steps(run)
+    return export(run, step_seconds, peak_memory)
 
 
 def build_latent_proxy(config: TrainConfig, device: torch.device) -> Proxy | None:
@@ -206,8 +208,9 @@ def checkpointed(run: Run) -> tuple[dict[str, torch.nn.Module], dict[str, torch.
     return modules, optimizers
 
 
-def run_steps(run: Run) -> list[float]:
-    """The loop, until ``optim.max_train_steps``; returns each optimizer step's wall-clock seconds."""
+def run_steps(run: Run) -> tuple[list[float], dict]:
+    """The loop, until ``optim.max_train_steps``; returns each optimizer step's wall-clock seconds and the steps'
+    peak memory (validation and checkpoints left out)."""
     accelerator, optim = run.accelerator, run.config.optim
     # The EMA pairs, taken after prepare: FSDP replaces the student's parameters with sharded ones.
     ema_target, ema_online = ema_pairs(run.networks.student, run.networks.target)
@@ -216,7 +219,7 @@ def run_steps(run: Run) -> list[float]:
         disable=not accelerator.is_local_main_process,
     )  # fmt: skip
     step_started, step_seconds = time.perf_counter(), []
-    reset_peak_memory(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
+    steps_peak = StepsPeak(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
     with progress, run.stream:  # the progress line ended and the prefetching thread stopped, also when a step raises
         batches = iter(run.stream)
         while run.global_step < optim.max_train_steps:
@@ -232,6 +235,8 @@ def run_steps(run: Run) -> list[float]:
                     run.optimizer.step()
                     run.lr_scheduler.step()
                     fit = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else None
+                else:  # release the failed step's graph now, not when the next forward has run: two at once can OOM
+                    del output, latents
                 run.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -247,9 +252,9 @@ def run_steps(run: Run) -> list[float]:
                 logs = step_logs(run, output, grad_norm, fit, step_seconds[-1])
                 progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
                 accelerator.log(logs, step=run.global_step)
-            after_step(run)
+            after_step(run, steps_peak)
             step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
-    return step_seconds
+    return step_seconds, steps_peak.summary()
 
 
 def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
@@ -275,14 +280,11 @@ def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
 
 
 def ema_update(run: Run, ema_target: list[torch.Tensor], ema_online: list[torch.Tensor]) -> None:
-    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ after the update. FSDP's sharded parameters are gathered whole one at a time, so a
-    whole student never sits on one GPU."""
-    decay = run.config.distill.ema_decay
-    if not run.sharded:
-        update_ema(ema_target, ema_online, decay)
-        return
-    for target_param, online in zip(ema_target, ema_online, strict=True):
-        update_ema([target_param], [whole(online)], decay)
+    """θ⁻ ← μ·θ⁻ + (1 − μ)·θ after the update. Under FSDP target and student are sharded alike (shard_target):
+    each rank updates its own shard, with no collective."""
+    if run.sharded:
+        ema_target, ema_online = [param.to_local() for param in ema_target], [p.to_local() for p in ema_online]
+    update_ema(ema_target, ema_online, run.config.distill.ema_decay)
 
 
 def is_log_step(run: Run) -> bool:
@@ -299,7 +301,7 @@ def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: lis
     accelerator, proxy, latent = run.accelerator, run.proxy, run.config.reward.latent
     set_trainable(proxy.params, True)
     proxy.model.train()
-    indices = torch.randperm(len(latents), generator=run.generator)[: latent.batch_size].to(latents.device)
+    indices = torch.randperm(len(latents), generator=run.generator)[: latent.batch_size]  # [R], on the CPU
     with accelerator.autocast():
         fit = proxy_fit(
             proxy.model, run.expert, run.teacher.vae,
@@ -313,13 +315,26 @@ def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: lis
     else:  # a non-finite preference loss would poison the proxy, and with it every later student step
         logger.warning("non-finite latent proxy loss; the proxy's update from this batch is skipped")
     if accelerator.sync_gradients:
-        if accelerator.num_processes > 1:  # as DDP does for the student: every rank takes the mean gradient
-            for param in proxy.params:
-                if param.grad is not None:
-                    param.grad = accelerator.reduce(param.grad, reduction="mean")
-        proxy.optimizer.step()
+        grads = [param.grad for param in proxy.params if param.grad is not None]
+        if grads:
+            reduce_proxy_gradients(accelerator, grads)
+            # Unscaled fp16 gradients can overflow: an inf would poison the proxy's Adam states for good.
+            if torch.stack(torch._foreach_norm(grads)).isfinite().all():  # the same on every rank (reduced)
+                proxy.optimizer.step()
+            else:
+                logger.warning("non-finite latent proxy gradients; the proxy's update is skipped")
         proxy.optimizer.zero_grad(set_to_none=True)
     return fit
+
+
+def reduce_proxy_gradients(accelerator: Accelerator, grads: list[torch.Tensor]) -> None:
+    """In place: the mean of the proxy's gradients over the processes, as DDP does for the student, in one
+    collective over all of them flattened (not one per parameter)."""
+    if accelerator.num_processes == 1:
+        return
+    flat = accelerator.reduce(torch.cat([grad.flatten() for grad in grads]), reduction="mean")
+    for grad, mean in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+        grad.copy_(mean.view_as(grad))
 
 
 def skip_non_finite_step(run: Run) -> None:
@@ -360,14 +375,17 @@ def step_logs(
     return logs
 
 
-def after_step(run: Run) -> None:
-    """Validate every ``logging.validation_steps``, checkpoint every ``logging.checkpointing_steps``."""
+def after_step(run: Run, steps_peak: StepsPeak) -> None:
+    """Validate every ``logging.validation_steps``, checkpoint every ``logging.checkpointing_steps`` (both left out
+    of the steps' peak memory)."""
     step, logging_config, accelerator = run.global_step, run.config.logging, run.accelerator
     if logging_config.validation_steps and step % logging_config.validation_steps == 0:
         student = accelerator.unwrap_model(run.networks.student)
-        validate_samples(accelerator, run.config, run.teacher, student, run.distillation, step, run.sharded)
+        with steps_peak.paused():
+            validate_samples(accelerator, run.config, run.teacher, student, run.distillation, step, run.sharded)
     if step % logging_config.checkpointing_steps == 0:
-        save_run_checkpoint(run)
+        with steps_peak.paused():
+            save_run_checkpoint(run)
 
 
 def save_run_checkpoint(run: Run) -> Path:
@@ -392,13 +410,11 @@ def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
     if run.proxy is not None:
         trained["latent_rm"] = run.proxy.model
     checksums, ranks_agree = rank_checksums(accelerator, trained)
-    if run.sharded:  # one whole copy on the main process (a collective: every rank takes part)
-        student_weights = accelerator.get_state_dict(networks.student)
-        if accelerator.is_main_process:  # on the CPU, where the gathered weights are: no second UNet on the GPU
-            final_student = copy.deepcopy(networks.target.cpu())
-            final_student.load_state_dict(student_weights)
+    final_target = networks.target
+    if run.sharded:  # whole copies on the main process's CPU (collectives: every rank takes part)
+        final_student, final_target = (unsharded(accelerator, module) for module in (networks.student, networks.target))
     if accelerator.is_main_process:
-        save_models(run, final_student)
+        save_models(run, final_student, final_target)
         summary = {
             "global_step": run.global_step, "processes": accelerator.num_processes, "parameter_checksums": checksums,
             "ranks_agree": ranks_agree, "skipped_samples": run.stream.stats.skipped,
@@ -412,7 +428,17 @@ def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
     return out / "lora" if run.config.lora.rank else out / "student"
 
 
-def save_models(run: Run, student: torch.nn.Module) -> None:
+def unsharded(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module | None:
+    """An FSDP-sharded UNet whole, as a plain UNet on the main process's CPU (None elsewhere); a collective."""
+    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    plain = UNet2DConditionModel.from_config(accelerator.unwrap_model(module).config)
+    plain.load_state_dict(weights)
+    return plain
+
+
+def save_models(run: Run, student: torch.nn.Module, target: torch.nn.Module) -> None:
     out, teacher = run.out, run.teacher
     for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
         frozen.float()
@@ -426,6 +452,7 @@ def save_models(run: Run, student: torch.nn.Module) -> None:
             out / "student", student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
         )
         write_model_card(out / "student", run.config, "pipeline")
-        run.networks.target.save_pretrained(out / "target_unet")
+        contiguous(target)
+        target.save_pretrained(out / "target_unet")
     if run.proxy is not None:
         run.proxy.model.save_pretrained(out / "latent_rm", {"fitted_steps": run.global_step})
