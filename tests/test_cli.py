@@ -131,6 +131,56 @@ def test_sample_errors_are_clear(demo_run, tmp_path):
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
+def test_sample_in_bf16_records_its_dtype(demo_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    args = ["sample", "--model", demo_run / "rglcd" / "student", "--prompt", "a red picture", "--steps", "2"]
+    run_main(*args, "--dtype", "bf16", "--num-images", "2", "--out", tmp_path / "bf16")
+    run_main(*args, "--num-images", "2", "--out", tmp_path / "default")
+    assert json.loads((tmp_path / "bf16" / "samples.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "default" / "samples.json").read_text())["dtype"] == "float32"  # the CPU's default
+    for name in ("000-00.png", "000-01.png"):
+        low, full = (np.asarray(Image.open(tmp_path / run / name), dtype=int) for run in ("bf16", "default"))
+        assert low.shape == (32, 32, 3) and np.abs(low - full).mean() < 8 and not np.array_equal(low, full)
+
+
+@pytest.mark.parametrize("command", [["sample", "--model", "M", "--out", "O"], ["eval", "--model", "M"], ["serve"]])
+def test_dtype_choices_and_default(command):
+    from rglcd.cli import DTYPES, build_parser
+    from rglcd.models.speed import SAMPLING_DTYPES
+
+    assert DTYPES == tuple(SAMPLING_DTYPES)
+    parser = build_parser()
+    assert parser.parse_args(command).dtype is None  # resolved with the device: bf16 on a GPU, fp32 on the CPU
+    assert parser.parse_args([*command, "--dtype", "fp16"]).dtype == "fp16"
+    errors = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(errors):
+        parser.parse_args([*command, "--dtype", "float16"])
+    assert stop.value.code == 2 and "argument --dtype: invalid choice: 'float16'" in errors.getvalue()
+
+
+def test_a_device_that_is_not_here_is_a_one_line_error(demo_run, tmp_path, monkeypatch):
+    import torch
+
+    from rglcd.models.speed import pick_device
+
+    student = demo_run / "rglcd" / "student"
+    if not torch.cuda.is_available():
+        result = run_main("sample", "--model", student, "--prompt", "x", "--device", "cuda", "--out", tmp_path,
+                          check=False)  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr == "rglcd sample: --device cuda: torch sees no CUDA GPU here; use cpu (or auto)\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto") == pick_device("cuda") == torch.device("cuda")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"cuda:2: torch sees 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+    with pytest.raises(ValueError, match="gpu: not a device; use auto, cpu, cuda or cuda:N"):
+        pick_device("gpu")
+
+
 README = ROOT / "README.md"
 DOC_PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 

@@ -8,8 +8,12 @@ import sys
 import pytest
 import torch
 
+from rglcd.eval_command import EvalSettings, run_eval
+from rglcd.evaluate import EvalError
 from rglcd.export import export_pipeline
 from rglcd.models import build_student, load_teacher
+from rglcd.rewards import register_reward
+from rglcd.rewards.base import RewardModel
 
 from .test_cli import run_main
 
@@ -197,3 +201,50 @@ def test_a_retrained_model_at_the_same_path_is_evaluated_again(models, tmp_path)
     assert image.read_bytes() != made
     after = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert after[0]["colorfulness"] != before[0]["colorfulness"]
+
+
+SEEN_ON = []  # (the reward's weights' device, its images' device) per call
+
+
+@register_reward("test-device-recorder")
+class DeviceRecorder(RewardModel):
+    """Scores 0 and records where its weights and the images it reads are."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, images, prompts):
+        SEEN_ON.append((self.weight.device, images.device))
+        return torch.zeros(len(images))
+
+
+def test_dtype_is_recorded_and_the_metrics_follow_the_eval_device(models, tmp_path):
+    """bf16 on the CPU is written to the manifest and results.json (images of another dtype are never reused); the
+    rewards and the images they read go to the eval's device (the meta device, which a CPU has)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    common = dict(models=[f"lcm={models[1]}"], prompts=str(prompts), steps=(1,), metrics=["test-device-recorder"],
+                  out=tmp_path / "eval")  # fmt: skip
+    results = run_eval(EvalSettings(**common, device="cpu", dtype="bf16"))
+    assert (results["settings"]["device"], results["settings"]["dtype"]) == ("cpu", "bfloat16")
+    manifest = json.loads((tmp_path / "eval" / "images" / "lcm-1" / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    assert SEEN_ON == [(torch.device("cpu"), torch.device("cpu"))]
+    with pytest.raises(EvalError, match="holds images made with another dtype"):
+        run_eval(EvalSettings(**common, device="cpu"))  # fp32, the CPU's default
+    SEEN_ON.clear()
+    results = run_eval(EvalSettings(**common, device="meta", dtype="bf16"))  # the images are reused: only scored
+    assert SEEN_ON == [(torch.device("meta"), torch.device("meta"))]
+    assert results["settings"]["device"] == "meta"
+
+
+def test_cuda_without_a_gpu_and_an_unknown_dtype_are_one_line_errors(models, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_main("eval", "--model", models[1], "--device", "cuda", "--out", tmp_path / "eval", check=False)
+    assert result.returncode == 2
+    assert result.stderr == "rglcd eval: --device cuda: torch sees no CUDA GPU here; use cpu (or auto)\n"
+    result = run_main("eval", "--model", models[1], "--dtype", "fp8", "--out", tmp_path / "eval", check=False)
+    assert result.returncode == 2 and "argument --dtype: invalid choice: 'fp8'" in result.stderr
+    assert not (tmp_path / "eval").exists()

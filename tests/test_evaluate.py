@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from rglcd.evaluate import (
     FeatureExtractor,
     FrechetDistance,
     Metrics,
+    _measure,
     bootstrap_mean,
     chunk_statistics,
     comparison_pairs,
@@ -255,3 +257,65 @@ def test_pipeline_kind_reads_the_scheduler(contenders, tmp_path):
     assert pipeline_kind(contenders[0].path) == "teacher" and pipeline_kind(contenders[1].path) == "lcm"
     with pytest.raises(EvalError, match=r"no model_index\.json"):
         pipeline_kind(tmp_path)
+
+
+def test_timings_wait_for_the_device_after_a_warm_up_batch(contenders, tmp_path, monkeypatch):
+    """The clock is read only with the device's queue drained (CUDA returns before its kernels finish), and the first
+    batch, which pays for compilation and the allocator, is run once untimed."""
+    import rglcd.evaluate as module
+
+    events, ticks = [], iter(range(100))
+    sample = module._sample
+    monkeypatch.setattr(module, "synchronize", lambda device: events.append(f"sync {device}"))
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or next(ticks)))
+    monkeypatch.setattr(module, "_sample", lambda *args: events.append(f"sample {len(args[2])}") or sample(*args))
+    lcm = contenders[1]
+    ms = generate(lcm, load_contender(lcm, device="cpu"), CAPTIONS, 1, tmp_path, batch_size=2)
+    assert events == [
+        "sample 2",  # the warm-up: the first batch, untimed
+        "sync cpu", "clock", "sample 2", "sync cpu", "clock",
+        "sync cpu", "clock", "sample 1", "sync cpu", "clock",
+    ]  # fmt: skip
+    assert ms == pytest.approx(1000 * 2 / 3)  # two batches of one tick each, over three images
+
+
+def write_pictures(folder, count):
+    folder.mkdir()
+    for index in range(count):
+        Image.new("RGB", (8, 8), (40 * index, 0, 0)).save(folder / f"{index:05d}.png")
+    return image_paths(folder, count)
+
+
+class RecordDevice:
+    """A set metric that records the device of the images it reads."""
+
+    def __init__(self):
+        self.devices = []
+
+    def reset(self):
+        pass
+
+    def update(self, images, captions, records):
+        self.devices.append(images.device)
+
+    def compute(self):
+        return 0.0
+
+
+def test_the_metrics_read_every_image_batch_on_the_eval_device(tmp_path):
+    seen, per_set = [], RecordDevice()
+    metrics = Metrics(
+        per_image={"where": lambda images, texts, records: seen.append(images.device) or torch.zeros(len(images))},
+        per_set={"where-set": per_set},
+        benchmark_scales={},
+    )
+    values = _measure(write_pictures(tmp_path / "images", 3), CAPTIONS, CAPTIONS, metrics, 2, torch.device("meta"))
+    assert seen == per_set.devices == [torch.device("meta")] * 2 and values["where"] == [0.0] * 3
+
+
+def test_frechet_distance_holds_its_model_and_reads_its_references_on_its_device():
+    seen = []
+    extractor = FeatureExtractor(lambda images: seen.append(images.device) or images.mean(dim=(1, 2, 3))[:, None], 1)
+    fid = FrechetDistance(extractor, iter([torch.rand(4, 3, 8, 8)]), device="meta")
+    fid.update(torch.rand(2, 3, 8, 8, device="meta"), [], [])
+    assert seen == [torch.device("meta")] * 2 and fid.fid.real_features_sum.device == torch.device("meta")

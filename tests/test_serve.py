@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 from rglcd.sampling import lcm_sample, lcm_scheduler, to_pil
 from rglcd.serve import (
+    WARM_UP,
     RequestError,
     ServedModel,
     ServeSettings,
@@ -266,3 +268,30 @@ def test_the_page_in_a_headless_browser(tiny_world_cache, quickstart_folder, tmp
             server.wait(timeout=30)
     shot = Image.open(tmp_path / "serve.png")
     assert shot.size[0] >= 1000 and np.asarray(shot.convert("L")).std() > 10  # a drawn page, not a blank one
+
+
+def test_models_load_in_the_given_dtype_and_run_once_before_serving(served, monkeypatch):
+    import rglcd.serve as module
+
+    with pytest.raises(RequestError, match="--dtype fp8: not a sampling dtype"):  # refused before any weights load
+        load_models(ServeSettings([f"LCM={served['student']}"], dtype="fp8"))
+    runs, real = [], module.generate
+    monkeypatch.setattr(
+        module, "generate", lambda models, request, reward=None: runs.append(request) or real(models, request, reward)
+    )
+    models, _ = load_models(ServeSettings([f"LCM={served['student']}", f"teacher={served['teacher']}"], dtype="bf16"))
+    assert runs == [WARM_UP]  # each model ran once: the first request's time is not the GPU's start-up
+    assert [(model.parts.unet.dtype, model.parts.text_encoder.dtype) for model in models] == [(torch.bfloat16,) * 2] * 2
+    for sample in real(models, check_request(models, **{**GOOD, "teacher_steps": 2})):
+        assert sample.image.size == (32, 32) and np.asarray(sample.image).std() > 0  # a picture, not a NaN-black one
+
+
+def test_the_clock_reads_the_time_with_the_device_queue_drained(served, monkeypatch):
+    import rglcd.serve as module
+
+    models, _ = load_models(ServeSettings([f"LCM={served['student']}"]))
+    events = []
+    monkeypatch.setattr(module, "synchronize", lambda device: events.append(f"sync {device}"))
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or 0.0))
+    generate(models, check_request(models, **GOOD))
+    assert events == ["sync cpu", "clock", "sync cpu", "clock"]

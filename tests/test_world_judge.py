@@ -272,3 +272,21 @@ def test_the_shipped_judge_on_fresh_and_deliberately_wrong_renders():
     # Swapped places: both pairs are still there, and the judge does not locate two shapes (its known limit).
     swapped = accuracy([wrong(scene, "swap") for scene in pairs], pairs)
     assert swapped["left"] >= 0.85 and swapped["right"] >= 0.85, swapped
+
+
+def test_the_judge_metrics_are_built_on_the_eval_device(tiny_world_cache, monkeypatch):
+    """The judge (metric, attributes, judge-feature FID) sits where `rglcd eval --device` sends the images."""
+    from rglcd.eval_command import FID_FEATURES, EvalSettings, MetricRequest, build_metrics
+    from rglcd.prompts import load_prompts
+    from rglcd.world import plugin
+
+    monkeypatch.setenv("RGLCD_CACHE", str(tiny_world_cache))
+    meta = torch.device("meta")
+    assert {param.device for param in plugin.world_judge(meta).parameters()} == {meta}
+    judged_on, real_judge = [], plugin.world_judge
+    monkeypatch.setattr(plugin, "world_judge", lambda device: judged_on.append(device) or real_judge(device))
+    monkeypatch.setattr(plugin, "FrechetDistance", lambda *args, **kwargs: judged_on.append(kwargs["device"]))
+    prompts, settings = load_prompts("world:4"), EvalSettings(models=[], device="meta")
+    build_metrics(["judge", "judge-attributes"], prompts, settings)
+    FID_FEATURES["world-judge"](MetricRequest(prompts, settings, meta))
+    assert judged_on == [meta, meta, meta, meta]

@@ -20,14 +20,12 @@ class UsageError(ValueError):
 
 
 def _device(name: str):
-    import torch
+    from .models.speed import pick_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+        return pick_device(name)
+    except ValueError as error:
+        raise UsageError(f"--device {error}") from None
 
 
 def _read_prompts_file(path: str) -> list[str]:
@@ -45,6 +43,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from .export import load_lcm
+    from .models import place
+    from .models.speed import sampling_dtype
     from .sampling import TCD_ETA, consistency_scheduler, lcm_sample, to_pil
 
     prompts = list(args.prompt or [])
@@ -56,7 +56,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.eta is not None and args.scheduler != "tcd":
         raise UsageError("--eta is TCD's gamma: use it with --scheduler tcd")
     eta = TCD_ETA if args.eta is None else args.eta
-    pipeline = load_lcm(args.model, _device(args.device))
+    device = _device(args.device)
+    dtype = sampling_dtype(args.dtype, device)
+    pipeline = load_lcm(args.model)
+    place(pipeline, device, dtype)
     pipeline.scheduler = consistency_scheduler(pipeline.scheduler.config, args.scheduler)
     factor = pipeline.vae_scale_factor
     if args.resolution is not None and args.resolution % factor:
@@ -77,14 +80,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         images = lcm_sample(
             pipeline.unet, pipeline.vae, pipeline, pipeline.scheduler, [prompts[index] for index, _ in batch],
             num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution, eta=eta,
-            generator=[torch.Generator(pipeline.device).manual_seed(seed) for seed in seeds],
+            generator=[torch.Generator(device).manual_seed(seed) for seed in seeds],
         )  # fmt: skip
         for (prompt_index, image_index), seed, image in zip(batch, seeds, to_pil(images), strict=True):
             name = f"{prompt_index:03d}-{image_index:02d}.png"
             image.save(out / name)
             records.append({"file": name, "prompt": prompts[prompt_index], "seed": seed, "image": image_index})
     meta = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
-    meta.update(eta=eta if args.scheduler == "tcd" else None, images=records)
+    meta.update(eta=eta if args.scheduler == "tcd" else None, dtype=str(dtype).removeprefix("torch."), images=records)
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(records)} images to {out}")
 
@@ -209,8 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if reward is not None and reward not in REWARDS:
         raise UsageError(f"--reward {reward}: choose from {', '.join(REWARDS.names())}")
     settings = ServeSettings(
-        models, args.host, args.port, reward, guidance or LCM_GUIDANCE, args.steps, str(_device(args.device))
-    )
+        models, args.host, args.port, reward, guidance or LCM_GUIDANCE, args.steps, str(_device(args.device)),
+        dtype=args.dtype,
+    )  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost"):
         print(f"rglcd serve: listening on {args.host}: anyone who can reach this machine can use the page")
     print(f"rglcd serve: loading {len(models)} model(s), then http://{args.host}:{args.port} (Ctrl+C stops)")
@@ -338,6 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         reward_kwargs=args.reward_kwargs, fid_features=args.fid_features, inception_weights=args.inception_weights,
         fid_size=args.fid_size, resolution=args.resolution, batch_size=args.batch_size, seed=args.seed,
         samplers=args.scheduler, etas=args.eta or (TCD_ETA,), speed=_speed_switches(args),
+        device=str(_device(args.device)), dtype=args.dtype,
     )  # fmt: skip
     results = run_eval(settings)
     print(f"report: {settings.out / 'report.md'}  ({results['seconds']:.0f} s)")
@@ -373,6 +378,17 @@ def _speed_switches(args: argparse.Namespace):
 
 def _add_device_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
     parser.add_argument("--device", default="auto", help=f"auto, cpu, cuda, cuda:1, ...{note}")
+
+
+DTYPES = ("fp16", "bf16", "fp32")  # rglcd.models.speed.SAMPLING_DTYPES (named here: --help imports no torch)
+
+
+def _add_dtype_argument(parser: argparse.ArgumentParser, scored: str) -> None:
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help="the models' precision (default: bf16 on a GPU, fp32 on the CPU); under fp16 an SDXL VAE whose config "
+        f"sets force_upcast decodes in fp32, as in diffusers{scored}",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +440,7 @@ def _add_sample_command(commands) -> None:
         help="TCD's gamma in [0, 1]: the share of each step that is re-noised (0: deterministic; default: 0.3)",
     )  # fmt: skip
     _add_device_argument(sample)
+    _add_dtype_argument(sample, "")
     _add_speed_arguments(sample)
     sample.add_argument("--out", required=True, help="output folder")
     sample.set_defaults(run=cmd_sample)
@@ -468,7 +485,7 @@ def _add_plan_command(commands) -> None:
     plan.add_argument(
         "--gpu", default="A100-80GB", choices=sorted(GPUS), help="memory and peak TFLOPS (default: A100-80GB)"
     )
-    plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB (default: the --gpu's)")
+    plan.add_argument("--gpu-memory", help="memory per GPU, e.g. 24GiB; 80GB is decimal (default: the --gpu's)")
     plan.add_argument("--processes", type=_positive_int, default=1, help="GPUs (processes) the run uses (default: 1)")
     plan.add_argument("--fsdp", action="store_true", help="shard the student over the processes (FSDP2)")
     plan.add_argument(
@@ -495,7 +512,11 @@ def _add_cache_command(commands) -> None:
         "--resolution", type=_positive_int, required=True, help="image size before encoding, as data.resolution"
     )
     cache.add_argument("--samples", type=_positive_int, help="encode at most this many (default: one pass over DATA)")
-    cache.add_argument("--batch-size", type=_positive_int, default=32, help="images per encoder call (default: 32)")
+    cache.add_argument(
+        "--batch-size", type=_positive_int,
+        help="images per encoder call (default: 32 up to 512 px, fewer above: 8 at 1024 px, so that the VAE "
+        "encoder's float32 activations stay as large as at 512 px)",
+    )  # fmt: skip
     cache.add_argument("--samples-per-shard", type=_positive_int, default=1000)
     cache.add_argument(
         "--dtype", default="float32", choices=("float32", "float16"), help="on disk (float16 halves the size)"
@@ -561,6 +582,8 @@ def _add_eval_command(commands) -> None:
     evaluation.add_argument("--resolution", type=_positive_int, help="generation size (default: each model's own)")
     evaluation.add_argument("--batch-size", type=_positive_int, default=16, help="images per UNet call (default: 16)")
     evaluation.add_argument("--seed", type=int, default=0)
+    _add_device_argument(evaluation, " (the models and every metric)")
+    _add_dtype_argument(evaluation, "; rewards and metrics score in fp32, so scores compare across --dtype")
     _add_speed_arguments(evaluation)
     evaluation.add_argument("--out", default="runs/eval", help="report folder (default: runs/eval)")
     evaluation.set_defaults(run=cmd_eval)
@@ -611,6 +634,7 @@ def _add_serve_command(commands) -> None:
     )  # fmt: skip
     serve.add_argument("--steps", type=int, default=2, choices=range(1, 9), metavar="{1..8}", help="initial steps")
     _add_device_argument(serve)
+    _add_dtype_argument(serve, "; the --reward scores in fp32")
     serve.set_defaults(run=cmd_serve)
 
 

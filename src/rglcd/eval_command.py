@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import LCMScheduler
 
 from .evaluate import (
@@ -33,6 +34,7 @@ from .evaluate import (
 from .export import add_evaluation_to_card
 from .metrics import high_frequency_share
 from .models import SpeedSwitches
+from .models.speed import pick_device, sampling_dtype
 from .plugins import Registry
 from .prompts import Prompt, load_prompts, prompt_set
 from .report import markdown_table, write_report
@@ -64,14 +66,18 @@ class EvalSettings:
     samplers: tuple[str, ...] = ("lcm",)  # the LCM models' schedulers: lcm and/or tcd (rglcd.sampling.SAMPLERS)
     etas: tuple[float, ...] = (TCD_ETA,)  # TCD's γ values, one row set each
     speed: SpeedSwitches = field(default_factory=SpeedSwitches)  # channels-last, torch.compile, TF32
+    device: str = "auto"  # where models sample and metrics score: auto (the first GPU, else the CPU), cpu, cuda:N
+    dtype: str | None = None  # the models' fp16, bf16 or fp32 (rglcd.models.speed); None: bf16 on a GPU, else fp32
 
 
 @dataclass(frozen=True)
 class MetricRequest:
-    """What a metric is built from: the prompts (with their records and references) and the settings."""
+    """What a metric is built from: the prompts (with their records and references), the settings and the device its
+    model must be on: the image batches it reads come there."""
 
     prompts: list[Prompt]
     settings: EvalSettings
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -165,20 +171,37 @@ def build_contenders(settings: EvalSettings) -> list[Contender]:
     return contenders
 
 
+def eval_device(settings: EvalSettings) -> torch.device:
+    """``settings.device`` as a torch device (``auto``: the first GPU, else the CPU); an EvalError if it is not one."""
+    try:
+        return pick_device(settings.device)
+    except ValueError as error:
+        raise EvalError(f"--device {error}") from None
+
+
+def eval_dtype(settings: EvalSettings) -> torch.dtype:
+    """``settings.dtype`` as the torch dtype the models sample in (None: bfloat16 on a GPU, else float32)."""
+    try:
+        return sampling_dtype(settings.dtype, eval_device(settings))
+    except ValueError as error:
+        raise EvalError(f"--dtype {error}") from None
+
+
 def build_metrics(names: Sequence[str], prompts: list[Prompt], settings: EvalSettings) -> Metrics:
-    """Every metric, built (weights loaded, references read) before anything is generated."""
+    """Every metric, built (weights loaded, references read) on the settings' device before anything is generated.
+    Rewards score in float32 whatever the models' dtype, so scores compare across --dtype."""
     unknown = [name for name in names if name not in METRICS and name not in REWARDS]
     if unknown:
         choices = ", ".join([*REWARDS.names(), *METRICS.names()])
         raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {choices}")
     metrics = Metrics(per_image={}, per_set={}, benchmark_scales={})
-    request = MetricRequest(prompts, settings)
+    request = MetricRequest(prompts, settings, eval_device(settings))
     for name in names:
         if name in METRICS:
             METRICS[name].add(metrics, request)
             continue
         try:
-            reward = build_reward(name, **settings.reward_kwargs.get(name, {}))
+            reward = build_reward(name, **settings.reward_kwargs.get(name, {})).to(request.device)
         except (FileNotFoundError, ValueError, TypeError) as error:  # weights missing, bad --reward-kwargs
             raise EvalError(f"metric {name}: {error}") from error
         metrics.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
@@ -206,7 +229,9 @@ def _inception_fid(request: MetricRequest) -> FrechetDistance:
     except ImportError as error:
         raise EvalError("fid with Inception needs torch-fidelity: pip install 'rglcd[fid]'") from error
     batches = (batch for _, batch in read_images(paths, settings.batch_size))
-    return FrechetDistance(2048, batches, settings.inception_weights, size=settings.fid_size or COCO_FID_SIZE)
+    return FrechetDistance(
+        2048, batches, settings.inception_weights, size=settings.fid_size or COCO_FID_SIZE, device=request.device
+    )
 
 
 def run_eval(
@@ -225,6 +250,7 @@ def run_eval(
     prompt (``pairs``), add a ``summary`` of the rows and paired differences (its dict joins results.json, its
     markdown follows the main table) and keep the grid to ``grid_models``."""
     started = time.perf_counter() if started is None else started
+    device, dtype = eval_device(settings), eval_dtype(settings)
     prompts = load_prompts(settings.prompts, settings.limit)
     contenders = build_contenders(settings)
     names = settings.metrics or prompt_set(settings.prompts).metrics
@@ -243,6 +269,8 @@ def run_eval(
         batch_size=settings.batch_size,
         speed=settings.speed,
         resolution=settings.resolution,
+        device=device,
+        dtype=dtype,
     )
     paired = []
     if len(prompts) > 1:  # every pair worth comparing, prompt by prompt, on each per-image metric
@@ -255,7 +283,10 @@ def run_eval(
     columns += ["ms_per_image", "images_per_second"]
     results = {
         **(context or {}),
-        "settings": {key: str(value) for key, value in asdict(settings).items()},
+        "settings": {
+            **{key: str(value) for key, value in asdict(settings).items()},
+            **{"device": str(device), "dtype": str(dtype).removeprefix("torch.")},  # as resolved
+        },
         "prompts": {"spec": settings.prompts, "count": len(prompts), "groups": sorted({p.group for p in prompts})},
         "contenders": [{**asdict(c), "path": str(c.path)} for c in contenders],
         "rows": rows,
@@ -265,6 +296,7 @@ def run_eval(
     notes = [
         *notes,
         f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded with {settings.seed} + i for every model.",
+        f"Sampled on {device} in {str(dtype).removeprefix('torch.')}; rewards and metrics score in float32.",
         "Per-image metrics: mean over the prompts with its 95 % bootstrap interval over the prompts in brackets "
         "(2000 resamplings; `_ci` in results.json, the spread in `_std`), rewards on "
         "their benchmark's scale (HPSv2 and CLIP score: 100 × cosine); group tables follow HPSv2's benchmark "

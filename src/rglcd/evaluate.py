@@ -26,7 +26,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from .export import load_lcm
-from .models import SpeedSwitches, TeacherLoadError, load_teacher, read_pipeline_index
+from .models import SpeedSwitches, TeacherLoadError, load_teacher, place, read_pipeline_index
+from .models.speed import pick_device, sampling_dtype, synchronize
 from .sampling import TCD_ETA, consistency_scheduler, ddim_cfg_sample, lcm_sample, to_pil
 
 PerImageMetric = Callable[[Tensor, list[str], list[Any]], Tensor]  # images, captions, records -> [N]
@@ -72,13 +73,20 @@ def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
 NO_SWITCHES = SpeedSwitches()
 
 
-def load_contender(contender: Contender, speed: SpeedSwitches = NO_SWITCHES):
-    """The pipeline parts a contender is sampled with (frozen, CPU or the first GPU), with the speed switches on its
-    UNet and VAE."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    parts = load_teacher(contender.path).to(device) if contender.kind == "teacher" else load_lcm(contender.path, device)
+def load_contender(
+    contender: Contender,
+    speed: SpeedSwitches = NO_SWITCHES,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
+):
+    """The pipeline parts a contender is sampled with, frozen, on ``device`` (``auto``: the first GPU, else the CPU) in
+    ``dtype`` (None: bfloat16 on a GPU, else float32; a ``force_upcast`` VAE in float32: :func:`models.place`),
+    with the speed switches on its UNet and VAE."""
+    device = pick_device(device)
+    parts = load_teacher(contender.path) if contender.kind == "teacher" else load_lcm(contender.path)
     if contender.kind == "lcm":
         parts.scheduler = consistency_scheduler(parts.scheduler.config, contender.sampler)
+    place(parts, device, dtype or sampling_dtype(None, device))
     speed.apply(parts.unet, parts.vae)
     return parts
 
@@ -114,16 +122,27 @@ def generate(
     batch_size: int = 32,
     resolution: int | None = None,
 ) -> float | None:
-    """Write the missing images of ``captions`` to ``folder``; ms/image of those (None if none was missing)."""
+    """Write the missing images of ``captions`` to ``folder``; ms/image of those (None if none was missing), timed
+    after one warm-up batch (torch.compile's compilation, cuDNN's autotuning, the allocator's first requests) and
+    with the device's queue drained before each clock read."""
     folder.mkdir(parents=True, exist_ok=True)
     missing = [index for index, path in enumerate(image_paths(folder, len(captions))) if not path.exists()]
+    device = parts.unet.device
+
+    def sample(indices: list[int]) -> Tensor:
+        generators = [torch.Generator().manual_seed(seed + index) for index in indices]
+        return _sample(contender, parts, [captions[index] for index in indices], steps, generators, resolution)
+
+    if missing:
+        sample(missing[:batch_size])  # the warm-up, not timed, its images dropped
     elapsed = 0.0
     batches = range(0, len(missing), batch_size)
     for start in tqdm(batches, desc=f"{contender.label} · {steps} steps", leave=False, disable=not missing):
         indices = missing[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + index) for index in indices]
+        synchronize(device)
         began = time.perf_counter()
-        images = _sample(contender, parts, [captions[index] for index in indices], steps, generators, resolution)
+        images = sample(indices)
+        synchronize(device)
         elapsed += time.perf_counter() - began
         for index, image in zip(indices, to_pil(images), strict=True):
             path = image_path(folder, index)
@@ -266,8 +285,9 @@ def fit_square(images: Tensor, size: int) -> Tensor:
 
 class FrechetDistance:
     """FID through torchmetrics against fixed reference images, with Inception (``features`` = 2048; weights from
-    a local file, which needs torch-fidelity) or any :class:`FeatureExtractor`. With ``size``, references and
-    generated images are both fitted to ``size``² first (:func:`fit_square`)."""
+    a local file, which needs torch-fidelity) or any :class:`FeatureExtractor`, on ``device`` (a FeatureExtractor's
+    model must be there too). With ``size``, references and generated images are both fitted to ``size``² first
+    (:func:`fit_square`)."""
 
     def __init__(
         self,
@@ -275,14 +295,15 @@ class FrechetDistance:
         references: Iterator[Tensor],
         inception_weights: str | Path | None = None,
         size: int | None = None,
+        device: str | torch.device = "cpu",
     ):
         options = {} if isinstance(features, nn.Module) else {"feature_extractor_weights_path": inception_weights}
         # normalize: inputs are floats in [0, 1]; the real statistics survive reset() between models.
-        self.fid = FrechetInceptionDistance(features, normalize=True, reset_real_features=False, **options)
+        self.fid = FrechetInceptionDistance(features, normalize=True, reset_real_features=False, **options).to(device)
         self.size = size
         count = 0
         for batch in references:
-            self.fid.update(self._fit(batch), real=True)
+            self.fid.update(self._fit(batch.to(self.fid.device)), real=True)
             count += len(batch)
         if count < 2:
             raise EvalError(f"FID needs at least 2 reference images, got {count}")
@@ -321,32 +342,35 @@ def evaluate(
     batch_size: int = 32,
     resolution: int | None = None,
     speed: SpeedSwitches = NO_SWITCHES,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """One row per (model, steps): every per-image metric's mean and std on its benchmark scale (and per-group
     statistics when the prompts have groups), every set metric, ms/image and images/s. Per-image values (unscaled)
-    go to ``scores.json`` beside the images."""
+    go to ``scores.json`` beside the images. Models sample on ``device`` (``auto``: the first GPU, else the CPU) in
+    ``dtype`` (None: bfloat16 on a GPU, else float32), and the metrics read the images there."""
     records = records if records is not None else list(captions)
+    device = pick_device(device)
+    dtype = dtype or sampling_dtype(None, device)
     folders = {
         (contender.label, steps): _claim_folder(
-            out / "images" / f"{contender.label}-{steps}", contender, steps, captions, seed, resolution
+            out / "images" / f"{contender.label}-{steps}", contender, steps, captions, seed, resolution, dtype
         )
         for contender in contenders
         for steps in contender.steps
     }  # all checked before anything is generated
     rows = []
     for contender in contenders:
-        parts = load_contender(contender, speed)
+        parts = load_contender(contender, speed, device, dtype)
         for steps in contender.steps:
             folder = folders[contender.label, steps]
-            if speed.compile and not all(path.exists() for path in image_paths(folder, len(captions))):
-                _sample(contender, parts, captions[:batch_size], steps, None, resolution)  # compiles before timing
             ms = generate(contender, parts, captions, steps, folder, seed, batch_size, resolution)
             timing_file = folder / "timing.json"  # the generation's speed, kept for reruns that generate nothing
             if ms is not None:
                 timing_file.write_text(json.dumps({"ms_per_image": ms}))
             elif timing_file.exists():
                 ms = json.loads(timing_file.read_text())["ms_per_image"]
-            values = _measure(image_paths(folder, len(captions)), captions, records, metrics, batch_size)
+            values = _measure(image_paths(folder, len(captions)), captions, records, metrics, batch_size, device)
             (folder / "scores.json").write_text(strict_json(values))
             row: dict[str, Any] = {
                 "model": contender.label, "kind": contender.kind, "steps": steps,
@@ -375,7 +399,13 @@ def evaluate(
 
 
 def _claim_folder(
-    folder: Path, contender: Contender, steps: int, captions: list[str], seed: int, resolution: int | None
+    folder: Path,
+    contender: Contender,
+    steps: int,
+    captions: list[str],
+    seed: int,
+    resolution: int | None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """The image folder of (model, steps), with a ``manifest.json`` of what its images are; images made for other
     prompts or settings are never reused (an EvalError says so), and images of other weights at the model's path
@@ -384,6 +414,8 @@ def _claim_folder(
         "model": str(contender.path), "kind": contender.kind, "steps": steps,
         "guidance_scale": contender.guidance_scale, "seed": seed, "resolution": resolution,
         **({"sampler": contender.sampler, "eta": contender.eta} if contender.sampler != "lcm" else {}),
+        # Only a reduced precision is written, so folders made before --dtype (all float32) stay valid.
+        **({"dtype": str(dtype).removeprefix("torch.")} if dtype != torch.float32 else {}),
         "prompts_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
         "weights": weights_fingerprint(contender.path),
     }  # fmt: skip
@@ -396,7 +428,8 @@ def _claim_folder(
             path.write_text(json.dumps(manifest, indent=2))
             print(f"rglcd eval: {contender.path} changed since {folder} was made; its images are made again")
             existing = manifest
-        changed = sorted(key for key in manifest if existing.get(key) != manifest[key])
+        # Both ways: a setting written only when it differs from its default (dtype, sampler) may be missing in either.
+        changed = sorted(key for key in manifest.keys() | existing.keys() if existing.get(key) != manifest.get(key))
         if changed:
             raise EvalError(
                 f"{folder} holds images made with another {', '.join(changed)}; choose another --out or delete it"
@@ -424,14 +457,20 @@ def weights_fingerprint(model: str | Path) -> str:
 
 
 def _measure(
-    paths: list[Path], captions: list[str], records: list[Any], metrics: Metrics, batch_size: int
+    paths: list[Path],
+    captions: list[str],
+    records: list[Any],
+    metrics: Metrics,
+    batch_size: int,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """Per-image metric values (lists) and set metric values over the images at ``paths``."""
+    """Per-image metric values (lists) and set metric values over the images at ``paths``, read onto ``device``."""
     values: dict[str, Any] = {name: [] for name in metrics.per_image}
     for metric in metrics.per_set.values():
         metric.reset()
     with torch.no_grad():
         for start, images in read_images(paths, batch_size):
+            images = images.to(device)  # [b, 3, H, W] float32: the metrics keep full precision whatever --dtype
             texts, batch_records = captions[start : start + len(images)], records[start : start + len(images)]
             for name, metric in metrics.per_image.items():
                 values[name] += metric(images, texts, batch_records).float().cpu().tolist()

@@ -22,7 +22,8 @@ from .eval_command import LCM_GUIDANCE, parse_model
 from .evaluate import pipeline_kind
 from .export import fused_lora_pipeline, load_lcm
 from .grid import steps_text, upscale_factor
-from .models import load_teacher
+from .models import load_teacher, place
+from .models.speed import sampling_dtype, synchronize
 from .rewards import build_reward
 from .sampling import SAMPLERS, TCD_ETA, consistency_scheduler, ddim_cfg_sample, lcm_sample, to_pil
 
@@ -46,8 +47,8 @@ class ServedModel:
     device: torch.device
 
 
-def _lora_student(folder: Path, device: torch.device):
-    """An rglcd LoRA export (``RUN/lora``) fused onto the teacher its run names in ``RUN/config.yaml``."""
+def _lora_student(folder: Path):
+    """An rglcd LoRA export (``RUN/lora``) fused onto the teacher its run names in ``RUN/config.yaml`` (on the CPU)."""
     config_path = folder.parent / "config.yaml"
     if not config_path.is_file():
         raise RequestError(
@@ -59,20 +60,22 @@ def _lora_student(folder: Path, device: torch.device):
         config.model.teacher, folder, config.distill.num_ddim_timesteps, config.distill.timestep_scaling,
         revision=config.model.revision, variant=config.model.variant,
     )  # fmt: skip
-    return pipeline.to(device)
+    return pipeline
 
 
-def load_served_model(text: str, device: torch.device) -> ServedModel:
+def load_served_model(text: str, device: torch.device, dtype: torch.dtype | None = None) -> ServedModel:
     """``[LABEL=]PATH``: an exported student folder (full, fused LoRA, SD or SDXL), an rglcd LoRA export
-    (``RUN/lora``) or a teacher pipeline (folder or hub id)."""
+    (``RUN/lora``) or a teacher pipeline (folder or hub id), on ``device`` in ``dtype`` (None: bfloat16 on a GPU,
+    else float32; a ``force_upcast`` VAE in float32: :func:`models.place`)."""
     label, path = parse_model(text)
     folder = Path(path)
     if (folder / LORA_WEIGHTS).is_file() and not (folder / "model_index.json").is_file():
-        parts = _lora_student(folder, device)
+        parts = _lora_student(folder)
         kind = "lcm"
     else:
         kind = pipeline_kind(path)
-        parts = load_lcm(path, device) if kind == "lcm" else load_teacher(path).to(device)
+        parts = load_lcm(path) if kind == "lcm" else load_teacher(path)
+    place(parts, device, dtype or sampling_dtype(None, device))
     if kind == "lcm":
         max_steps = parts.scheduler.config.get("original_inference_steps", 50)
     else:
@@ -134,11 +137,6 @@ class Sample:
     score: float | None  # the reward on its benchmark scale, if one is served
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generate(models: list[ServedModel], request: Request, reward=None) -> list[Sample]:
     """Every model's image for the request, each from ``torch.Generator(device).manual_seed(seed)`` (what
@@ -147,7 +145,7 @@ def generate(models: list[ServedModel], request: Request, reward=None) -> list[S
     for model in models:
         parts = model.parts
         generator = torch.Generator(model.device).manual_seed(request.seed)
-        _synchronize(model.device)
+        synchronize(model.device)
         started = time.perf_counter()
         if model.kind == "lcm":
             scheduler = consistency_scheduler(parts.scheduler.config, request.scheduler)
@@ -162,7 +160,7 @@ def generate(models: list[ServedModel], request: Request, reward=None) -> list[S
                 num_steps=request.teacher_steps, guidance_scale=request.teacher_guidance, generator=generator,
             )  # fmt: skip
             steps = request.teacher_steps
-        _synchronize(model.device)
+        synchronize(model.device)
         seconds = time.perf_counter() - started
         score = None
         if reward is not None:
@@ -201,17 +199,29 @@ class ServeSettings:
     guidance: float = LCM_GUIDANCE  # the page's initial LCM guidance
     steps: int = 2
     device: str = "cpu"
+    dtype: str | None = None  # the models' fp16, bf16 or fp32 (rglcd.models.speed); None: bf16 on a GPU, else fp32
     queue_size: int = 16  # requests waiting beyond this are refused with gradio's "queue full" message
 
 
+WARM_UP = Request("a warm-up", seed=0, steps=1, guidance=LCM_GUIDANCE, scheduler="lcm", eta=TCD_ETA, teacher_steps=1,
+                  teacher_guidance=TEACHER_GUIDANCE)  # fmt: skip
+
+
 def load_models(settings: ServeSettings) -> tuple[list[ServedModel], Any]:
-    """Every model and the reward, loaded before the server starts (a bad path stops it with a one-line error)."""
+    """Every model and the reward (in float32, whatever the models' dtype), loaded before the server starts (a bad
+    path stops it with a one-line error), and each model run once, so the first request's time is not the GPU's
+    start-up (CUDA context, cuBLAS handles, the allocator's first requests)."""
     labels = [parse_model(text)[0] for text in settings.models]
     if len(set(labels)) != len(labels):  # checked before any weights load
         raise RequestError(f"two models share a label ({', '.join(labels)}): name them with --model LABEL=PATH")
     device = torch.device(settings.device)
-    models = [load_served_model(text, device) for text in settings.models]
+    try:
+        dtype = sampling_dtype(settings.dtype, device)
+    except ValueError as error:
+        raise RequestError(f"--dtype {error}") from None
+    models = [load_served_model(text, device, dtype) for text in settings.models]
     reward = build_reward(settings.reward).to(device) if settings.reward else None
+    generate(models, WARM_UP)
     return models, reward
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from ..eval_command import FID_FEATURES, EvalError, MetricRequest, register_metric
 from ..evaluate import FeatureExtractor, FrechetDistance, Metrics
 from ..prompts import Prompt, PromptSetError, register_prompt_set
@@ -35,9 +37,10 @@ def world_prompts(count: str) -> list[Prompt]:
 
 
 @functools.cache
-def world_judge() -> Judge:
-    """The judge, loaded once for the judge metric and the judge-feature FID."""
-    return Judge.load(world_asset("judge", train_judge))
+def world_judge(device: torch.device) -> Judge:
+    """The judge on ``device`` (eval's: the images it reads arrive there), for the judge metric and the
+    judge-feature FID."""
+    return Judge.load(world_asset("judge", train_judge)).to(device)
 
 
 def _scenes(request: MetricRequest, needs: str) -> list[Scene]:
@@ -52,7 +55,7 @@ def _scenes(request: MetricRequest, needs: str) -> list[Scene]:
 )
 def _judge_accuracy(metrics: Metrics, request: MetricRequest) -> None:
     _scenes(request, "the judge metric")
-    judge = world_judge()
+    judge = world_judge(request.device)
     metrics.per_image["judge_accuracy"] = lambda images, texts, records: judge.attribute_scores(images, records)
     metrics.per_image["judge_exact"] = lambda images, texts, records: judge.attribute_checks(images, records)["exact"]
 
@@ -62,7 +65,7 @@ def _judge_accuracy(metrics: Metrics, request: MetricRequest) -> None:
 )
 def _judge_attributes(metrics: Metrics, request: MetricRequest) -> None:
     _scenes(request, "the judge-attributes metric")
-    judge = world_judge()
+    judge = world_judge(request.device)
     for name in ATTRIBUTES:  # NaN where a prompt has no such attribute: averaged over the prompts that have it
         metrics.per_image[f"judge_{name}"] = lambda images, texts, records, name=name: judge.attribute_checks(
             images, records
@@ -73,6 +76,7 @@ def _judge_attributes(metrics: Metrics, request: MetricRequest) -> None:
 def _judge_features(request: MetricRequest) -> FrechetDistance:
     """The judge's features of fresh renders of the prompts' scenes."""
     references = reference_images(_scenes(request, "--fid-features world-judge"))
-    judge, batch_size = world_judge(), request.settings.batch_size
+    judge, batch_size = world_judge(request.device), request.settings.batch_size
     batches = (references[i : i + batch_size] for i in range(0, len(references), batch_size))
-    return FrechetDistance(FeatureExtractor(judge.features, judge.feature_dim), batches, size=request.settings.fid_size)
+    extractor = FeatureExtractor(judge.features, judge.feature_dim)
+    return FrechetDistance(extractor, batches, size=request.settings.fid_size, device=request.device)
