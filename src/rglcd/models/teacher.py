@@ -13,6 +13,7 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+from ..errors import RglcdError
 from ..schedules import NoiseSchedule
 from .vae import vae_dtype, vae_scale_factor
 
@@ -20,7 +21,7 @@ from .vae import vae_dtype, vae_scale_factor
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(RglcdError, ValueError):
     """The path or hub id is not a usable Stable-Diffusion-layout diffusers pipeline."""
 
 
@@ -119,8 +120,8 @@ def load_teacher(source: str | os.PathLike, revision: str | None = None, variant
         )
         tokenizer_2 = load("tokenizer_2", AutoTokenizer.from_pretrained)
     for module in (unet, vae, text_encoder, text_encoder_2):
-        if module is not None:
-            module.requires_grad_(False).eval()
+        if module is not None:  # float32 as documented: transformers keeps a text encoder saved in float16 as it is
+            module.float().requires_grad_(False).eval()
     return Teacher(
         unet=unet,
         vae=vae,
