@@ -202,12 +202,35 @@ def test_nan_losses_stop_the_run_and_its_advice_works(tiny, tmp_path, capsys):
     fields = dict(logging__max_consecutive_nan_steps=3, logging__validation_steps=0, optim__max_train_steps=6)
     nan_reward = "reward.terms=[{name: test-nan-after-two-steps, beta: 1.0}]"
     NanAfterTwoSteps.calls = 0
-    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row at step 3; the last good checkpoint is "):
+    named = re.escape(f"the last healthy checkpoint is {out / 'checkpoints' / 'checkpoint-2'}")
+    with pytest.raises(TrainingError, match=f"NaN/Inf for 3 steps in a row at step 3; {named}"):
         train(load_config("tiny", [*overrides(tiny, out, **fields), nan_reward]))
     assert [path.name for path in checkpoints(out)] == ["checkpoint-2"]  # nothing saved of the failed state
     train(load_config("tiny", [*overrides(tiny, out, **fields), "reward.terms=[]"]), resume="latest")
     assert "resumed with changed settings: reward.terms [{'name': 'test-nan-after-two-steps'" in capsys.readouterr().out
     assert json.loads((out / "train_summary.json").read_text())["global_step"] == 6
+
+
+def test_an_exploding_learning_rate_stops_naming_a_checkpoint_that_recovers(tiny, tmp_path):
+    """A real divergence (learning rate 1e10, checkpoints every step): step 2's update sends |θ| from 1 to 1e9 with a
+    finite loss, checkpoint-2 holds those weights, step 3's loss is NaN. The stop names checkpoint-1, the last
+    healthy one (resuming checkpoint-2, as "the last checkpoint" would, ends in the same stop every time); following
+    the advice to the letter finishes the run."""
+    out = tmp_path / "run"
+    fields = dict(
+        optim__learning_rate=1e10, logging__checkpointing_steps=1, logging__validation_steps=0,
+        optim__max_train_steps=6, logging__max_consecutive_nan_steps=2,
+    )  # fmt: skip
+    with pytest.raises(TrainingError) as stop:
+        train(load_config("tiny", overrides(tiny, out, **fields)))
+    healthy = out / "checkpoints" / "checkpoint-1"
+    assert f"the last healthy checkpoint is {healthy}." in str(stop.value)
+    assert f"then resume from it: --resume {healthy}" in str(stop.value)
+    states = [json.loads((path / "trainer_state.json").read_text()) for path in checkpoints(out)]
+    assert [(state["global_step"], state["healthy"]) for state in states] == [(1, True), (2, False)]
+    train(load_config("tiny", overrides(tiny, out, **{**fields, "optim__learning_rate": 1e-4})), resume=str(healthy))
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 6
+    assert all(json.loads((path / "trainer_state.json").read_text())["healthy"] for path in checkpoints(out)[-3:])
 
 
 def test_bad_samples_are_skipped_and_counted(tiny, tmp_path):
@@ -320,7 +343,10 @@ def test_a_run_folder_belongs_to_one_run(tiny, tmp_path):
     out = tmp_path / "run"
     first = overrides(tiny, out, logging__validation_steps=0, logging__checkpoints_total_limit=1)
     train(load_config("tiny", first))
-    with pytest.raises(TrainingError, match=r"holds another run's checkpoints \(up to checkpoint-4\): continue it"):
+    with pytest.raises(
+        TrainingError,
+        match=r"holds a run \(config.yaml, train_summary.json, student, checkpoints up to checkpoint-4\): continue",
+    ):
         train(load_config("tiny", first))
     foreign = out / "checkpoints" / "checkpoint-1"  # another run's, e.g. copied in by hand
     shutil.copytree(out / "checkpoints" / "checkpoint-4", foreign)

@@ -63,11 +63,26 @@ FIXED_SETTINGS = (
 )  # fmt: skip
 
 
+# Settings that name a file or folder: the same one, given relative or absolute, is no change.
+PATH_SETTINGS = ("model.teacher", "data.source", "reward.latent.model", "logging.output_dir")
+
+
+def same_setting(key: str, saved, now) -> bool:
+    if saved == now:
+        return True
+    if key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)):
+        return False
+    return Path(saved).exists() and Path(saved).resolve() == Path(now).resolve()
+
+
 def read_trainer_state(checkpoint: Path) -> dict:
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())  # (not UTF-8: a ValueError too)
         if not isinstance(state, dict) or not {"global_step", "nan_streak", "data"} <= state.keys():
             raise ValueError("global_step, nan_streak or data is missing")
+        counts = [state["global_step"], state["nan_streak"]]
+        if not all(type(count) is int and count >= 0 for count in counts) or not isinstance(state["data"], list):
+            raise ValueError("global_step and nan_streak must be whole numbers, data a list")
     except (OSError, ValueError) as error:
         message = f"{checkpoint / TRAINER_STATE} is damaged ({error}); resume from another checkpoint"
         raise TrainingError(message) from error
@@ -93,7 +108,9 @@ def check_resume(checkpoint: Path, settings: dict, num_processes: int, sharded: 
         )
     saved = state.get("settings", settings)  # (checkpoints without them: nothing to compare)
     changed = {
-        key: (saved.get(key), settings.get(key)) for key in {*saved, *settings} if saved.get(key) != settings.get(key)
+        key: (saved.get(key), settings.get(key))
+        for key in {*saved, *settings}
+        if not same_setting(key, saved.get(key), settings.get(key))
     }
     fixed = sorted(key for key in changed if key.startswith(FIXED_SETTINGS))
     if fixed:
@@ -105,19 +122,16 @@ def check_resume(checkpoint: Path, settings: dict, num_processes: int, sharded: 
     return state, {key: changed[key] for key in sorted(changed)}
 
 
-def claim_output_dir(out: Path, resumed: bool, overwrite: bool, is_main_process: bool) -> None:
-    """A run folder belongs to one run: starting a new run into a folder with another run's checkpoints is refused,
-    or with ``overwrite`` those checkpoints are deleted first (by the main process)."""
-    found = checkpoints(out)
-    if resumed or not found:
-        return
-    if not overwrite:
-        raise TrainingError(
-            f"{out} holds another run's checkpoints (up to {found[-1].name}): continue it with --resume latest, set "
-            "a new logging.output_dir, or pass --overwrite to delete them"
-        )
-    if is_main_process:
-        shutil.rmtree(out / "checkpoints")
+def last_healthy_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint taken while training was healthy (:mod:`~rglcd.train.health`); checkpoints that predate
+    the health record count as healthy."""
+    for checkpoint in reversed(checkpoints(output_dir)):
+        try:
+            if json.loads((checkpoint / TRAINER_STATE).read_text()).get("healthy", True) is True:
+                return checkpoint
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def run_id_of(checkpoint: Path) -> str | None:
@@ -155,8 +169,10 @@ def save_checkpoint(
         raise TrainingError(f"could not write {final} (is the disk full or the folder read-only?): {error}") from error
     if main:  # renamed: the atomic moment; before it, the previous checkpoint is the latest
         own = [found for found in checkpoints(out) if run_id_of(found) == trainer_state["run_id"]]
+        healthy = last_healthy_checkpoint(out)  # what a NaN stop would name: never rotated away
         for old in own[:-keep]:  # only this run's
-            shutil.rmtree(old)
+            if old != healthy:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -228,7 +244,7 @@ def check_safe_to_load(checkpoint: Path, process_index: int) -> None:
             accelerate_load(rng_states)  # numpy and torch RNG states only, as accelerate reads them
         for metadata in checkpoint.glob("*/.metadata"):
             check_sharded_folder(metadata.parent)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as error:
         raise TrainingError(f"{checkpoint}: not a checkpoint rglcd wrote (unsafe or damaged): {error}") from error
 
 

@@ -50,13 +50,13 @@ from .build import (
 from .checkpoints import (
     check_resume,
     checkpoint_adapters_only,
-    checkpoints,
-    claim_output_dir,
+    last_healthy_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
 from .errors import TrainingError
+from .health import Health, weight_norm
 from .monitor import (
     StepsPeak,
     flat_scalars,
@@ -65,6 +65,7 @@ from .monitor import (
     validate_samples,
 )
 from .prefetch import Prefetch
+from .run_folder import TRACKER_PROJECT, claim_run_folder, commit_run
 
 logger = logging.getLogger("rglcd.train")
 
@@ -108,6 +109,9 @@ class Run:
     reward: StudentReward
     settings: dict  # the config, flat: written into every checkpoint, compared on resume, given to the trackers
     run_id: str  # checkpoint rotation deletes only this run's checkpoints
+    health: Health
+    overwrite: bool = False  # replace the run in the folder once this one's first step has run
+    committed: bool = False  # the first step has run: the folder is this run's (run_folder.commit_run)
     global_step: int = 0
     nan_streak: int = 0
 
@@ -126,10 +130,9 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     checkpoint = resolve_resume(out, resume)
     settings = flat_scalars(config.to_dict())
     state, changed = check_resume(checkpoint, settings, accelerator.num_processes, sharded) if checkpoint else ({}, {})
-    claim_output_dir(out, checkpoint is not None, overwrite, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
+    note = claim_run_folder(out, resume, checkpoint, overwrite)  # nothing is written before the first step
+    if note:
+        accelerator.print(note)
     # Built before the teacher, so that missing reward weights are reported before it loads.
     expert = build_expert(config)
     teacher = load_teacher(config.model.teacher, config.model.revision, config.model.variant)
@@ -156,7 +159,8 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
     reward = build_student_reward(config, expert, proxy and proxy.model, teacher.vae, distillation)
     run = Run(
         config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
-        generator, uncond, reward, settings, run_id=uuid.uuid4().hex,
+        generator, uncond, reward, settings, run_id=uuid.uuid4().hex, overwrite=overwrite,
+        health=Health(state.get("initial_weight_norm") or weight_norm(accelerator, trained_params(networks.student))),
     )  # fmt: skip
     if checkpoint is not None:
         load_checkpoint(accelerator, checkpoint, state, stream, generator, *checkpointed(run))
@@ -166,10 +170,25 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
         if changed:
             listed = "; ".join(f"{key} {before} → {now}" for key, (before, now) in changed.items())
             accelerator.print(f"resumed with changed settings: {listed}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("rglcd", config=settings)
     step_seconds, peak_memory = run_steps(run)
+    commit(run)  # (a resumed run with no step left to run)
     return export(run, step_seconds, peak_memory)
+
+
+def commit(run: Run) -> None:
+    """Once the first step has run: the folder becomes this run's (``--overwrite`` replaces the old run only now),
+    with its ``config.yaml``, and the trackers start."""
+    if run.committed:
+        return
+    if run.accelerator.is_main_process:
+        commit_run(run.out, run.config.to_yaml(), run.overwrite)
+        run.accelerator.init_trackers(TRACKER_PROJECT, config=run.settings)
+    run.accelerator.wait_for_everyone()
+    run.committed = True
+
+
+def trained_params(student: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [param for param in student.parameters() if param.requires_grad]
 
 
 def build_latent_proxy(config: TrainConfig, device: torch.device) -> Proxy | None:
@@ -246,6 +265,7 @@ def run_steps(run: Run) -> tuple[list[float], dict]:
             run.nan_streak = 0
             ema_update(run, ema_target, ema_online)
             run.global_step += 1
+            commit(run)
             progress.update(1)
             step_seconds.append(time.perf_counter() - step_started)
             if is_log_step(run):  # the loss and grad norm read back to the host only here
@@ -340,16 +360,19 @@ def reduce_proxy_gradients(accelerator: Accelerator, grads: list[torch.Tensor]) 
 def skip_non_finite_step(run: Run) -> None:
     """Count a step whose loss was NaN/Inf; after ``logging.max_consecutive_nan_steps`` in a row, checkpoint, stop."""
     run.nan_streak += 1
+    run.health.clean = False
     logger.warning("non-finite loss at step %d (%d in a row); update skipped", run.global_step + 1, run.nan_streak)
     if run.nan_streak >= run.config.logging.max_consecutive_nan_steps:
-        # No checkpoint of this state: it is the one that failed. The last checkpoint is the last good state.
-        found = checkpoints(run.out)
-        fix = "lower optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no"
-        then = "then resume with --resume latest (the changed settings take effect)" if found else "then start again"
-        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
+        # No checkpoint of this state: it is the one that failed. Nor are the checkpoints taken while it diverged.
+        good = last_healthy_checkpoint(run.out)
+        fix = "Lower optim.learning_rate or a reward beta, or use precision.mixed_precision=bf16/no"
+        if good is not None:
+            advice = f"the last healthy checkpoint is {good}. {fix}, then resume from it: --resume {good}"
+        else:
+            advice = f"no healthy checkpoint was written. {fix}, then start again with --overwrite"
         raise TrainingError(
-            f"the loss was NaN/Inf for {run.nan_streak} steps in a row at step {run.global_step + 1}; {last}. "
-            f"{fix.capitalize()}, {then}."
+            f"the loss was NaN/Inf for {run.nan_streak} steps in a row at step {run.global_step + 1}; {advice} "
+            "(the changed settings take effect)."
         )
 
 
@@ -389,10 +412,12 @@ def after_step(run: Run, steps_peak: StepsPeak) -> None:
 
 
 def save_run_checkpoint(run: Run) -> Path:
-    """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit``."""
+    """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit`` and the
+    newest healthy one (:mod:`~rglcd.train.health`)."""
+    healthy = run.health.checkpoint_is_healthy(run.accelerator, trained_params(run.networks.student))
     state = {
         "global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded, "run_id": run.run_id,
-        "settings": run.settings,
+        "settings": run.settings, "healthy": healthy, "initial_weight_norm": run.health.initial_norm,
     }  # fmt: skip
     keep = run.config.logging.checkpoints_total_limit
     return save_checkpoint(run.accelerator, run.out, state, run.stream, run.generator, keep, *checkpointed(run))
