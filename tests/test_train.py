@@ -412,3 +412,41 @@ def test_a_skipped_step_releases_its_graph_before_the_next_forward(tiny, tmp_pat
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):
         train(config)
     assert alive_at_next_forward == [False, False]
+
+
+def test_a_full_disk_during_the_export_is_one_line_and_resumes(tiny, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from rglcd.train import loop
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    out = tmp_path / "run"
+    config = load_config("tiny", overrides(tiny, out, logging__validation_steps=0))
+    monkeypatch.setattr(loop, "export_pipeline", full_disk)
+    with pytest.raises(TrainingError, match=r"\(is the disk full\?\).* `--resume latest` repeats the steps from chec"):
+        train(config)
+    assert not (out / "student").exists()
+    monkeypatch.undo()
+    train(config, resume="latest")
+    assert (out / "student" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["string step", "truncated rng state"])
+def test_a_damaged_checkpoint_is_one_line_naming_its_file(tiny, tmp_path, damage):
+    out = tmp_path / "run"
+    fields = dict(optim__max_train_steps=2, logging__validation_steps=0)
+    train(load_config("tiny", overrides(tiny, out, **fields)))
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    if damage == "string step":
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "global_step": "2"}))
+        named = "trainer_state.json is damaged"
+    else:
+        rng = checkpoint / "random_states_0.pkl"
+        rng.write_bytes(rng.read_bytes()[:-1])  # torch.load: OSError "Invalid argument", no file named
+        named = f"{checkpoint}: not a checkpoint rglcd wrote"
+    more = overrides(tiny, out, **{**fields, "optim__max_train_steps": 4})
+    with pytest.raises(TrainingError, match=re.escape(named)):
+        train(load_config("tiny", more), resume="latest")

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
@@ -50,6 +51,7 @@ from .build import (
 from .checkpoints import (
     check_resume,
     checkpoint_adapters_only,
+    checkpoints,
     last_healthy_checkpoint,
     load_checkpoint,
     resolve_resume,
@@ -439,7 +441,15 @@ def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
     if run.sharded:  # whole copies on the main process's CPU (collectives: every rank takes part)
         final_student, final_target = (unsharded(accelerator, module) for module in (networks.student, networks.target))
     if accelerator.is_main_process:
-        save_models(run, final_student, final_target)
+        try:
+            save_models(run, final_student, final_target)
+        except (OSError, SafetensorError) as error:  # a full disk; every export folder is written atomically
+            found = checkpoints(out)
+            since = f"from {found[-1].name}, exactly" if found else "from the start"
+            raise TrainingError(
+                f"could not write the trained models into {out} (is the disk full?): {error}. Free space, then "
+                f"`--resume latest` repeats the steps {since}, and exports"
+            ) from error
         summary = {
             "global_step": run.global_step, "processes": accelerator.num_processes, "parameter_checksums": checksums,
             "ranks_agree": ranks_agree, "skipped_samples": run.stream.stats.skipped,
