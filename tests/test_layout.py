@@ -29,6 +29,7 @@ LAYERS = [
         "rglcd.metrics",
         "rglcd.grid",
         "rglcd.devices",
+        "rglcd.errors",
     },
     {"rglcd.models", "rglcd.tiny", "rglcd.architectures", "rglcd.lora"},
     {"rglcd.rewards", "rglcd.data"},

@@ -14,8 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import RglcdError
 
-class UsageError(ValueError):
+
+class UsageError(RglcdError, ValueError):
     """A command-line value that cannot work; the message says which and what to pass."""
 
 
@@ -42,7 +44,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from .config import resolution_problem
     from .export import load_lcm
+    from .files import atomic_file
     from .models import place
     from .models.speed import sampling_dtype
     from .sampling import TCD_ETA, consistency_scheduler, lcm_sample, to_pil
@@ -61,11 +65,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     pipeline = load_lcm(args.model)
     place(pipeline, device, dtype)
     pipeline.scheduler = consistency_scheduler(pipeline.scheduler.config, args.scheduler)
-    factor = pipeline.vae_scale_factor
-    if args.resolution is not None and args.resolution % factor:
-        raise UsageError(
-            f"--resolution {args.resolution}: must be a multiple of the VAE's {factor} (pixels per latent)"
-        )
+    problem = args.resolution and resolution_problem(args.resolution, pipeline.vae_scale_factor)
+    if problem:
+        raise UsageError(f"--resolution {problem}")
     speed.apply(pipeline.unet, pipeline.vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,11 +86,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         )  # fmt: skip
         for (prompt_index, image_index), seed, image in zip(batch, seeds, to_pil(images), strict=True):
             name = f"{prompt_index:03d}-{image_index:02d}.png"
-            image.save(out / name)
+            with atomic_file(out / name) as partial:  # a full disk leaves no truncated PNG
+                image.save(partial)
             records.append({"file": name, "prompt": prompts[prompt_index], "seed": seed, "image": image_index})
     meta = {"model": str(args.model), "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler}
     meta.update(eta=eta if args.scheduler == "tcd" else None, dtype=str(dtype).removeprefix("torch."), images=records)
-    (out / "samples.json").write_text(json.dumps(meta, indent=2))
+    with atomic_file(out / "samples.json") as partial:
+        partial.write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(records)} images to {out}")
 
 
@@ -271,6 +275,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is at most 65535, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    from .config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED} (2**32 - 1), got {value}")
+    return value
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -427,7 +450,7 @@ def _add_sample_command(commands) -> None:
         "--guidance", type=_finite_float, default=8.5,
         help="CFG scale as in diffusers pipelines; the model sees w = guidance - 1 (default: 8.5)",
     )  # fmt: skip
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
     sample.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     sample.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet call (default: 8)")
@@ -581,7 +604,7 @@ def _add_eval_command(commands) -> None:
     )
     evaluation.add_argument("--resolution", type=_positive_int, help="generation size (default: each model's own)")
     evaluation.add_argument("--batch-size", type=_positive_int, default=16, help="images per UNet call (default: 16)")
-    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--seed", type=_seed, default=0)
     _add_device_argument(evaluation, " (the models and every metric)")
     _add_dtype_argument(evaluation, "; rewards and metrics score in fp32, so scores compare across --dtype")
     _add_speed_arguments(evaluation)
@@ -626,7 +649,7 @@ def _add_serve_command(commands) -> None:
     )  # fmt: skip
     serve.add_argument("--quickstart", default="runs/quickstart", help="without --model: the quickstart's folder")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    serve.add_argument("--port", type=_positive_int, default=7860, help="default: 7860")
+    serve.add_argument("--port", type=_port, default=7860, help="default: 7860")
     serve.add_argument("--reward", help="score every image with this reward (e.g. hpsv2.1, world-clip)")
     serve.add_argument(
         "--guidance", type=_finite_float, default=None,
@@ -647,7 +670,7 @@ def _add_world_command(commands) -> None:
     data.add_argument(
         "--eval-prompts", type=_positive_int, default=128, help="held-out prompts written to eval_prompts.jsonl"
     )
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=_seed, default=0)
     data.set_defaults(run=cmd_world_data)
     teacher = world_commands.add_parser("teacher", help="train the tiny SD-layout teacher (VAE, then text+UNet)")
     teacher.add_argument("--out", required=True)
@@ -741,7 +764,7 @@ def _add_lrm_command(commands) -> None:
     pretrain.add_argument("--steps", type=_positive_int, default=2_000)
     pretrain.add_argument("--batch-size", type=_positive_int, default=128)
     pretrain.add_argument("--learning-rate", type=_positive_float, default=5e-4)
-    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--seed", type=_seed, default=0)
     _add_device_argument(pretrain, " (the latents stay in RAM)")
     pretrain.set_defaults(run=cmd_lrm_pretrain)
 
@@ -755,7 +778,7 @@ def _add_demo_command(commands) -> None:
     demo.add_argument("--out", default="runs/tiny", help="folder (default: runs/tiny, the tiny preset's paths)")
     demo.add_argument("--steps", type=_positive_int, default=100, help="training steps (default: 100)")
     demo.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.set_defaults(run=cmd_demo)
 
 
@@ -763,21 +786,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run a command; an error the user can fix is one line on stderr and exit code 2 (``RGLCD_DEBUG=1`` shows its
     traceback, for a bug report)."""
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .evaluate import EvalError
-    from .models import TeacherLoadError
-    from .prompts import PromptSetError
-    from .serve import RequestError
-    from .train import TrainingError
-
-    expected = (
-        UsageError, TeacherLoadError, ConfigError, DataError, EvalError, PromptSetError, TrainingError, RequestError,
-        OSError,
-    )  # fmt: skip
     try:
         args.run(args)
-    except expected as error:
+    except (RglcdError, OSError) as error:
         if os.environ.get("RGLCD_DEBUG"):
             raise
         print(f"rglcd {args.command}: {_one_line(error)}", file=sys.stderr)

@@ -23,13 +23,17 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from .files import cache_dir
+from .errors import RglcdError
+from .files import cache_dir, read_text
 from .lora import LCM_LORA_TARGETS
 from .losses import DISTANCES
 
 
-class ConfigError(ValueError):
+class ConfigError(RglcdError, ValueError):
     """The configuration cannot run; the message lists every problem and its fix."""
+
+
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which accelerate's set_seed calls, takes seeds in [0, 2**32)
 
 
 @dataclass
@@ -262,7 +266,10 @@ def load_config(path_or_preset: str | Path | None = None, overrides: Sequence[st
         if path.suffix not in (".yaml", ".yml") and str(path_or_preset) in presets():
             text = resources.files("rglcd.presets").joinpath(f"{path_or_preset}.yaml").read_text()
         elif path.is_file():
-            text = path.read_text()
+            try:
+                text = read_text(path)
+            except ValueError as error:  # e.g. saved as UTF-16
+                raise ConfigError(f"{error}; save the config as UTF-8") from None
         else:
             raise ConfigError(
                 f"config {str(path_or_preset)!r} is neither a YAML file nor a preset ({', '.join(presets())})"
@@ -293,12 +300,25 @@ def load_config(path_or_preset: str | Path | None = None, overrides: Sequence[st
     return config
 
 
-def _vae_scale_factor(teacher: str) -> int:
-    """2^(blocks − 1) from a local teacher's vae/config.json (no weights read); 8, SD's, otherwise."""
+def pipeline_vae_scale_factor(pipeline: str | Path) -> int:
+    """2^(blocks − 1) from a local pipeline's vae/config.json (no weights read); 8, SD's, otherwise."""
     from .models import vae_scale_factor  # here: `rglcd --help` reads the presets without the model libraries
 
-    vae_config = Path(teacher) / "vae" / "config.json"
-    return vae_scale_factor(json.loads(vae_config.read_text())) if vae_config.is_file() else 8
+    vae_config = Path(pipeline) / "vae" / "config.json"
+    if not vae_config.is_file():
+        return 8
+    try:
+        return vae_scale_factor(json.loads(read_text(vae_config)))
+    except (ValueError, KeyError, TypeError) as error:  # not UTF-8 or not JSON; no block_out_channels list
+        raise ConfigError(f"{vae_config}: not a diffusers VAE config ({type(error).__name__}: {error})") from None
+
+
+def resolution_problem(resolution: int, vae_scale_factor: int) -> str | None:
+    """What is wrong with generating or training at ``resolution`` pixels, or None: the VAE makes one latent of
+    every ``vae_scale_factor``² pixels, so another size would come out cropped (30 px as 28 with a factor of 4)."""
+    if resolution > 0 and resolution % vae_scale_factor == 0:
+        return None
+    return f"{resolution} must be a positive multiple of the VAE factor {vae_scale_factor} (pixels per latent)"
 
 
 Check = Callable[[bool, str], None]  # check(ok, message): the message is an error unless ok
@@ -312,11 +332,12 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             errors.append(message)
 
-    vae_scale_factor = _vae_scale_factor(config.model.teacher) if config.model.teacher else 8
+    vae_scale_factor = pipeline_vae_scale_factor(config.model.teacher) if config.model.teacher else 8
     _check_model_and_lora(config, check)
     _check_data_and_distill(config, vae_scale_factor, check)
     _check_reward(config, vae_scale_factor, check)
     _check_optim_and_logging(config, check)
+    check(0 <= config.seed <= MAX_SEED, f"seed: must be from 0 to {MAX_SEED} (2**32 - 1), got {config.seed}")
     check(
         not (config.precision.compile and compile_unavailable()),
         "precision.compile: on the CPU torch.compile needs a C++ compiler (g++ or clang++, or $CXX), none found; "
@@ -343,10 +364,8 @@ def _check_model_and_lora(c: TrainConfig, check: Check) -> None:
 
 def _check_data_and_distill(c: TrainConfig, vae_scale_factor: int, check: Check) -> None:
     check(bool(c.data.source), "data.source: required; webdataset shards (path, {000..009} pattern, pipe:) or a folder")
-    check(
-        c.data.resolution > 0 and c.data.resolution % vae_scale_factor == 0,
-        f"data.resolution: {c.data.resolution} must be a positive multiple of the VAE factor {vae_scale_factor}",
-    )
+    problem = resolution_problem(c.data.resolution, vae_scale_factor)
+    check(problem is None, f"data.resolution: {problem}")
     check(0.0 <= c.data.caption_dropout < 1.0, "data.caption_dropout: must be in [0, 1)")
     check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer: must be >= 0")
     d = c.distill

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import LCMScheduler
 
+from .config import pipeline_vae_scale_factor, resolution_problem
 from .evaluate import (
     HPSV2_CHUNK,
     Contender,
@@ -156,6 +157,10 @@ def build_contenders(settings: EvalSettings) -> list[Contender]:
             raise EvalError(f"two models are labelled {label!r}: name them with --model LABEL=PATH")
         labels.add(label)
         kind = pipeline_kind(path)
+        # Before any model loads: off the latent grid, images come out smaller than their manifest says.
+        problem = settings.resolution and resolution_problem(settings.resolution, pipeline_vae_scale_factor(path))
+        if problem:
+            raise EvalError(f"{label}: --resolution {problem}")
         if kind == "lcm":
             limit = LCMScheduler.load_config(path, subfolder="scheduler").get("original_inference_steps", 50)
             if max(settings.steps) > limit:

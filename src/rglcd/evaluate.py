@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .errors import RglcdError
 from .export import load_lcm
+from .files import atomic_file
 from .models import SpeedSwitches, TeacherLoadError, load_teacher, place, read_pipeline_index
 from .models.speed import pick_device, sampling_dtype, synchronize
 from .sampling import TCD_ETA, consistency_scheduler, ddim_cfg_sample, lcm_sample, to_pil
@@ -42,7 +44,7 @@ class SetMetric(Protocol):
     def compute(self) -> float: ...
 
 
-class EvalError(ValueError):
+class EvalError(RglcdError, ValueError):
     """The evaluation cannot run as asked (unknown metric, missing files, not a pipeline); raised before generating."""
 
 
@@ -65,7 +67,7 @@ def pipeline_kind(path: str | Path) -> Literal["teacher", "lcm"]:
         index = read_pipeline_index(str(path), revision=None)
     except TeacherLoadError as error:
         raise EvalError(str(error)) from error
-    if "unet" not in index or "scheduler" not in index:
+    if "unet" not in index or not isinstance(index.get("scheduler"), list):  # components are [library, class]
         raise EvalError(f"{path} is not a UNet diffusion pipeline (model_index.json has {sorted(index)})")
     return "lcm" if index["scheduler"][-1] == "LCMScheduler" else "teacher"
 
@@ -145,10 +147,8 @@ def generate(
         synchronize(device)
         elapsed += time.perf_counter() - began
         for index, image in zip(indices, to_pil(images), strict=True):
-            path = image_path(folder, index)
-            partial = path.with_suffix(".partial.png")
-            image.save(partial)
-            partial.rename(path)  # a kill mid-write never leaves a truncated image
+            with atomic_file(image_path(folder, index)) as partial:  # a kill mid-write never leaves a truncated image
+                image.save(partial)
     return 1000 * elapsed / len(missing) if missing else None
 
 

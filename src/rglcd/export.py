@@ -76,7 +76,14 @@ def load_lcm(model: str | Path, device: str | torch.device = "cpu", dtype: torch
     index = read_pipeline_index(str(model), revision=None)
     if "unet" not in index or "vae" not in index:
         raise TeacherLoadError(f"{model} is not a UNet latent diffusion pipeline (model_index.json: {sorted(index)})")
-    pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+    except (ValueError, AttributeError, TypeError) as error:
+        # How diffusers refuses a model_index.json naming a custom module (ValueError), a pipeline class it does not
+        # have (AttributeError) or a custom pipeline as [module, class] (TypeError); also weights of the wrong shape.
+        raise TeacherLoadError(
+            f"{model}: diffusers cannot load this pipeline ({type(error).__name__}: {error})"
+        ) from error
     has_guidance_input = pipeline.unet.config.get("time_cond_proj_dim") is not None
     # A distilled full student has a guidance embedding; a fused LoRA student has none but ships an LCMScheduler.
     if not has_guidance_input and not isinstance(pipeline.scheduler, LCMScheduler):

@@ -1,5 +1,5 @@
-"""Files and folders: the user cache, and folders written atomically (a crash or a kill never leaves a half-written
-folder where a finished one belongs)."""
+"""Files and folders: the user cache, and files and folders written atomically (a crash, a full disk or a kill never
+leaves a half-written one where a finished one belongs)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,23 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         raise
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield ``NAME.partial.SUFFIX`` beside ``path`` (the suffix kept for writers that choose a format by it, such as
+    PIL) to write into; when the block ends it replaces ``path``.
+
+    An exception (a full disk) removes it and leaves ``path`` as it was; a kill leaves only the partial file.
+    """
+    path = Path(path)
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
 
 
 def partial_folder(out: str | Path) -> Path:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import RglcdError
 from .files import read_text
 from .plugins import Registry
 
@@ -92,7 +93,7 @@ def prompt_set(spec: str) -> PromptSet:
     return PROMPT_SETS[kind] if kind in PROMPT_SETS else FILE_SET
 
 
-class PromptSetError(ValueError):
+class PromptSetError(RglcdError, ValueError):
     """A prompt set that cannot be read; the message says how to fix the spec or the file."""
 
 
@@ -143,6 +144,8 @@ def _read_json(path: Path) -> Any:
         raise PromptSetError(f"no file {path}") from error
     except json.JSONDecodeError as error:
         raise PromptSetError(f"{path} is not valid JSON (line {error.lineno}: {error.msg})") from error
+    except UnicodeDecodeError as error:
+        raise PromptSetError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
 @register_prompt_set("hpsv2")
@@ -184,6 +187,8 @@ def _parti(path: Path) -> list[Prompt]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError as error:
         raise PromptSetError(f"no file {path}; parti:FILE needs a local {PARTI_FILE}") from error
+    except UnicodeDecodeError as error:
+        raise PromptSetError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
     header = lines[0].split("\t") if lines else []
     if "Prompt" not in header or "Category" not in header:
         raise PromptSetError(f"{path}, line 1: expected a PartiPrompts header with Prompt and Category columns")

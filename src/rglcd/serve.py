@@ -2,14 +2,18 @@
 
 Models load once (full or LoRA students, SD or SDXL, teachers); each request samples every model from the same
 seed, times it and, with a reward, scores it. Requests are checked before any model runs (:func:`check_request`),
-so bad input is a message in the page, not a crash. The page is a gradio app (``pip install 'rglcd[serve]'``);
-everything but :func:`build_app` works without gradio.
+so bad input, from the page or its API, is a message naming the field and one log line, not a crash. The page is a
+gradio app (``pip install 'rglcd[serve]'``); everything but :func:`request_handler` and :func:`build_app` works
+without gradio.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +21,8 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from .config import load_config
+from .config import MAX_SEED, load_config
+from .errors import RglcdError
 from .eval_command import LCM_GUIDANCE, parse_model
 from .evaluate import pipeline_kind
 from .export import fused_lora_pipeline, load_lcm
@@ -30,11 +35,10 @@ from .sampling import SAMPLERS, TCD_ETA, consistency_scheduler, ddim_cfg_sample,
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SHOWN_SIZE = 256  # small images are shown nearest-neighbour upscaled to at least this many pixels
 MAX_GUIDANCE = 30.0  # beyond this CFG only saturates; a typo (85 for 8.5) gets a message instead
-MAX_SEED = 2**32 - 1
 TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
 
 
-class RequestError(ValueError):
+class RequestError(RglcdError, ValueError):
     """A request (or, at start-up, a model) that cannot be served; the message says what to change."""
 
 
@@ -95,18 +99,28 @@ class Request:
     teacher_guidance: float  # CFG scale
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float: what the page's number fields send (an API client may send anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A request's value in a message: a float as it reads, anything else as a repr cut short (one short log line)."""
+    return f"{value:g}" if isinstance(value, float) else reprlib.repr(value)
+
+
 def _whole(value: Any, name: str, low: int, high: int) -> int:
+    wanted = f"give a whole number from {low} to {high}"
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        raise RequestError(f"{name}: give a whole number from {low} to {high}")
-    if float(value) != int(value) or not low <= int(value) <= high:
-        raise RequestError(f"{name} {value:g}: give a whole number from {low} to {high}")
+        raise RequestError(f"{name}: {wanted}")
+    if not _is_number(value) or value != int(value) or not low <= value <= high:
+        raise RequestError(f"{name} {_shown(value)}: {wanted}")
     return int(value)
 
 
 def _scale(value: Any, name: str, high: float) -> float:
-    if value is None or not math.isfinite(float(value)) or not 0 <= float(value) <= high:
-        shown = "empty" if value is None else f"{float(value):g}"
-        raise RequestError(f"{name} {shown}: give a number from 0 to {high:g}")
+    if not _is_number(value) or not 0 <= value <= high:  # (NaN is neither)
+        raise RequestError(f"{name} {'empty' if value is None else _shown(value)}: give a number from 0 to {high:g}")
     return float(value)
 
 
@@ -118,7 +132,7 @@ def check_request(models: list[ServedModel], prompt: Any, seed: Any, steps: Any,
     lcm_limit = min((model.max_steps for model in models if model.kind == "lcm"), default=8)
     teacher_limit = min((model.max_steps for model in models if model.kind == "teacher"), default=1000)
     if scheduler not in SAMPLERS:
-        raise RequestError(f"scheduler {scheduler!r}: choose {' or '.join(SAMPLERS)}")
+        raise RequestError(f"scheduler {reprlib.repr(scheduler)}: choose {' or '.join(SAMPLERS)}")
     eta_value = _scale(eta, "eta", 1.0)
     return Request(
         prompt.strip(), _whole(seed, "seed", 0, MAX_SEED), _whole(steps, "steps", 1, lcm_limit),
@@ -225,23 +239,35 @@ def load_models(settings: ServeSettings) -> tuple[list[ServedModel], Any]:
     return models, reward
 
 
-def build_app(models: list[ServedModel], reward, settings: ServeSettings):
-    """The gradio page: prompt and settings on top, the images side by side with their time and score below."""
+def request_handler(models: list[ServedModel], reward, settings: ServeSettings) -> Callable:
+    """The page's generate function, also what its API calls: (prompt, seed, steps, guidance, scheduler, eta, teacher
+    steps, teacher guidance) -> (gallery, timings table). The values come as sent (:func:`build_app` turns gradio's
+    preprocessing off, which raised its own tracebacks for NaN or out-of-range values), so a malformed request is
+    :func:`check_request`'s: a ``gr.Error`` naming the field (the page's message, the API's error event) and one log
+    line."""
     import gradio as gr
-
-    lcm = [model for model in models if model.kind == "lcm"]
-    teachers = [model for model in models if model.kind == "teacher"]
 
     def run(prompt, seed, steps, guidance, scheduler, eta, teacher_steps, teacher_guidance):
         try:
             request = check_request(models, prompt, seed, steps, guidance, scheduler, eta, teacher_steps,
                                     teacher_guidance)  # fmt: skip
         except RequestError as error:
+            print(f"rglcd serve: refused a request: {error}", file=sys.stderr, flush=True)
             raise gr.Error(str(error), print_exception=False) from error
         samples = generate(models, request, reward)
         gallery = [(shown(sample.image), caption(sample, settings.reward)) for sample in samples]
         return gallery, results_table(samples, settings.reward)
 
+    return run
+
+
+def build_app(models: list[ServedModel], reward, settings: ServeSettings):
+    """The gradio page: prompt and settings on top, the images side by side with their time and score below."""
+    import gradio as gr
+
+    lcm = [model for model in models if model.kind == "lcm"]
+    teachers = [model for model in models if model.kind == "teacher"]
+    run = request_handler(models, reward, settings)
     with gr.Blocks(title="rglcd serve", analytics_enabled=False) as app:
         names = ", ".join(f"{model.label} ({'teacher' if model.kind == 'teacher' else 'consistency model'})"
                           for model in models)  # fmt: skip
@@ -264,8 +290,8 @@ def build_app(models: list[ServedModel], reward, settings: ServeSettings):
         gallery = gr.Gallery(label="Samples", columns=len(models), object_fit="contain", elem_id="samples")
         table = gr.Markdown(elem_id="timings")
         inputs = [prompt, seed, steps, guidance, scheduler, eta, teacher_steps, teacher_guidance]
-        for trigger in (button.click, prompt.submit):
-            trigger(run, inputs, [gallery, table], concurrency_limit=1)  # one generation at a time; the rest queue
+        for trigger in (button.click, prompt.submit):  # one generation at a time; the rest queue
+            trigger(run, inputs, [gallery, table], concurrency_limit=1, preprocess=False)
     return app.queue(max_size=settings.queue_size)
 
 

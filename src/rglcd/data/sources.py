@@ -6,6 +6,7 @@ A source is resolved once, up front, into a list of shards. Each shard reads its
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -20,6 +21,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
+
+from ..errors import RglcdError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # tried in this order within a sample
 CAPTION_FILES = ("captions.jsonl", "captions.csv")  # tried in this order within a folder
@@ -40,7 +43,7 @@ _TAR_ERRORS = {
 OnError = Callable[[str, str], None]  # (reason, details) when a shard cannot be read, or read to its end
 
 
-class DataError(ValueError):
+class DataError(RglcdError, ValueError):
     """The training data cannot be used at all (missing, empty, or without a single usable sample)."""
 
 
@@ -158,8 +161,9 @@ MAX_FIELD = 131_072  # characters in a captions file's field (the csv module's d
 
 
 def _numbered_lines(path: Path, first: int = 1) -> Iterator[tuple[str, str | None]]:
-    """(key, line) for each non-blank line of ``path``; the line is None where it is not UTF-8."""
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=first):
+    """(key, line) for each non-blank line of ``path``; the line is None where it is not UTF-8. A leading byte-order
+    mark (Windows editors write one) is not part of the first line."""
+    for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), start=first):
         if not raw.strip():
             continue
         try:

@@ -1,5 +1,7 @@
 """The training package's error."""
 
+from ..errors import RglcdError
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss kept being NaN); a checkpoint was written first."""
+
+class TrainingError(RglcdError, RuntimeError):
+    """The run cannot go on, or cannot start (e.g. the loss kept being NaN); the message says what to change."""
