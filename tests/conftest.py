@@ -7,6 +7,19 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# The fuzz test's (tests/test_fuzz.py) profiles, registered before hypothesis reads --hypothesis-profile: "ci" by
+# default (bounded and derandomised: the same examples every run), "thorough" for a longer local run.
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True, database=None, print_blob=False,
+    suppress_health_check=list(HealthCheck),
+)  # fmt: skip
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None, database=None, print_blob=False,
+    suppress_health_check=list(HealthCheck),
+)  # fmt: skip
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(1)
 

@@ -215,7 +215,7 @@ def test_rglcd_plan_lists_the_switches_that_make_a_run_fit(tiny):
         (["--fsdp"], "--fsdp: needs --processes >= 2"),
         (["--processes", "0"], "argument --processes: must be at least 1, got 0"),
         (["--utilization", "2"], "--utilization"),
-        (["optim.batch_size=0"], "optim.batch_size: must be > 0"),
+        (["optim.batch_size=0"], "optim.batch_size: must be in [1, 65536]"),
     ],
 )
 def test_rglcd_plan_refuses_bad_input_in_one_line(tiny, arguments, message):

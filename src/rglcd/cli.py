@@ -229,6 +229,8 @@ def cmd_lrm_pretrain(args: argparse.Namespace) -> None:
     from .lrm import RETRIEVAL_GROUP, PretrainSettings, pretrain_lrm
     from .rewards.weights import read_training_record
 
+    if not args.cache.strip():
+        raise UsageError("--cache: empty; give the folder `rglcd cache` wrote")
     settings = PretrainSettings(
         architecture=args.architecture, samples=args.samples, heldout=args.heldout,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
@@ -785,6 +787,11 @@ def _add_demo_command(commands) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run a command; an error the user can fix is one line on stderr and exit code 2 (``RGLCD_DEBUG=1`` shows its
     traceback, for a bug report)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for arg in argv:
+        if not arg.isascii() and not _is_utf8(arg):  # a byte that is not UTF-8 (Python keeps it as a surrogate)
+            print(f"rglcd: {arg!a} is not UTF-8 text: name files and give values in UTF-8", file=sys.stderr)
+            raise SystemExit(2)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
@@ -793,6 +800,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"rglcd {args.command}: {_one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from error
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _one_line(error: Exception) -> str:

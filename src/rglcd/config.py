@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -203,7 +204,7 @@ def _convert(hint: Any, value: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a mapping of {hint.__name__} fields, got {value!r}")
             return hint()
         return _from_dict(hint, value, f"{where}.", errors)
-    if origin is typing.Union:  # X | None
+    if origin in (typing.Union, types.UnionType):  # X | None (types.UnionType: the annotations' `|`)
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
@@ -313,6 +314,10 @@ def pipeline_vae_scale_factor(pipeline: str | Path) -> int:
         raise ConfigError(f"{vae_config}: not a diffusers VAE config ({type(error).__name__}: {error})") from None
 
 
+MAX_RESOLUTION = 8192  # pixels a side: 8× SDXL's; larger sizes overflow torch's storage sizes in `rglcd plan`
+MAX_COUNT = 2**16  # batch sizes and accumulation steps
+
+
 def resolution_problem(resolution: int, vae_scale_factor: int) -> str | None:
     """What is wrong with generating or training at ``resolution`` pixels, or None: the VAE makes one latent of
     every ``vae_scale_factor``² pixels, so another size would come out cropped (30 px as 28 with a factor of 4)."""
@@ -366,6 +371,7 @@ def _check_data_and_distill(c: TrainConfig, vae_scale_factor: int, check: Check)
     check(bool(c.data.source), "data.source: required; webdataset shards (path, {000..009} pattern, pipe:) or a folder")
     problem = resolution_problem(c.data.resolution, vae_scale_factor)
     check(problem is None, f"data.resolution: {problem}")
+    check(c.data.resolution <= MAX_RESOLUTION, f"data.resolution: at most {MAX_RESOLUTION} pixels")
     check(0.0 <= c.data.caption_dropout < 1.0, "data.caption_dropout: must be in [0, 1)")
     check(c.data.shuffle_buffer >= 0, "data.shuffle_buffer: must be >= 0")
     d = c.distill
@@ -446,8 +452,13 @@ def _proxy_latent_size(model: str) -> int | None:
 def _check_optim_and_logging(c: TrainConfig, check: Check) -> None:
     o = c.optim
     check(o.learning_rate > 0, "optim.learning_rate: must be > 0 (the paper uses 1e-6)")
-    check(o.batch_size > 0, "optim.batch_size: must be > 0")
-    check(o.gradient_accumulation_steps > 0, "optim.gradient_accumulation_steps: must be > 0")
+    check(0 < o.batch_size <= MAX_COUNT, f"optim.batch_size: must be in [1, {MAX_COUNT}]")
+    accumulation = o.gradient_accumulation_steps
+    check(0 < accumulation <= MAX_COUNT, f"optim.gradient_accumulation_steps: must be in [1, {MAX_COUNT}]")
+    for name in ("adam_beta1", "adam_beta2"):
+        check(0.0 <= getattr(o, name) < 1.0, f"optim.{name}: must be in [0, 1)")
+    check(o.adam_epsilon > 0, "optim.adam_epsilon: must be > 0")
+    check(o.weight_decay >= 0, "optim.weight_decay: must be >= 0")
     check(o.max_train_steps > 0, "optim.max_train_steps: must be > 0")
     check(o.max_grad_norm > 0, "optim.max_grad_norm: must be > 0")
     check(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps: must be >= 0")

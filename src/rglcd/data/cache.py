@@ -53,7 +53,7 @@ from safetensors import torch as safetensors_torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..files import atomic_folder
+from ..files import atomic_folder, partial_folder
 from ..models import Teacher, load_teacher, text_conditioning
 from .sources import DataError, RawSample, Shard, TarShard, write_records
 from .stream import SampleDraws, TrainStream, _Unusable, check_raw
@@ -279,7 +279,7 @@ def read_cache_info(cache: str | os.PathLike[str]) -> dict:
     folder = Path(os.fspath(cache))
     info_file = folder / INFO_FILE
     if not info_file.is_file():
-        interrupted = folder.with_name(folder.name + ".partial").exists()
+        interrupted = folder.name != "" and partial_folder(folder).exists()  # ('' and '.' have no name)
         raise DataError(
             f"{str(folder)!r} is not an rglcd cache: it has no {INFO_FILE}"
             + (" (its write was interrupted)" if interrupted else "")

@@ -75,6 +75,9 @@ def _judge_attributes(metrics: Metrics, request: MetricRequest) -> None:
 @FID_FEATURES.register("world-judge")
 def _judge_features(request: MetricRequest) -> FrechetDistance:
     """The judge's features of fresh renders of the prompts' scenes."""
+    size = request.settings.fid_size
+    if size is not None and size % 2:  # the judge reads pixels in 2×2 blocks
+        raise EvalError(f"--fid-size {size}: the world judge's features need an even size")
     references = reference_images(_scenes(request, "--fid-features world-judge"))
     judge, batch_size = world_judge(request.device), request.settings.batch_size
     batches = (references[i : i + batch_size] for i in range(0, len(references), batch_size))
