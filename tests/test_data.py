@@ -84,6 +84,13 @@ def test_write_shards_names_members_and_metadata(tmp_path):
     assert list((tmp_path / "none").iterdir()) == []
 
 
+def test_a_folder_named_like_a_pipe_url_is_a_folder(tmp_path, monkeypatch):
+    """`rglcd world data --out 'pipe:touch pwned'` writes shards there; it never runs a shell command."""
+    monkeypatch.chdir(tmp_path)
+    (path,) = write_shards([(solid(0), "caption 0")], "pipe:touch pwned")
+    assert tarfile.is_tarfile(tmp_path / path) and not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("kind", ["tar", "pattern", "directory", "pipe", "jsonl", "csv"])
 def test_reads_every_source_form_in_order_with_matching_images(tmp_path, kind):
     if kind in ("jsonl", "csv"):

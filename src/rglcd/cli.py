@@ -267,11 +267,15 @@ def cmd_world_sampler_reward(args: argparse.Namespace) -> None:
     print(f"reports: {settings.out / 'report.md'}, {settings.out / 'tcd' / 'report.md'}  ({results['seconds']:.0f} s)")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -287,10 +291,7 @@ def _port(text: str) -> int:
 def _seed(text: str) -> int:
     from .config import MAX_SEED
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole_number(text)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED} (2**32 - 1), got {value}")
     return value

@@ -19,12 +19,14 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def ddim_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
+def ddim_grid(
+    num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50, device: torch.device | str = "cpu"
+) -> Tensor:
     """The DDIM solver grid t_1..t_N = k·n − 1 (k = T // N): [19, 39, ..., 999] for T=1000, N=50."""
     if not 0 < num_ddim_timesteps <= num_train_timesteps:
         raise ValueError(f"num_ddim_timesteps must be in [1, {num_train_timesteps}], got {num_ddim_timesteps}")
     skip = num_train_timesteps // num_ddim_timesteps
-    return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long) * skip - 1
+    return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long, device=device) * skip - 1
 
 
 def lcm_timesteps(grid: Tensor, num_steps: int) -> Tensor:

@@ -54,8 +54,9 @@ class Distillation:
     def __post_init__(self) -> None:
         if self.w_min > self.w_max:
             raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
-        grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim_timesteps)
-        object.__setattr__(self, "grid", grid.to(self.schedule.alphas_cumprod.device))  # built once, not per step
+        device = self.schedule.alphas_cumprod.device
+        grid = ddim_grid(self.schedule.num_train_timesteps, self.num_ddim_timesteps, device)
+        object.__setattr__(self, "grid", grid)  # built once where ᾱ is, not per step
 
     def to(self, device: torch.device | str) -> Distillation:
         """The distillation with its schedule and grid on ``device`` (the step's), so a step copies neither."""

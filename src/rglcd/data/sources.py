@@ -300,16 +300,20 @@ def write_records(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    writer = None
+    writer = handle = None
     try:
         for index, record in enumerate(records):
             if index % samples_per_shard == 0:
                 if writer is not None:
                     writer.close()
+                    handle.close()
                 paths.append(out / f"{prefix}-{len(paths):06d}.tar")
-                writer = wds.TarWriter(str(paths[-1]))
+                # A file we open: given a path, webdataset would run one that starts with "pipe:" as a shell command.
+                handle = open(paths[-1], "wb")  # closed with the writer
+                writer = wds.TarWriter(handle)
             writer.write({"__key__": f"{index:09d}", **record})
     finally:
         if writer is not None:
             writer.close()
+            handle.close()
     return paths

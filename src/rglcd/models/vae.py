@@ -32,7 +32,11 @@ def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 0) -> Tens
     """
     chunks = latents.split(batch_size) if batch_size > 0 else (latents,)
     device = latents.device.type
-    fp16_autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    fp16_autocast = (
+        torch.amp.is_autocast_available(device)  # (not the meta device's)
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.float16
+    )
     upcast = fp16_autocast and vae.dtype == torch.float32
     with torch.autocast(device, enabled=False) if upcast else contextlib.nullcontext():
         images = torch.cat([vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample for chunk in chunks])

@@ -52,7 +52,7 @@ def claim_run_folder(out: Path, resume: str | None, checkpoint: Path | None, ove
         return None
     found = checkpoints(out)
     named = [path.name for path in held if path.parent == out][:3] or [str(held[0].relative_to(out))]
-    what = ", ".join(named + [f"checkpoints up to {found[-1].name}"] * bool(found))
+    what = ", ".join(named + ([f"checkpoints up to {found[-1].name}"] if found else []))
     if resume == "latest":
         raise TrainingError(
             f"{out} holds a run with no checkpoint to resume ({what}): start it again with --overwrite (it replaces "
