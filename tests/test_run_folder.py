@@ -168,3 +168,17 @@ def test_kill_mid_step(state, tiny, templates, tmp_path):
     flag = "--overwrite" if state == "finished" else "--resume"
     stall(marker, 1, *settings(tiny, out), *([flag, "latest"] if flag == "--resume" else [flag]))
     assert snapshot(out) == before
+
+
+def test_resume_takes_a_path_given_relative_as_the_same_setting(tiny, templates, tmp_path, monkeypatch):
+    """The started run named its teacher and data by absolute paths; the same folders given relative to the working
+    directory are no change of a fixed setting."""
+    out = make("started", templates, tmp_path / "run")
+    monkeypatch.chdir(tiny)
+    relative = [
+        arg.replace(f"{tiny}/", "") if arg.startswith(("model.", "data.")) else arg for arg in settings(tiny, out)
+    ]
+    assert "model.teacher=teacher" in relative and "data.source=data" in relative
+    result = run_main("train", "tiny", *relative, "--resume", "latest", check=False)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
