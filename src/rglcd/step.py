@@ -199,7 +199,7 @@ def teacher_ddim_cfg_step(
 ) -> Tensor:
     """ẑ_{t_n}: one DDIM step of the teacher's CFG-guided PF-ODE from z_{t_{n+k}} (LCM's augmented ODE)."""
     schedule = distillation.schedule
-    start = distillation.grid[indices]
+    start = distillation.grid.to(indices.device)[indices]  # (no copy: Distillation.to put it there)
     previous = (start - distillation.skip).clamp(min=0)
     dtype = next(teacher_unet.parameters()).dtype
     # One batched pass for cond and uncond: [2B, C, h, w].
@@ -256,7 +256,7 @@ def rglcd_step(
     if rewarded and sampler is not None and noise.sampler_noise is None:
         raise ValueError("a sampler reward needs the sampler's noise: StepNoise.draw(..., sampler_steps=K)")
     schedule = distillation.schedule
-    start = distillation.grid[noise.indices]  # t_{n+k}
+    start = distillation.grid.to(noise.indices.device)[noise.indices]  # t_{n+k} (no copy after Distillation.to)
     previous = (start - distillation.skip).clamp(min=0)  # t_n
     # The step works in the noise's dtype (float32 in training; float64 in the exactness tests).
     z_start = schedule.add_noise(latents.to(noise.noise.dtype), noise.noise, start)
