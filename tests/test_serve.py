@@ -77,6 +77,22 @@ def test_bad_requests_get_a_message_naming_the_value_and_its_range(change, messa
     assert str(error.value).startswith(message)
 
 
+def test_every_range_takes_its_boundaries():
+    """The ends of every range are accepted, the values just past them refused (issue 28's `<= high` mutation)."""
+    from rglcd.config import MAX_SEED
+    from rglcd.serve import MAX_GUIDANCE
+
+    edges = dict(seed=MAX_SEED, steps=50, guidance=MAX_GUIDANCE, eta=1.0, teacher_steps=1000, teacher_guidance=0.0)
+    request = check_request(SERVED, **{**GOOD, **edges, "scheduler": "tcd"})
+    assert (request.seed, request.steps, request.guidance, request.eta) == (MAX_SEED, 50, MAX_GUIDANCE, 1.0)
+    lows = check_request(SERVED, **{**GOOD, "seed": 0, "steps": 1, "guidance": 0.0, "eta": 0.0, "teacher_steps": 1})
+    assert (lows.seed, lows.steps, lows.guidance, lows.eta, lows.teacher_steps) == (0, 1, 0.0, 0.0, 1)
+    past = dict(seed=MAX_SEED + 1, steps=51, guidance=MAX_GUIDANCE + 0.01, eta=1.01, teacher_steps=1001)
+    for name, value in past.items():
+        with pytest.raises(RequestError, match=name.replace("_", " ")):
+            check_request(SERVED, **{**GOOD, name: value})
+
+
 @register_reward("test-brightness")
 class Brightness(RewardModel):
     benchmark_scale = 100.0

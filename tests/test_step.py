@@ -225,3 +225,15 @@ def test_the_schedule_and_grid_live_on_the_steps_device(monkeypatch):
     alpha, sigma = distillation.schedule.alpha_sigma(start)
     assert alpha.device.type == sigma.device.type == "meta" and alpha.shape == (2, 1, 1, 1)
     assert distillation.sampling_timesteps(2).device.type == "meta"
+
+
+def test_the_draw_reaches_every_grid_index_and_w_range():
+    """n ∈ [0, N): the last index is t = 999, the timestep one-step sampling starts from (issue 28's randint(0, N − 1)
+    mutation); w ∈ [w_min, w_max)."""
+    from rglcd.schedules import NoiseSchedule
+
+    distillation = Distillation(NoiseSchedule.from_config({"beta_schedule": "scaled_linear"}))
+    noise = StepNoise.draw(torch.zeros(4000, 1, 1, 1), distillation, torch.Generator().manual_seed(0))
+    assert set(noise.indices.tolist()) == set(range(distillation.num_ddim_timesteps))
+    assert distillation.grid[noise.indices].max() == 999
+    assert distillation.w_min <= noise.guidance.min() and noise.guidance.max() < distillation.w_max
