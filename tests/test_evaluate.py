@@ -85,6 +85,12 @@ BOOTSTRAP_PICKS = np.random.default_rng(0).integers(0, 3, (2000, 3))  # bootstra
 BOUNDS = [0.025, 0.975]
 
 
+def recomputed_brightness(folder, row) -> list[float]:
+    """Each saved image's mean pixel value, read back from its PNG (not from scores.json, which eval wrote too)."""
+    images = sorted((folder / "images" / f"{row['model']}-{row['steps']}").glob("*.png"))
+    return [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean() / 255 for path in images]
+
+
 def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
     metrics = Metrics(
         per_image={"brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3))},
@@ -96,6 +102,10 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
     for row in rows:
         scores = json.loads((tmp_path / "images" / f"{row['model']}-{row['steps']}" / "scores.json").read_text())
         assert row["brightness"] == pytest.approx(100 * np.mean(scores["brightness"]))  # on the benchmark scale
+        # the sample standard deviation (n − 1) over the prompts, computed here from the saved images
+        assert row["brightness_std"] == pytest.approx(
+            100 * np.std(recomputed_brightness(tmp_path, row), ddof=1), rel=1e-4
+        )
         assert row["count"] == 3.0 and row["ms_per_image"] > 0 and row["images_per_second"] > 0
         groups = row["groups"]["brightness"]
         assert list(groups) == ["x", "y", "average"]
