@@ -356,9 +356,11 @@ class Check:
 
     def student_rates(self, dtype, prompts: list[str]) -> dict:
         from rglcd.export import load_lcm
+        from rglcd.models import place
         from rglcd.sampling import lcm_sample
 
-        student = load_lcm(self.exported(), self.device, dtype)
+        student = load_lcm(self.exported())
+        place(student, self.device, dtype)  # as rglcd sample places it (an SDXL VAE stays float32)
         sample = partial(lcm_sample, student.unet, student.vae, student, student.scheduler, prompts)
         return {
             f"student_{steps}_steps_images_per_second": self.images_per_second(partial(sample, num_steps=steps))

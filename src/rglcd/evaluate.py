@@ -82,7 +82,7 @@ def load_contender(
     dtype: torch.dtype | None = None,
 ):
     """The pipeline parts a contender is sampled with, frozen, on ``device`` (``auto``: the first GPU, else the CPU) in
-    ``dtype`` (None: bfloat16 on a GPU, else float32; a ``force_upcast`` VAE in float32: :func:`models.place`),
+    ``dtype`` (None: bfloat16 on a GPU, else float32; an SDXL ``force_upcast`` VAE in float32: :func:`models.place`),
     with the speed switches on its UNet and VAE."""
     device = pick_device(device)
     parts = load_teacher(contender.path) if contender.kind == "teacher" else load_lcm(contender.path)

@@ -70,14 +70,14 @@ def contiguous(*modules: nn.Module) -> None:
         module.to(memory_format=torch.contiguous_format)
 
 
-def load_lcm(model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load an exported (or any diffusers LCM) pipeline folder or hub id, its weights read in ``dtype`` (default: as
-    saved) and then moved to ``device``, so no float32 copy reaches the GPU; errors name what is wrong."""
+def load_lcm(model: str | Path):
+    """Load an exported (or any diffusers LCM) pipeline folder or hub id on the CPU, as saved (the caller places it:
+    :func:`rglcd.models.place`); errors name what is wrong."""
     index = read_pipeline_index(str(model), revision=None)
     if "unet" not in index or "vae" not in index:
         raise TeacherLoadError(f"{model} is not a UNet latent diffusion pipeline (model_index.json: {sorted(index)})")
     try:
-        pipeline = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+        pipeline = DiffusionPipeline.from_pretrained(str(model))
     except (ValueError, AttributeError, TypeError) as error:
         # How diffusers refuses a model_index.json naming a custom module (ValueError), a pipeline class it does not
         # have (AttributeError) or a custom pipeline as [module, class] (TypeError); also weights of the wrong shape.
@@ -94,7 +94,7 @@ def load_lcm(model: str | Path, device: str | torch.device = "cpu", dtype: torch
         )
     if not isinstance(pipeline.scheduler, LCMScheduler):
         pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config)
-    return pipeline.to(device)
+    return pipeline
 
 
 def save_lora(unet: nn.Module, folder: str | Path, adapter: str = STUDENT, sdxl: bool = False) -> Path:

@@ -51,6 +51,7 @@ from .train.build import (
     float_conditions,
     prepare_batch,
     set_trainable,
+    trained_params,
 )
 
 GIB = 2**30
@@ -384,7 +385,7 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     run.teacher.schedule = dataclasses.replace(
         schedule, alphas_cumprod=torch.empty_like(schedule.alphas_cumprod, device="cpu")
     )  # fmt: skip
-    trained = [param for param in run.networks.student.parameters() if param.requires_grad]
+    trained = trained_params(run.networks.student)
     # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
     # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
     optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
@@ -545,7 +546,7 @@ def memory_parts(run: _Run, config: TrainConfig, processes: int, sharded: bool) 
     shard = processes if sharded else 1
     shard_note = f"sharded over {processes}" if sharded else ""
     student, teacher = run.networks.student, run.teacher
-    trained = [param for param in student.parameters() if param.requires_grad]
+    trained = trained_params(student)
     parts = []
     if config.lora.rank:
         named = list(student.named_parameters())
@@ -583,7 +584,7 @@ def memory_parts(run: _Run, config: TrainConfig, processes: int, sharded: bool) 
         tensors = list(run.proxy.parameters())
         latent = config.reward.latent
         unlocked_proxy = run.proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
-        unlocked = [param for param in unlocked_proxy.parameters() if param.requires_grad]
+        unlocked = trained_params(unlocked_proxy)
         parts.append(Part("latent proxy RM", _describe(tensors), _bytes(tensors)))
         parts.append(Part("latent proxy: AdamW states", _describe(unlocked, "2 float32 per value"), 8 * sum(
             p.numel() for p in unlocked)))  # fmt: skip

@@ -70,7 +70,7 @@ def _lora_student(folder: Path):
 def load_served_model(text: str, device: torch.device, dtype: torch.dtype | None = None) -> ServedModel:
     """``[LABEL=]PATH``: an exported student folder (full, fused LoRA, SD or SDXL), an rglcd LoRA export
     (``RUN/lora``) or a teacher pipeline (folder or hub id), on ``device`` in ``dtype`` (None: bfloat16 on a GPU,
-    else float32; a ``force_upcast`` VAE in float32: :func:`models.place`)."""
+    else float32; an SDXL ``force_upcast`` VAE in float32: :func:`models.place`)."""
     label, path = parse_model(text)
     folder = Path(path)
     if (folder / LORA_WEIGHTS).is_file() and not (folder / "model_index.json").is_file():

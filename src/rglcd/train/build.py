@@ -190,8 +190,7 @@ def build_student_reward(
 def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processes: int, sharded: bool = False):
     """(AdamW over the student's trained parameters, its learning-rate schedule), as diffusers' scripts count steps."""
     optim = config.optim
-    trained = [param for param in student.parameters() if param.requires_grad]
-    optimizer = build_optimizer(config, trained, fused=not sharded)
+    optimizer = build_optimizer(config, trained_params(student), fused=not sharded)
     lr_scheduler = get_scheduler(
         optim.lr_scheduler,
         optimizer=optimizer,
@@ -199,6 +198,11 @@ def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processe
         num_training_steps=optim.max_train_steps * num_processes,
     )
     return optimizer, lr_scheduler
+
+
+def trained_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a module trains (a LoRA student's: its adapters)."""
+    return [param for param in module.parameters() if param.requires_grad]
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], fused: bool = True) -> torch.optim.Optimizer:

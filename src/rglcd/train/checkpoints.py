@@ -204,12 +204,16 @@ def is_sharded(module: nn.Module) -> bool:
     return any(hasattr(param, "full_tensor") for param in module.parameters())
 
 
+def whole_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP-sharded module's weights gathered whole on the main process's CPU (empty elsewhere); a collective."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_whole(module: nn.Module, path: Path, main: bool) -> None:
     """The module's whole weights to ``path`` by the main process; a sharded module's are gathered first (a
     collective: every rank calls this)."""
     if is_sharded(module):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole on the main process's CPU only
-        weights = get_model_state_dict(module, options=options)
+        weights = whole_state_dict(module)
         if main:
             save_file({key: value.contiguous() for key, value in weights.items()}, path)
     elif main:

@@ -19,7 +19,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from safetensors import SafetensorError
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
@@ -46,6 +45,7 @@ from .build import (
     prepare_batch,
     set_trainable,
     shard_target,
+    trained_params,
     unconditional,
 )
 from .checkpoints import (
@@ -56,6 +56,7 @@ from .checkpoints import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    whole_state_dict,
 )
 from .errors import TrainingError
 from .health import Health, weight_norm
@@ -187,10 +188,6 @@ def commit(run: Run) -> None:
         run.accelerator.init_trackers(TRACKER_PROJECT, config=run.settings)
     run.accelerator.wait_for_everyone()
     run.committed = True
-
-
-def trained_params(student: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [param for param in student.parameters() if param.requires_grad]
 
 
 def build_latent_proxy(config: TrainConfig, device: torch.device) -> Proxy | None:
@@ -360,7 +357,8 @@ def reduce_proxy_gradients(accelerator: Accelerator, grads: list[torch.Tensor]) 
 
 
 def skip_non_finite_step(run: Run) -> None:
-    """Count a step whose loss was NaN/Inf; after ``logging.max_consecutive_nan_steps`` in a row, checkpoint, stop."""
+    """Count a step whose loss was NaN/Inf; after ``logging.max_consecutive_nan_steps`` in a row, stop, naming the
+    last healthy checkpoint (none is written of this state)."""
     run.nan_streak += 1
     run.health.clean = False
     logger.warning("non-finite loss at step %d (%d in a row); update skipped", run.global_step + 1, run.nan_streak)
@@ -465,7 +463,7 @@ def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
 
 def unsharded(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module | None:
     """An FSDP-sharded UNet whole, as a plain UNet on the main process's CPU (None elsewhere); a collective."""
-    weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = whole_state_dict(module)
     if not accelerator.is_main_process:
         return None
     plain = UNet2DConditionModel.from_config(accelerator.unwrap_model(module).config)
