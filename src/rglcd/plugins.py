@@ -8,7 +8,8 @@ with the registries' ``register`` decorators. In a package's pyproject.toml::
     my_rewards = "my_package.rglcd_plugin"
 
 Plugins are imported the first time any registry is read, so every registry lists the built-ins and every
-installed plugin's parts. The miniature world (:mod:`rglcd.world.plugin`) is one: nothing else in rglcd imports it.
+installed plugin's parts. The miniature world (:mod:`rglcd.world.plugin`) is one: only the CLI and the experiments,
+the top layers, import :mod:`rglcd.world`; the rest of rglcd reaches it through the registries.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+# open_clip takes seconds to import and comes with this module, hence with rglcd.rewards: what must stay quick
+# (`rglcd --help`, which reads the presets) imports rglcd.rewards only inside the functions that need it.
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,6 @@ def small_open_clip(config, *, vision_layers: int | tuple[int, ...], image_size:
     """open_clip's CLIP at a small config's sizes (``embed_dim``, ``vision_width``, ``vision_head_width``,
     ``patch_size``, ``context_length``, ``text_width``, ``text_heads``, ``text_layers``): the world's CLIP and the
     latent proxy RM. ``vision_layers`` is a ViT's depth or a ResNet's blocks per stage."""
-    # open_clip takes seconds to import: only models that are built pay for it.
     return CLIP(
         embed_dim=config.embed_dim,
         vision_cfg=CLIPVisionCfg(
@@ -161,7 +162,6 @@ def _build_open_clip(model: str | dict, pretrained: str | None, checkpoint: str 
     ``model`` is an open_clip model name (``"ViT-H-14"``) or an architecture given as a config dict in the format
     of open_clip's ``model_configs/*.json`` (tiny ones in tests); a dict needs ``checkpoint``.
     """
-    # open_clip takes seconds to import: only rewards that are built pay for it.
     if isinstance(model, dict):
         if checkpoint is None:
             raise ValueError("an architecture given as a config dict needs checkpoint=<its weights file>")

@@ -4,4 +4,6 @@ from ..errors import RglcdError
 
 
 class TrainingError(RglcdError, RuntimeError):
-    """The run cannot go on, or cannot start (e.g. the loss kept being NaN); the message says what to change."""
+    """The run cannot go on, or cannot start; the message says what to change. E.g. the loss kept being NaN: no
+    checkpoint is written of that state, and the message names the last healthy one to resume from (or says there
+    is none)."""
