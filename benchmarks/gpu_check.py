@@ -69,8 +69,6 @@ VARIANTS = {
 }
 SAMPLED_RUN = "sd15-512"  # its export, a whole student, is an LCM pipeline folder: sampled and evaluated as it is
 SAMPLED_STEPS = (1, 2, 4)
-TEACHER_STEPS = 50
-TEACHER_GUIDANCE = 7.5  # rglcd eval's default teacher CFG scale
 TINY_TEACHERS = {"SD15": {}, "SD21": {"prediction_type": "v_prediction"}, "SDXL": {"sdxl": True}}  # save_tiny_pipeline
 LEAST_SECONDS = 30  # a section starts only with this much of the budget left
 VERSIONS_SHOWN = ("python", "torch", "cuda", "diffusers", "transformers")  # in the report's second line
@@ -340,6 +338,7 @@ class Check:
         """Images per second of the student at 1, 2 and 4 steps and of the teacher's DDIM + CFG, in the dtype that
         ``rglcd sample`` and ``eval`` default to."""
         from rglcd.models.speed import sampling_dtype
+        from rglcd.sampling import TEACHER_STEPS
 
         dtype = sampling_dtype(None, self.device)
         prompts = (PROMPTS * self.scale.sample_batch)[: self.scale.sample_batch]
@@ -348,7 +347,7 @@ class Check:
         release_memory()
         teacher_rate = self.teacher_rate(dtype, prompts)
         release_memory()
-        figures[f"teacher_ddim_{TEACHER_STEPS}_cfg_images_per_second"] = teacher_rate
+        figures.update(teacher_steps=TEACHER_STEPS, teacher_ddim_cfg_images_per_second=teacher_rate)
         for steps in SAMPLED_STEPS:
             speedup = figures[f"student_{steps}_steps_images_per_second"] / teacher_rate
             figures[f"student_{steps}_steps_speedup"] = speedup
@@ -369,13 +368,13 @@ class Check:
 
     def teacher_rate(self, dtype, prompts: list[str]) -> float:
         from rglcd.models import load_teacher, place
-        from rglcd.sampling import ddim_cfg_sample
+        from rglcd.sampling import TEACHER_GUIDANCE, TEACHER_STEPS, ddim_cfg_sample, ddim_scheduler
 
         teacher = load_teacher(self.teachers["SD15"])
         place(teacher, self.device, dtype)
         return self.images_per_second(
             partial(
-                ddim_cfg_sample, teacher.unet, teacher.vae, teacher, teacher.scheduler_config, prompts,
+                ddim_cfg_sample, teacher.unet, teacher.vae, teacher, ddim_scheduler(teacher.scheduler_config), prompts,
                 num_steps=TEACHER_STEPS, guidance_scale=TEACHER_GUIDANCE,
             )
         )  # fmt: skip
@@ -635,8 +634,8 @@ def markdown(results: dict) -> str:
                 f"{number(sampling[f'student_{steps}_steps_images_per_second'], '.2f')} | "
                 f"{number(sampling[f'student_{steps}_steps_speedup'], '.1f')}× |"
             )
-        rate = sampling[f"teacher_ddim_{TEACHER_STEPS}_cfg_images_per_second"]
-        lines.append(f"| teacher, DDIM {TEACHER_STEPS} steps + CFG | {number(rate, '.2f')} | 1.0× |")
+        rate, steps = sampling["teacher_ddim_cfg_images_per_second"], sampling["teacher_steps"]
+        lines.append(f"| teacher, DDIM {steps} steps + CFG | {number(rate, '.2f')} | 1.0× |")
     evaluation = sections.get("rglcd eval", {}).get("figures")
     if evaluation:
         lines += [

@@ -26,7 +26,7 @@ from train_step import spread
 
 from rglcd.export import export_pipeline, load_lcm
 from rglcd.models import build_student, decode_latents, load_teacher, text_conditioning, vae_scale_factor
-from rglcd.sampling import ddim_cfg_sample, lcm_sample
+from rglcd.sampling import TEACHER_GUIDANCE, TEACHER_STEPS, ddim_cfg_sample, ddim_scheduler, lcm_sample
 from rglcd.schedules import guidance_scale_embedding
 from rglcd.tiny import sd_pipeline
 from rglcd.world.teacher import build_components
@@ -52,10 +52,15 @@ def main() -> None:
         return [torch.Generator().manual_seed(index) for index in range(args.batch_size)]
 
     def sample(steps: int):
-        return lambda: lcm_sample(unet, vae, student, student.scheduler, prompts, steps, 6.0, generators())
+        return lambda: lcm_sample(
+            unet, vae, student, student.scheduler, prompts, num_steps=steps, guidance_scale=6.0, generator=generators()
+        )
 
     def teacher_sample():
-        ddim_cfg_sample(teacher.unet, teacher.vae, teacher, teacher.scheduler_config, prompts, 50, 7.5, generators())
+        ddim_cfg_sample(
+            teacher.unet, teacher.vae, teacher, ddim_scheduler(teacher.scheduler_config), prompts,
+            num_steps=TEACHER_STEPS, guidance_scale=TEACHER_GUIDANCE, generator=generators(),
+        )  # fmt: skip
 
     with torch.no_grad():
         embeds, _ = text_conditioning(student, prompts, 32)  # [B, L, D]
@@ -82,7 +87,7 @@ def main() -> None:
     print(f"  4 UNet forwards + 1 VAE decode     {passes:9.1f}")
     print(f"  sampling / passes                  {spread([r[0] / r[1] for r in rounds]):>22}")
     print(f"  2-step student sampling            {two_steps:9.1f}")
-    print(f"  teacher 50-step DDIM + CFG         {ddim:9.1f}")
+    print(f"  {f'teacher {TEACHER_STEPS}-step DDIM + CFG':<35}{ddim:9.1f}")
     print(f"  teacher / 2-step student           {spread([r[3] / r[2] for r in rounds]):>22}")
 
 

@@ -2,6 +2,7 @@
 one command's options and errors run its entry point in this process (``run_main``), which skips the interpreter's
 start-up."""
 
+import argparse
 import contextlib
 import io
 import json
@@ -79,6 +80,7 @@ def test_sample_is_deterministic_for_a_seed(demo_run, tmp_path):
     run_main(*args, "--steps", "2", "--seed", "6", "--out", tmp_path / "c")
     meta = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert meta["steps"] == 2 and [image["file"] for image in meta["images"]] == ["000-00.png", "001-00.png"]
+    assert meta["guidance"] == 8.5  # diffusers' LatentConsistencyModelPipeline default, recorded as used
     for name in ("000-00.png", "001-00.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "000-00.png").read_bytes() != (tmp_path / "c" / "000-00.png").read_bytes()
@@ -158,6 +160,28 @@ def test_dtype_choices_and_default(command):
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(errors):
         parser.parse_args([*command, "--dtype", "float16"])
     assert stop.value.code == 2 and "argument --dtype: invalid choice: 'float16'" in errors.getvalue()
+
+
+def test_the_help_gives_the_sampling_defaults_and_imports_no_diffusers():
+    """The guidance options name rglcd.sampling's defaults as figures and leave them unset (the commands take them
+    from there), so that building the parser, and --help, imports no diffusers."""
+    from rglcd.cli import build_parser
+    from rglcd.sampling import LCM_GUIDANCE, TEACHER_GUIDANCE
+    from rglcd.world.plugin import WORLD_LCM_GUIDANCE
+
+    (commands,) = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+
+    def option(command: str, flag: str) -> argparse.Action:
+        (action,) = [action for action in commands.choices[command]._actions if flag in action.option_strings]
+        assert action.default is None, (command, flag)
+        return action
+
+    assert f"(default: {LCM_GUIDANCE})" in option("sample", "--guidance").help
+    assert f"(default: {WORLD_LCM_GUIDANCE} world, else {LCM_GUIDANCE})" in option("eval", "--guidance").help
+    assert f"(default: {TEACHER_GUIDANCE})" in option("eval", "--teacher-guidance").help
+    assert f"default: {LCM_GUIDANCE}, the miniature's {WORLD_LCM_GUIDANCE}" in option("serve", "--guidance").help
+    code = "import sys; from rglcd.cli import build_parser; build_parser(); print('diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "False\n"
 
 
 def test_a_device_that_is_not_here_is_a_one_line_error(demo_run, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from rglcd.eval_command import EvalSettings, run_eval
+from rglcd.eval_command import METRICS, EvalRun, EvalSettings, Replicate, register_metric, run_eval
 from rglcd.evaluate import EvalError
 from rglcd.export import export_pipeline
 from rglcd.models import build_student, load_teacher
@@ -131,6 +131,54 @@ def test_an_lcm_and_tcd_gamma_sweep(models, tmp_path):
     result = rglcd_eval("--model", student, "--prompts", prompts, "--eta", "0.5", "--out", out,
                         cache=tmp_path / "cache", expect=2)  # fmt: skip
     assert "--eta is TCD's gamma: use it with --scheduler tcd" in result.stderr
+
+
+def test_a_metric_declared_relative_to_the_teacher_gets_its_column(models, tmp_path, monkeypatch):
+    """run_eval reads the registry's declaration (as hf_ratio's): the measure over the teacher's, in its own column."""
+    monkeypatch.setattr(METRICS, "_entries", dict(METRICS._entries))  # registered into a copy, dropped after the test
+
+    @register_metric("brightness_ratio", "mean pixel over the teacher's", relative_to_teacher="brightness")
+    def _brightness(scorers, request):
+        scorers.per_image["brightness"] = lambda images, texts, records: images.mean(dim=(1, 2, 3))
+
+    teacher, student = models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    settings = EvalSettings(
+        models=[f"teacher={teacher}", f"lcm={student}"], out=tmp_path / "eval", prompts=str(prompts), steps=(1,),
+        teacher_steps=(2,), metrics=["brightness_ratio"],
+    )  # fmt: skip
+    teacher_row, lcm_row = run_eval(settings)["rows"]
+    assert teacher_row["brightness_ratio"] == 1.0
+    assert lcm_row["brightness_ratio"] == pytest.approx(lcm_row["brightness"] / teacher_row["brightness"])
+    assert "| brightness | brightness_ratio | ms_per_image |" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_replicates_across_training_seeds(models, tmp_path):
+    """An EvalRun's replicates: compared only within their seed (and with the teacher), summarised across seeds,
+    and the grid keeps the first seed's."""
+    from PIL import Image
+
+    from rglcd.grid import GAP, ROW_LABEL_WIDTH
+
+    teacher, student = models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green triangle\n")
+    replicates = {f"{family} seed {seed}": Replicate(family, seed) for seed in (0, 1) for family in ("LCM", "RG-LCM")}
+    settings = EvalSettings(models=[f"teacher={teacher}", *(f"{label}={student}" for label in replicates)],
+                            out=tmp_path / "eval", prompts=str(prompts), steps=(1,), teacher_steps=(2,),
+                            metrics=["colorfulness"])  # fmt: skip
+    results = run_eval(settings, EvalRun(title="seeds", replicates=replicates, contrast=("RG-LCM", "LCM")))
+    summary = results["across_seeds"]
+    assert summary["seeds"] == [0, 1] and [s["model"] for s in summary["students"]] == ["LCM", "RG-LCM"]
+    (effect,) = summary["rg_lcm_minus_lcm"]  # the same weights and noise: no difference in any seed
+    assert effect["colorfulness"]["mean"] == 0.0 and effect["colorfulness"]["n"] == 2
+    for record in results["paired_differences"]:
+        assert record["second"] == "teacher" or record["first"][-1] == record["second"][-1]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert report.startswith("# seeds") and "**RG-LCM − LCM, seed by seed**" in report
+    grid = Image.open(tmp_path / "eval" / "grid.png")  # the teacher and the first seed's two students
+    assert grid.width == ROW_LABEL_WIDTH + 3 * (128 + GAP) - GAP
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The evaluation machinery: seeded resumable generation, streamed metrics, HPSv2's chunk arithmetic, FID."""
+"""The evaluation machinery: seeded resumable generation, streamed scorers, HPSv2's chunk arithmetic, FID."""
 
 import json
 import math
@@ -11,30 +11,25 @@ from PIL import Image
 
 from rglcd.evaluate import (
     Contender,
-    Estimate,
     EvalError,
-    FeatureExtractor,
-    FrechetDistance,
-    Metrics,
+    Scorers,
     _measure,
-    bootstrap_mean,
-    chunk_statistics,
     comparison_pairs,
     evaluate,
     generate,
-    group_statistics,
     image_paths,
     load_contender,
-    paired_difference,
-    paired_differences,
+    paired_row_differences,
     pipeline_kind,
     read_images,
     relative_to_teacher,
 )
 from rglcd.export import export_pipeline
+from rglcd.fid import FeatureExtractor, FrechetDistance
 from rglcd.grid import GAP, ROW_LABEL_WIDTH
 from rglcd.models import build_student, load_teacher
 from rglcd.report import comparison_grid, group_tables, markdown_table, write_report
+from rglcd.stats import Estimate, bootstrap_mean, chunk_statistics, group_statistics, paired_difference
 
 CAPTIONS = ["a red picture", "a blue picture", "a green picture"]
 
@@ -92,12 +87,12 @@ def recomputed_brightness(folder, row) -> list[float]:
 
 
 def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
-    metrics = Metrics(
+    scorers = Scorers(
         per_image={"brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3))},
         per_set={"count": CountImages()},
         benchmark_scales={"brightness": 100.0},
     )
-    rows = evaluate(contenders, CAPTIONS, tmp_path, metrics, groups=["x", "y", "x"], batch_size=2)
+    rows = evaluate(contenders, CAPTIONS, tmp_path, scorers, groups=["x", "y", "x"], batch_size=2)
     assert [(row["model"], row["steps"]) for row in rows] == [("teacher", 3), ("LCM", 1), ("LCM", 2)]
     for row in rows:
         scores = json.loads((tmp_path / "images" / f"{row['model']}-{row['steps']}" / "scores.json").read_text())
@@ -121,7 +116,7 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
     assert [(first["model"], first["steps"], second["model"]) for first, second in pairs] == [
         ("LCM", 1, "teacher"), ("LCM", 2, "teacher")
     ]  # fmt: skip
-    (difference, _) = paired_differences(pairs, ["brightness"], {"brightness": 100.0})
+    (difference, _) = paired_row_differences(pairs, ["brightness"], {"brightness": 100.0})
     assert difference["brightness"]["mean"] == pytest.approx(rows[1]["brightness"] - rows[0]["brightness"])
     assert (difference["first"], difference["first_steps"], difference["second_steps"]) == ("LCM", 1, 3)
     table = markdown_table(rows, ["brightness", "ms_per_image"])
@@ -253,6 +248,16 @@ def test_frechet_distance_with_non_commuting_covariances():
     assert fd_of_features(real, fake) == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_models_of_different_training_seeds_are_compared_only_with_the_teacher():
+    rows = [{"model": "teacher", "kind": "teacher", "steps": 4}] + [
+        {"model": f"{family} {seed}", "kind": "lcm", "steps": 2} for seed in (0, 1) for family in ("LCM", "RG-LCM")
+    ]
+    seeds = {"LCM 0": 0, "RG-LCM 0": 0, "LCM 1": 1, "RG-LCM 1": 1}
+    pairs = [(first["model"], second["model"]) for first, second in comparison_pairs(rows, seeds)]
+    assert pairs == [("LCM 0", "RG-LCM 0"), ("LCM 1", "RG-LCM 1")] + [(row["model"], "teacher") for row in rows[1:]]
+    assert len(comparison_pairs(rows)) == 6 + 4  # without seeds: every two students at 2 steps, and each vs the teacher
+
+
 def test_relative_to_teacher_uses_the_teacher_with_most_steps():
     rows = [
         {"model": "t", "kind": "teacher", "steps": 25, "hf": 0.4},
@@ -297,7 +302,7 @@ def write_pictures(folder, count):
 
 
 class RecordDevice:
-    """A set metric that records the device of the images it reads."""
+    """A set scorer that records the device of the images it reads."""
 
     def __init__(self):
         self.devices = []
@@ -312,14 +317,14 @@ class RecordDevice:
         return 0.0
 
 
-def test_the_metrics_read_every_image_batch_on_the_eval_device(tmp_path):
+def test_the_scorers_read_every_image_batch_on_the_eval_device(tmp_path):
     seen, per_set = [], RecordDevice()
-    metrics = Metrics(
+    scorers = Scorers(
         per_image={"where": lambda images, texts, records: seen.append(images.device) or torch.zeros(len(images))},
         per_set={"where-set": per_set},
         benchmark_scales={},
     )
-    values = _measure(write_pictures(tmp_path / "images", 3), CAPTIONS, CAPTIONS, metrics, 2, torch.device("meta"))
+    values = _measure(write_pictures(tmp_path / "images", 3), CAPTIONS, CAPTIONS, scorers, 2, torch.device("meta"))
     assert seen == per_set.devices == [torch.device("meta")] * 2 and values["where"] == [0.0] * 3
 
 

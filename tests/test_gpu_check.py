@@ -35,7 +35,8 @@ FIGURES = {
     },
     "sampling": {
         *(f"student_{steps}_steps_images_per_second" for steps in (1, 2, 4)),
-        "teacher_ddim_50_cfg_images_per_second",
+        "teacher_steps",
+        "teacher_ddim_cfg_images_per_second",
     },
     "rglcd eval": {"images_per_second", "generation_images_per_second", "hpsv2.1"},
 }

@@ -10,8 +10,8 @@ import sys
 import pytest
 from PIL import Image
 
-from rglcd.experiments.quickstart import reward_effects, spread, student_spreads
 from rglcd.grid import GAP, ROW_LABEL_WIDTH
+from rglcd.stats import contrast_effects, family_spreads, spread
 
 
 def quickstart(cache, out, *extra):
@@ -88,7 +88,7 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
     assert Image.open(out / "grid.png").width == grid.width  # the first seed's students only
 
 
-def test_spread_and_reward_effects_by_hand():
+def test_spread_and_contrast_effects_by_hand():
     assert spread([1.0, 2.0, 6.0]) == {"mean": 3.0, "sd": pytest.approx(2.6457513), "min": 1.0, "max": 6.0, "n": 3}
     assert spread([4.0])["sd"] is None
     family_of = {"LCM seed 0": "LCM", "RG-LCM seed 0": "RG-LCM", "LCM seed 1": "LCM", "RG-LCM seed 1": "RG-LCM"}
@@ -99,7 +99,7 @@ def test_spread_and_reward_effects_by_hand():
         {"model": "LCM seed 1", "steps": 2, "r": 3.0},
         {"model": "RG-LCM seed 1", "steps": 2, "r": 5.0},
     ]
-    spreads = student_spreads(rows, family_of, ["r"])
+    spreads = family_spreads(rows, family_of, ["r"])
     assert [(s["model"], s["steps"], s["r"]["mean"], s["r"]["min"], s["r"]["max"]) for s in spreads] == [
         ("LCM", 2, 2.0, 1.0, 3.0), ("RG-LCM", 2, 3.5, 2.0, 5.0)
     ]  # fmt: skip
@@ -111,6 +111,6 @@ def test_spread_and_reward_effects_by_hand():
         {"first": "LCM seed 0", "first_steps": 2, "second": "teacher", "second_steps": 50,
          "r": {"mean": -8.0, "low": -9.0, "high": -7.0}},
     ]  # fmt: skip
-    (effect,) = reward_effects(paired, family_of, ["r"])
+    (effect,) = contrast_effects(paired, family_of, ("RG-LCM", "LCM"), ["r"])
     assert effect["steps"] == 2 and effect["r"]["mean"] == 1.5 and effect["r"]["sd"] == pytest.approx(0.7071068)
     assert (effect["r"]["above_zero"], effect["r"]["below_zero"]) == (1, 0)  # seed 0: [0.5, 1.5]; seed 1 spans 0

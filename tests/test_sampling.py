@@ -11,7 +11,7 @@ from diffusers import (
 from rglcd.export import export_pipeline, load_lcm
 from rglcd.models import TeacherLoadError, build_student, load_teacher, place
 from rglcd.models.speed import sampling_dtype
-from rglcd.sampling import consistency_scheduler, ddim_cfg_sample, lcm_sample
+from rglcd.sampling import consistency_scheduler, ddim_cfg_sample, ddim_scheduler, lcm_sample
 from rglcd.tiny import save_tiny_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -149,8 +149,8 @@ def test_sdxls_force_upcast_vae_decodes_in_float32_under_fp16(sdxl_teacher_dir):
     assert teacher.vae.dtype == torch.float32
     decoded = []
     teacher.vae.post_quant_conv.register_forward_pre_hook(lambda module, inputs: decoded.append(inputs[0].dtype))
-    images = ddim_cfg_sample(teacher.unet, teacher.vae, teacher, teacher.scheduler_config, PROMPTS, num_steps=2,
-                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    images = ddim_cfg_sample(teacher.unet, teacher.vae, teacher, ddim_scheduler(teacher.scheduler_config), PROMPTS,
+                             num_steps=2, generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert decoded == [torch.float32]  # the fp16 latents were cast up for the decode
     # An fp16-safe VAE (the flag off: SDXL's fp16-fix) keeps the pipeline's dtype; under bf16 the VAE stays whole.

@@ -5,44 +5,46 @@ DDIM + CFG at ``teacher_steps``) generate the images of a prompt set (the HPSv2 
 captions, a text file, a plugin's such as the miniature's held-out prompts) with the same noise per prompt, and are
 scored by any registered reward, the HPSv2 protocol per style, FID, the high-frequency energy ratio and any metric a
 plugin registers (:data:`METRICS`; the world's judge). Everything is checked (models, prompt files, metric names,
-weights) before the first image is generated.
+weights) before the first image is generated. An experiment describes its run with an :class:`EvalRun`: the report's
+title and notes, and which models are training seeds' replicates of one recipe.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import LCMScheduler
 
 from .config import pipeline_vae_scale_factor, resolution_problem
 from .evaluate import (
-    HPSV2_CHUNK,
     Contender,
     EvalError,
-    FrechetDistance,
-    Metrics,
+    Scorers,
     comparison_pairs,
     evaluate,
-    paired_differences,
+    paired_row_differences,
     pipeline_kind,
     read_images,
     relative_to_teacher,
 )
 from .export import add_evaluation_to_card
+from .fid import FrechetDistance
 from .metrics import high_frequency_share
 from .models import SpeedSwitches
 from .models.speed import pick_device, sampling_dtype
 from .plugins import Registry
 from .prompts import Prompt, load_prompts, prompt_set
-from .report import markdown_table, write_report
+from .report import markdown_table, seed_tables, write_report
 from .rewards import REWARDS, build_reward
-from .sampling import SAMPLERS, TCD_ETA
+from .sampling import LCM_GUIDANCE, SAMPLERS, TCD_ETA, TEACHER_GUIDANCE
+from .stats import HPSV2_CHUNK, contrast_effects, family_spreads
 
-LCM_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
 COCO_FID_SIZE = 256  # GigaGAN's and DMD2's COCO protocol: centre crop, 256²
 
 
@@ -54,8 +56,8 @@ class EvalSettings:
     limit: int | None = None  # at most this many prompts per group
     steps: tuple[int, ...] = (1, 2, 4, 8)
     teacher_steps: tuple[int, ...] = (25, 50)
-    guidance: float | None = None  # LCM guidance; None: the prompt set's (world: 6.0), else 8.5
-    teacher_guidance: float = 7.5
+    guidance: float | None = None  # LCM guidance; None: the prompt set's (world: 6.0), else LCM_GUIDANCE
+    teacher_guidance: float = TEACHER_GUIDANCE
     metrics: list[str] | None = None  # None: the prompt set's defaults
     reward_kwargs: dict[str, dict] = field(default_factory=dict)  # per reward name: constructor arguments
     fid_features: str | None = None  # a name in FID_FEATURES ("inception", the world's "world-judge"); None: the set's
@@ -83,8 +85,13 @@ class MetricRequest:
 
 @dataclass(frozen=True)
 class EvalMetric:
+    """A registered metric (``--metrics NAME``): what it measures, how it adds its scorers, and what it needs."""
+
     description: str
-    add: Callable[[Metrics, MetricRequest], None]  # adds its per-image or per-set measure; EvalError if it cannot
+    add: Callable[[Scorers, MetricRequest], None]  # adds its per-image or per-set scorer; EvalError if it cannot
+    # A metric that needs the teacher as its reference: the per-image measure it reports relative to the teacher's
+    # (the teacher row with the most steps), in a column of the metric's name.
+    relative_to_teacher: str | None = None
 
 
 METRICS: Registry[EvalMetric] = Registry("metric")  # besides every registered reward
@@ -92,30 +99,34 @@ METRICS: Registry[EvalMetric] = Registry("metric")  # besides every registered r
 FID_FEATURES: Registry[Callable[[MetricRequest], FrechetDistance]] = Registry("FID feature extractor")
 
 
-def register_metric(name: str, description: str) -> Callable:
-    """Decorator of ``add(metrics, request)``, which puts the measure into ``metrics.per_image`` (name -> ``f(images,
-    texts, records) -> [B]``) or ``metrics.per_set`` (a FrechetDistance-like accumulator)."""
+def register_metric(name: str, description: str, *, relative_to_teacher: str | None = None) -> Callable:
+    """Decorator of ``add(scorers, request)``, which puts the scorer into ``scorers.per_image`` (name -> ``f(images,
+    texts, records) -> [B]``) or ``scorers.per_set`` (a FrechetDistance-like accumulator). With
+    ``relative_to_teacher``, the metric's column is that per-image measure over the teacher's."""
 
-    def decorate(add: Callable[[Metrics, MetricRequest], None]) -> Callable[[Metrics, MetricRequest], None]:
-        METRICS.register(name)(EvalMetric(description, add))
+    def decorate(add: Callable[[Scorers, MetricRequest], None]) -> Callable[[Scorers, MetricRequest], None]:
+        METRICS.register(name)(EvalMetric(description, add, relative_to_teacher))
         return add
 
     return decorate
 
 
-@register_metric("hf_ratio", "share of spectral energy above half Nyquist, relative to the teacher's")
-def _high_frequency(metrics: Metrics, request: MetricRequest) -> None:
-    metrics.per_image["high_frequency"] = lambda images, texts, records: high_frequency_share(images)
+@register_metric(
+    "hf_ratio", "share of spectral energy above half Nyquist, relative to the teacher's",
+    relative_to_teacher="high_frequency",
+)  # fmt: skip
+def _high_frequency(scorers: Scorers, request: MetricRequest) -> None:
+    scorers.per_image["high_frequency"] = lambda images, texts, records: high_frequency_share(images)
 
 
 @register_metric("fid", "Fréchet distance to the prompt set's reference images via torchmetrics")
-def _fid(metrics: Metrics, request: MetricRequest) -> None:
+def _fid(scorers: Scorers, request: MetricRequest) -> None:
     features = request.settings.fid_features or prompt_set(request.settings.prompts).fid_features
     try:
         extractor = FID_FEATURES[features]
     except ValueError as error:
         raise EvalError(f"--fid-features: {error}") from error
-    metrics.per_set["fid"] = extractor(request)
+    scorers.per_set["fid"] = extractor(request)
 
 
 def parse_model(text: str) -> tuple[str, str]:
@@ -192,26 +203,26 @@ def eval_dtype(settings: EvalSettings) -> torch.dtype:
         raise EvalError(f"--dtype {error}") from None
 
 
-def build_metrics(names: Sequence[str], prompts: list[Prompt], settings: EvalSettings) -> Metrics:
-    """Every metric, built (weights loaded, references read) on the settings' device before anything is generated.
-    Rewards score in float32 whatever the models' dtype, so scores compare across --dtype."""
+def build_metrics(names: Sequence[str], prompts: list[Prompt], settings: EvalSettings) -> Scorers:
+    """Every metric's scorers, built (weights loaded, references read) on the settings' device before anything is
+    generated. Rewards score in float32 whatever the models' dtype, so scores compare across --dtype."""
     unknown = [name for name in names if name not in METRICS and name not in REWARDS]
     if unknown:
         choices = ", ".join([*REWARDS.names(), *METRICS.names()])
         raise EvalError(f"unknown metric(s) {', '.join(unknown)}; choose from {choices}")
-    metrics = Metrics(per_image={}, per_set={}, benchmark_scales={})
+    scorers = Scorers(per_image={}, per_set={}, benchmark_scales={})
     request = MetricRequest(prompts, settings, eval_device(settings))
     for name in names:
         if name in METRICS:
-            METRICS[name].add(metrics, request)
+            METRICS[name].add(scorers, request)
             continue
         try:
             reward = build_reward(name, **settings.reward_kwargs.get(name, {})).to(request.device)
         except (FileNotFoundError, ValueError, TypeError) as error:  # weights missing, bad --reward-kwargs
             raise EvalError(f"metric {name}: {error}") from error
-        metrics.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
-        metrics.benchmark_scales[name] = reward.benchmark_scale
-    return metrics
+        scorers.per_image[name] = lambda images, texts, records, reward=reward: reward(images, texts)
+        scorers.benchmark_scales[name] = reward.benchmark_scale
+    return scorers
 
 
 @FID_FEATURES.register("inception")
@@ -239,27 +250,57 @@ def _inception_fid(request: MetricRequest) -> FrechetDistance:
     )
 
 
-def run_eval(
-    settings: EvalSettings,
-    title: str = "rglcd eval",
-    notes: Sequence[str] = (),
-    context: dict | None = None,
-    started: float | None = None,
-    pairs: Callable[[list[dict]], list[tuple[dict, dict]]] = comparison_pairs,
-    summary: Callable[[list[dict], list[dict]], tuple[dict, str]] | None = None,
-    grid_models: Sequence[str] | None = None,
-) -> dict:
-    """Check everything, generate what is missing, measure, and write the report folder. ``notes`` open the
-    report's list; ``context`` is stored in results.json; ``started`` (a perf_counter) dates the whole run.
-    Callers with structure of their own (the quickstart's training seeds) choose the rows to compare prompt by
-    prompt (``pairs``), add a ``summary`` of the rows and paired differences (its dict joins results.json, its
-    markdown follows the main table) and keep the grid to ``grid_models``."""
-    started = time.perf_counter() if started is None else started
+@dataclass(frozen=True)
+class Replicate:
+    """A model that is one training seed's run of a recipe."""
+
+    family: str  # the recipe, e.g. "RG-LCM"
+    seed: int  # its training seed
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """An evaluation run as its report tells it, beside its settings: the title, the notes that open the report's
+    list, what joins ``results.json``, when the run began, and the models that are training seeds' replicates.
+
+    Replicates (by model label) are compared prompt by prompt only with models of their own seed and with the
+    teacher; over several seeds the report adds each family's mean and spread across the seeds (and ``contrast``'s
+    difference, seed by seed), and the grid shows the first seed's replicates."""
+
+    title: str = "rglcd eval"
+    notes: Sequence[str] = ()
+    context: Mapping[str, Any] = field(default_factory=dict)  # joins results.json
+    started: float | None = None  # a perf_counter: when the whole run began (an experiment's training too); None: now
+    replicates: Mapping[str, Replicate] = field(default_factory=dict)
+    contrast: tuple[str, str] | None = None  # two families, first − second
+
+    def seeds(self) -> list[int]:
+        return sorted({replicate.seed for replicate in self.replicates.values()})
+
+
+def across_seeds(rows: list[dict], paired: list[dict], run: EvalRun, columns: list[str]) -> tuple[dict, str]:
+    """``across_seeds`` for results.json and its tables: each replicate family's spread of the ``columns`` every one
+    of its rows has, and the contrast's paired differences (per-image columns) seed by seed."""
+    family_of = {label: replicate.family for label, replicate in run.replicates.items()}
+    columns = [c for c in columns if all(row.get(c) is not None for row in rows if row["model"] in family_of)]
+    per_image = [c for c in columns if paired and isinstance(paired[0].get(c), dict)]  # a set metric (fid) has none
+    spreads = family_spreads(rows, family_of, columns)
+    summary: dict[str, Any] = {"seeds": run.seeds(), "students": spreads}
+    effects = []
+    if run.contrast:
+        effects = contrast_effects(paired, family_of, run.contrast, per_image)
+        summary[re.sub(r"\W+", "_", "_minus_".join(run.contrast).lower())] = effects  # e.g. rg_lcm_minus_lcm
+    return {"across_seeds": summary}, seed_tables(run.seeds(), spreads, columns, effects, per_image, run.contrast)
+
+
+def run_eval(settings: EvalSettings, run: EvalRun = EvalRun()) -> dict:
+    """Check everything, generate what is missing, score, and write the report folder as ``run`` describes it."""
+    started = time.perf_counter() if run.started is None else run.started
     device, dtype = eval_device(settings), eval_dtype(settings)
     prompts = load_prompts(settings.prompts, settings.limit)
     contenders = build_contenders(settings)
     names = settings.metrics or prompt_set(settings.prompts).metrics
-    metrics = build_metrics(names, prompts, settings)
+    scorers = build_metrics(names, prompts, settings)
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +308,7 @@ def run_eval(
         contenders,
         [prompt.text for prompt in prompts],
         out,
-        metrics,
+        scorers,
         records=[prompt.record for prompt in prompts],
         groups=[prompt.group for prompt in prompts],
         seed=settings.seed,
@@ -279,15 +320,19 @@ def run_eval(
     )
     paired = []
     if len(prompts) > 1:  # every pair worth comparing, prompt by prompt, on each per-image metric
-        paired = paired_differences(pairs(rows), list(metrics.per_image), metrics.benchmark_scales)
-    columns = [*metrics.per_image, *metrics.per_set]
-    if "high_frequency" in metrics.per_image:  # hf_ratio: the high-frequency share over the teacher's
-        relative_to_teacher(rows, "high_frequency", "hf_ratio")
-        columns.append("hf_ratio")
-    plotted = [*columns, "ms_per_image"]
-    columns += ["ms_per_image", "images_per_second"]
+        seeds = {label: replicate.seed for label, replicate in run.replicates.items()}
+        pairs = comparison_pairs(rows, seeds)
+        paired = paired_row_differences(pairs, list(scorers.per_image), scorers.benchmark_scales)
+    metric_columns = [*scorers.per_image, *scorers.per_set]
+    for name in dict.fromkeys(names):  # the metrics declared relative to the teacher (hf_ratio)
+        measure = METRICS[name].relative_to_teacher if name in METRICS else None
+        if measure is not None:
+            relative_to_teacher(rows, measure, name)
+            metric_columns.append(name)
+    plotted = [*metric_columns, "ms_per_image"]
+    columns = [*metric_columns, "ms_per_image", "images_per_second"]
     results = {
-        **(context or {}),
+        **run.context,
         "settings": {
             **{key: str(value) for key, value in asdict(settings).items()},
             **{"device": str(device), "dtype": str(dtype).removeprefix("torch.")},  # as resolved
@@ -299,7 +344,7 @@ def run_eval(
         "seconds": round(time.perf_counter() - started, 1),
     }
     notes = [
-        *notes,
+        *run.notes,
         f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded with {settings.seed} + i for every model.",
         f"Sampled on {device} in {str(dtype).removeprefix('torch.')}; rewards and metrics score in float32.",
         "Per-image metrics: mean over the prompts with its 95 % bootstrap interval over the prompts in brackets "
@@ -308,16 +353,19 @@ def run_eval(
         f"arithmetic: per group, the mean and std of the means of consecutive chunks of {HPSV2_CHUNK} prompts.",
         f"Whole run: {results['seconds']:.0f} s.",
     ]
-    rewards = [name for name in metrics.per_image if name in metrics.benchmark_scales]
-    tradeoffs = [("fid", name) for name in rewards] if "fid" in metrics.per_set else []
-    sections = []
-    if summary is not None:
-        data, markdown = summary(rows, paired)
-        results.update(data)
+    rewards = [name for name in scorers.per_image if name in scorers.benchmark_scales]
+    tradeoffs = [("fid", name) for name in rewards] if "fid" in scorers.per_set else []
+    sections, grid_rows = [], rows
+    if len(run.seeds()) > 1:
+        summary, markdown = across_seeds(rows, paired, run, metric_columns)
+        results.update(summary)
         sections.append(markdown)
-    grid_rows = rows if grid_models is None else [row for row in rows if row["model"] in grid_models]
+        first_seed = run.seeds()[0]  # the grid: the first seed's replicates beside the other models
+        grid_rows = [
+            row for row in rows if row["model"] not in run.replicates or run.replicates[row["model"]].seed == first_seed
+        ]
     texts = [prompt.text for prompt in prompts]
-    write_report(out, title, rows, columns, results, notes, texts, tradeoffs, plotted, sections, grid_rows)
+    write_report(out, run.title, rows, columns, results, notes, texts, tradeoffs, plotted, sections, grid_rows)
     for path in dict.fromkeys(contender.path for contender in contenders if contender.kind == "lcm"):
         labels = {contender.label for contender in contenders if contender.path == path}
         about = f"{len(prompts)} prompts ({settings.prompts}), prompt i seeded {settings.seed} + i; report: {out}."

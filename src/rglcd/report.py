@@ -55,7 +55,7 @@ PAIRED_LINES = 60  # the report lists this many pairs at most; results.json hold
 
 
 def paired_table(records: list[dict]) -> str:
-    """The paired differences (:func:`rglcd.evaluate.paired_differences`): one line per pair, one column per metric,
+    """The paired differences (:func:`rglcd.evaluate.paired_row_differences`): one line per pair, one column per metric,
     the mean difference with its 95 % bootstrap interval."""
     if not records:
         return ""
@@ -78,6 +78,53 @@ def paired_table(records: list[dict]) -> str:
         lines.append(f"| {first} | {second} | " + " | ".join(cells) + " |")
     if len(records) > PAIRED_LINES:
         lines += ["", f"{len(records) - PAIRED_LINES} more pairs in results.json (`paired_differences`)."]
+    return "\n".join(lines)
+
+
+def _spread_cell(figure: dict) -> str:
+    if figure["sd"] is None:
+        return format_number(figure["mean"])
+    low, high = format_number(figure["min"]), format_number(figure["max"])
+    return f"{format_number(figure['mean'])} ± {format_number(figure['sd'])} ({low} to {high})"
+
+
+def seed_tables(
+    seeds: list[int],
+    spreads: list[dict],
+    columns: list[str],
+    effects: list[dict],
+    effect_columns: list[str],
+    contrast: tuple[str, str] | None,
+) -> str:
+    """The markdown of a run's replicates across training seeds: each family's spread
+    (:func:`rglcd.stats.family_spreads`), then the ``contrast``'s effects (:func:`rglcd.stats.contrast_effects`)."""
+    lines = [
+        f"**Across training seeds** ({len(seeds)}: {', '.join(map(str, seeds))}): each student's mean ± standard "
+        "deviation over the seeds (lowest to highest); each seed's per-prompt 95 % intervals are in the table above.",
+        "",
+        "| model | steps | " + " | ".join(columns) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |",
+        *(
+            f"| {s['model']} | {s['steps']} | " + " | ".join(_spread_cell(s[c]) for c in columns) + " |"
+            for s in spreads
+        ),
+    ]
+    if contrast is None:
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"**{contrast[0]} − {contrast[1]}, seed by seed**: each seed's paired difference over the same prompts and "
+        "noise, as mean ± standard deviation over the seeds; in brackets, how many seeds' own 95 % intervals lie "
+        "above / below zero.",
+        "",
+        "| steps | " + " | ".join(f"Δ {c}" for c in effect_columns) + " |",
+        "| ---: | " + " | ".join("---:" for _ in effect_columns) + " |",
+    ]
+    for effect in effects:
+        cells = [
+            f"{_spread_cell(effect[c])} [{effect[c]['above_zero']}↑ {effect[c]['below_zero']}↓]" for c in effect_columns
+        ]
+        lines.append(f"| {effect['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

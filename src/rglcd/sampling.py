@@ -1,4 +1,9 @@
-"""Sampling: multistep latent consistency sampling (LCM Alg. 2 / RG-LCD Alg. 2), the teacher's DDIM + CFG, images."""
+"""Sampling: multistep latent consistency sampling (LCM Alg. 2 / RG-LCD Alg. 2), the teacher's DDIM + CFG, images.
+
+Every sampler is called alike: ``sample(unet, vae, text, scheduler, prompts, *, num_steps, guidance_scale, generator,
+resolution)``, then its own options (TCD's ``eta``), with the scheduler from :func:`lcm_scheduler`,
+:func:`consistency_scheduler` or :func:`ddim_scheduler`.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +62,9 @@ def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int = 50, timestep
 
 SAMPLERS = ("lcm", "tcd")
 TCD_ETA = 0.3  # diffusers' TCDScheduler default γ
+LCM_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
+TEACHER_GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default
+TEACHER_STEPS = 50  # diffusers' StableDiffusionPipeline default
 
 
 def consistency_scheduler(scheduler_config: dict, sampler: str = "lcm"):
@@ -67,6 +75,12 @@ def consistency_scheduler(scheduler_config: dict, sampler: str = "lcm"):
     return _scheduler_from(LCMScheduler if sampler == "lcm" else TCDScheduler, dict(scheduler_config))
 
 
+def ddim_scheduler(scheduler_config: dict):
+    """The teacher's sampler: DDIM over the checkpoint's own schedule and spacing, as a diffusers pipeline would run
+    it, from its scheduler config; latents are never clipped."""
+    return _scheduler_from(DDIMScheduler, scheduler_config, clip_sample=False)
+
+
 @torch.no_grad()
 def lcm_sample(
     unet: nn.Module,
@@ -74,9 +88,10 @@ def lcm_sample(
     text: Any,
     scheduler: Any,
     prompts: list[str],
+    *,
     num_steps: int = 4,
-    guidance_scale: float = 8.5,
-    generator: torch.Generator | None = None,
+    guidance_scale: float = LCM_GUIDANCE,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     resolution: int | None = None,
     eta: float = TCD_ETA,
 ) -> Tensor:
@@ -120,20 +135,20 @@ def ddim_cfg_sample(
     unet: nn.Module,
     vae: nn.Module,
     text: Any,
-    scheduler_config: dict,
+    scheduler: Any,
     prompts: list[str],
-    num_steps: int = 50,
-    guidance_scale: float = 7.5,
+    *,
+    num_steps: int = TEACHER_STEPS,
+    guidance_scale: float = TEACHER_GUIDANCE,
     generator: torch.Generator | list[torch.Generator] | None = None,
     resolution: int | None = None,
 ) -> Tensor:
-    """The teacher's baseline: DDIM (η = 0) with classifier-free guidance, images [B,3,H,W] in [0,1]. ``text``
-    holds the tokenizer(s) and text encoder(s), as for :func:`lcm_sample`.
+    """The teacher's baseline: DDIM (η = 0) with classifier-free guidance, images [B,3,H,W] in [0,1]. Called as
+    :func:`lcm_sample` is: ``text`` holds the tokenizer(s) and text encoder(s), ``scheduler`` is the sampler's
+    (:func:`ddim_scheduler`).
 
     ``guidance_scale`` is the CFG scale s of ε̂ = ε_∅ + s·(ε_c − ε_∅), as in diffusers' pipelines.
     """
-    # The checkpoint's own schedule and spacing, as a diffusers pipeline would run it; latents are never clipped.
-    scheduler = _scheduler_from(DDIMScheduler, scheduler_config, clip_sample=False)
     device = next(unet.parameters()).device
     size = image_size(unet, vae, resolution)
     cond, added = _conditioning(text, prompts, size, unet.dtype)

@@ -23,19 +23,29 @@ from PIL import Image
 
 from .config import MAX_SEED, load_config
 from .errors import RglcdError
-from .eval_command import LCM_GUIDANCE, parse_model
+from .eval_command import parse_model
 from .evaluate import pipeline_kind
 from .export import fused_lora_pipeline, load_lcm
 from .grid import steps_text, upscale_factor
 from .models import load_teacher, place
 from .models.speed import sampling_dtype, synchronize
 from .rewards import build_reward
-from .sampling import SAMPLERS, TCD_ETA, consistency_scheduler, ddim_cfg_sample, lcm_sample, to_pil
+from .sampling import (
+    LCM_GUIDANCE,
+    SAMPLERS,
+    TCD_ETA,
+    TEACHER_GUIDANCE,
+    consistency_scheduler,
+    ddim_cfg_sample,
+    ddim_scheduler,
+    lcm_sample,
+    to_pil,
+)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 SHOWN_SIZE = 256  # small images are shown nearest-neighbour upscaled to at least this many pixels
 MAX_GUIDANCE = 30.0  # beyond this CFG only saturates; a typo (85 for 8.5) gets a message instead
-TEACHER_STEPS, TEACHER_GUIDANCE = 25, 7.5
+PAGE_TEACHER_STEPS = 25  # the page's initial teacher steps (DDIM)
 
 
 class RequestError(RglcdError, ValueError):
@@ -170,7 +180,7 @@ def generate(models: list[ServedModel], request: Request, reward=None) -> list[S
             steps = request.steps
         else:
             images = ddim_cfg_sample(
-                parts.unet, parts.vae, parts, parts.scheduler_config, [request.prompt],
+                parts.unet, parts.vae, parts, ddim_scheduler(parts.scheduler_config), [request.prompt],
                 num_steps=request.teacher_steps, guidance_scale=request.teacher_guidance, generator=generator,
             )  # fmt: skip
             steps = request.teacher_steps
@@ -285,7 +295,7 @@ def build_app(models: list[ServedModel], reward, settings: ServeSettings):
             scheduler = gr.Radio(list(SAMPLERS), value="lcm", label="Scheduler", visible=bool(lcm))
             eta = gr.Slider(0.0, 1.0, value=TCD_ETA, step=0.05, label="TCD eta (gamma)", visible=bool(lcm))
         with gr.Row(visible=bool(teachers)):
-            teacher_steps = gr.Number(label="Teacher steps (DDIM)", value=TEACHER_STEPS, precision=0)
+            teacher_steps = gr.Number(label="Teacher steps (DDIM)", value=PAGE_TEACHER_STEPS, precision=0)
             teacher_guidance = gr.Number(label="Teacher guidance (CFG)", value=TEACHER_GUIDANCE)
         gallery = gr.Gallery(label="Samples", columns=len(models), object_fit="contain", elem_id="samples")
         table = gr.Markdown(elem_id="timings")

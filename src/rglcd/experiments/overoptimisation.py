@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import write_cache
-from ..eval_command import run_eval
+from ..eval_command import EvalRun, run_eval
 from ..lrm import PretrainSettings, pretrain_lrm
 from ..rewards.weights import read_training_record
 from ..world.paths import world_asset
-from .quickstart import distil, prepare_world, world_evaluation
+from .quickstart import distil_world_student, prepare_world, world_evaluation
 
 
 @dataclass
@@ -85,7 +85,7 @@ def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
     lrm = world_lrm(settings, world)
     runs = student_runs(settings, lrm)
     students = {
-        label: distil(out / label.replace(" ", "-"), settings.train_steps, settings.seed, overrides)
+        label: distil_world_student(out / label.replace(" ", "-"), settings.train_steps, settings.seed, overrides)
         for label, overrides in runs.items()
     }
     evaluation = world_evaluation(
@@ -106,4 +106,5 @@ def run_overoptimisation(settings: OveroptimisationSettings) -> dict:
         "runs": runs,
         "lrm": read_training_record(lrm),
     }
-    return run_eval(evaluation, "Reward over-optimisation in the miniature world", notes, context, started)
+    title = "Reward over-optimisation in the miniature world"
+    return run_eval(evaluation, EvalRun(title=title, notes=notes, context=context, started=started))

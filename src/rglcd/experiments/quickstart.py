@@ -9,15 +9,12 @@ each student is distilled once per training seed, and the report adds the mean a
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_config
-from ..eval_command import EvalSettings, run_eval
-from ..evaluate import comparison_pairs
-from ..report import format_number
+from ..eval_command import EvalRun, EvalSettings, Replicate, run_eval
 from ..train import train
 from ..world.data import write_world_shards
 from ..world.judge import train_judge
@@ -27,7 +24,6 @@ from ..world.teacher import train_world_teacher
 
 TEACHER_LABEL = "teacher DDIM+CFG"
 METRICS = ["world-clip", "judge", "fid"]
-SPREAD_COLUMNS = ["world-clip", "judge_accuracy", "judge_exact", "fid"]  # the columns summarised across seeds
 
 
 @dataclass
@@ -71,7 +67,7 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
     }
 
 
-def distil(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path:
+def distil_world_student(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path:
     """``rglcd train world`` (the cached world teacher and data) for ``train_steps`` steps into ``out``; reused
     when its student exists, continued from its last checkpoint when it was interrupted."""
     if (out / "student" / "model_index.json").is_file():
@@ -104,120 +100,6 @@ def quickstart_models(out: Path) -> list[str]:
     return [f"{TEACHER_LABEL}={teacher}", *(f"{label}={path}" for label, path in students.items())]
 
 
-def same_seed_pairs(students: list[Student]):
-    """``rglcd eval``'s comparisons kept to those a seed study reads: RG-LCM against the LCM of its own training
-    seed (same steps), and every student against the teacher."""
-    seed_of = {student.label: student.seed for student in students}
-
-    def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-        return [
-            (first, second)
-            for first, second in comparison_pairs(rows)
-            if second.get("kind") == "teacher" or seed_of.get(first["model"]) == seed_of.get(second["model"])
-        ]
-
-    return pairs
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (None for one value), lowest and highest of one figure across seeds."""
-    sd = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "sd": sd, "min": min(values), "max": max(values), "n": len(values)}
-
-
-def student_spreads(rows: list[dict], family_of: dict[str, str], columns: list[str]) -> list[dict]:
-    """Per student family and steps, each column's :func:`spread` over the family's rows (one per seed)."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for row in rows:
-        if row["model"] in family_of:
-            groups.setdefault((family_of[row["model"]], row["steps"]), []).append(row)
-    return [
-        {"model": family, "steps": steps, **{column: spread([row[column] for row in group]) for column in columns}}
-        for (family, steps), group in groups.items()
-    ]
-
-
-def reward_effects(paired: list[dict], family_of: dict[str, str], columns: list[str]) -> list[dict]:
-    """Per steps, RG-LCM − LCM: each seed's paired difference (same prompts and noise), its :func:`spread` over the
-    seeds, and how many seeds' own 95 % intervals lie above and below zero."""
-    by_steps: dict[int, list[dict]] = {}
-    for record in paired:
-        first, second = family_of.get(record["first"]), family_of.get(record["second"])
-        if {first, second} == {"LCM", "RG-LCM"}:
-            sign = 1.0 if first == "RG-LCM" else -1.0  # records are first − second in row order
-            bounds = {c: sorted((sign * record[c]["low"], sign * record[c]["high"])) for c in columns}
-            by_steps.setdefault(record["first_steps"], []).append(
-                {c: (*bounds[c], sign * record[c]["mean"]) for c in columns}
-            )  # per column: (low, high, mean) of RG-LCM − LCM
-    return [
-        {
-            "steps": steps,
-            **{
-                c: {
-                    **spread([seed[c][2] for seed in seeds]),
-                    "above_zero": sum(seed[c][0] > 0 for seed in seeds),
-                    "below_zero": sum(seed[c][1] < 0 for seed in seeds),
-                }
-                for c in columns
-            },
-        }
-        for steps, seeds in sorted(by_steps.items())
-    ]
-
-
-def _spread_cell(figure: dict) -> str:
-    if figure["sd"] is None:
-        return format_number(figure["mean"])
-    low, high = format_number(figure["min"]), format_number(figure["max"])
-    return f"{format_number(figure['mean'])} ± {format_number(figure['sd'])} ({low} to {high})"
-
-
-def seed_tables(
-    seeds: list[int], spreads: list[dict], columns: list[str], effects: list[dict], effect_columns: list[str]
-) -> str:
-    """The report's markdown for :func:`student_spreads` and :func:`reward_effects`."""
-    lines = [
-        f"**Across training seeds** ({len(seeds)}: {', '.join(map(str, seeds))}): each student's mean ± standard "
-        "deviation over the seeds (lowest to highest); each seed's per-prompt 95 % intervals are in the table above.",
-        "",
-        "| model | steps | " + " | ".join(columns) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |",
-        *(
-            f"| {s['model']} | {s['steps']} | " + " | ".join(_spread_cell(s[c]) for c in columns) + " |"
-            for s in spreads
-        ),
-        "",
-        "**RG-LCM − LCM, seed by seed**: each seed's paired difference over the same prompts and noise, as mean ± "
-        "standard deviation over the seeds; in brackets, how many seeds' own 95 % intervals lie above / below zero.",
-        "",
-        "| steps | " + " | ".join(f"Δ {c}" for c in effect_columns) + " |",
-        "| ---: | " + " | ".join("---:" for _ in effect_columns) + " |",
-    ]
-    for effect in effects:
-        cells = [
-            f"{_spread_cell(effect[c])} [{effect[c]['above_zero']}↑ {effect[c]['below_zero']}↓]" for c in effect_columns
-        ]
-        lines.append(f"| {effect['steps']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def seed_summary(students: list[Student]):
-    """``run_eval``'s summary for several training seeds: ``across_seeds`` in results.json and its tables."""
-    family_of = {student.label: student.family for student in students}
-    seeds = sorted({student.seed for student in students})
-
-    def summary(rows: list[dict], paired: list[dict]) -> tuple[dict, str]:
-        columns = [
-            c for c in SPREAD_COLUMNS if all(row.get(c) is not None for row in rows if row["model"] in family_of)
-        ]
-        per_image = [c for c in columns if paired and isinstance(paired[0].get(c), dict)]  # fid is per set
-        spreads, effects = student_spreads(rows, family_of, columns), reward_effects(paired, family_of, per_image)
-        data = {"across_seeds": {"seeds": seeds, "students": spreads, "rg_lcm_minus_lcm": effects}}
-        return data, seed_tables(seeds, spreads, columns, effects, per_image)
-
-    return summary
-
-
 def run_quickstart(settings: QuickstartSettings) -> dict:
     started = time.perf_counter()
     out = Path(settings.out)
@@ -226,7 +108,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
     students = students_to_distil(settings)
     for student in students:
         beta = settings.reward_beta if student.family == "RG-LCM" else 0.0
-        distil(student.folder, settings.train_steps, student.seed, [world_clip_terms(beta)])
+        distil_world_student(student.folder, settings.train_steps, student.seed, [world_clip_terms(beta)])
     evaluation = world_evaluation(
         world, {student.label: student.folder / "student" for student in students}, out, settings.prompts,
         settings.seed, steps=(1, 2, 4), teacher_steps=(50, 25), metrics=METRICS,
@@ -245,9 +127,9 @@ def run_quickstart(settings: QuickstartSettings) -> dict:
         "quickstart": {key: str(value) for key, value in vars(settings).items()},
         "world": {key: str(value) for key, value in world.items()},
     }
-    title = "rglcd quickstart: RG-LCD in the miniature world"
-    first_seed = [TEACHER_LABEL, *(student.label for student in students if student.seed == settings.seed)]
-    return run_eval(
-        evaluation, title, notes, context, started, pairs=same_seed_pairs(students),
-        summary=seed_summary(students) if settings.seeds > 1 else None, grid_models=first_seed,
+    run = EvalRun(
+        title="rglcd quickstart: RG-LCD in the miniature world", notes=notes, context=context, started=started,
+        replicates={student.label: Replicate(student.family, student.seed) for student in students},
+        contrast=("RG-LCM", "LCM"),
     )  # fmt: skip
+    return run_eval(evaluation, run)

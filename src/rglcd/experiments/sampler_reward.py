@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..eval_command import run_eval
-from ..evaluate import Estimate, paired_differences, strict_json
-from .quickstart import distil, prepare_world, world_clip_terms, world_evaluation
+from ..eval_command import EvalRun, run_eval
+from ..evaluate import paired_row_differences, strict_json
+from ..stats import Estimate
+from .quickstart import distil_world_student, prepare_world, world_clip_terms, world_evaluation
 
 
 @dataclass
@@ -95,7 +96,7 @@ def focused_differences(rows: list[dict], pairs: list[tuple[str, str, str]]) -> 
     records = []
     for first, second, reward in pairs:
         for steps in sorted(steps for model, steps in by_label if model == first):
-            (record,) = paired_differences(
+            (record,) = paired_row_differences(
                 [(by_label[first, steps], by_label[second, steps])], [reward, "judge_accuracy"]
             )
             delta_reward, delta_judge = (Estimate(**record[name]) for name in (reward, "judge_accuracy"))
@@ -111,7 +112,7 @@ def run_sampler_reward(settings: SamplerRewardSettings) -> dict:
     world = prepare_world(settings.data_samples)
     runs = student_runs(settings)
     students = {
-        label: distil(out / folder_name(label), settings.train_steps, settings.seed, overrides)
+        label: distil_world_student(out / folder_name(label), settings.train_steps, settings.seed, overrides)
         for label, overrides in runs.items()
     }
     times = training_times(students)
@@ -140,7 +141,8 @@ def run_sampler_reward(settings: SamplerRewardSettings) -> dict:
         "runs": runs,
         "training_seconds_per_step": times,
     }
-    results = run_eval(evaluation, "The reward on what users sample, in the miniature world", notes, context, started)
+    title = "The reward on what users sample, in the miniature world"
+    results = run_eval(evaluation, EvalRun(title=title, notes=notes, context=context, started=started))
     lines, results["focused_differences"] = focused_differences(results["rows"], comparisons(runs))
     heading = (
         "\n## Each target against the paper's\n\nSame prompts, same seeds; the mean difference over the prompts "
@@ -162,5 +164,6 @@ def run_sampler_reward(settings: SamplerRewardSettings) -> dict:
         "TCDScheduler (**tcd eta=γ**: each step moves the estimate to s = ⌊(1 − γ)·t_next⌋ along the predicted "
         "noise, then re-noises it to t_next; γ = 0 is deterministic).",
     ]
-    results["tcd"] = run_eval(tcd, "TCD sampling of the world students", tcd_notes, {"runs": runs}, started)
+    tcd_title = "TCD sampling of the world students"
+    results["tcd"] = run_eval(tcd, EvalRun(title=tcd_title, notes=tcd_notes, context={"runs": runs}, started=started))
     return results

@@ -8,7 +8,8 @@ import functools
 import torch
 
 from ..eval_command import FID_FEATURES, EvalError, MetricRequest, register_metric
-from ..evaluate import FeatureExtractor, FrechetDistance, Metrics
+from ..evaluate import Scorers
+from ..fid import FeatureExtractor, FrechetDistance
 from ..prompts import Prompt, PromptSetError, register_prompt_set
 from . import rewards  # noqa: F401  (registers world-clip and world-aesthetic)
 from .data import eval_scenes, reference_images
@@ -53,21 +54,21 @@ def _scenes(request: MetricRequest, needs: str) -> list[Scene]:
 @register_metric(
     "judge", "the miniature's judge: fraction of the prompt's attributes found, and whether all are (world prompts)"
 )
-def _judge_accuracy(metrics: Metrics, request: MetricRequest) -> None:
+def _judge_accuracy(scorers: Scorers, request: MetricRequest) -> None:
     _scenes(request, "the judge metric")
     judge = world_judge(request.device)
-    metrics.per_image["judge_accuracy"] = lambda images, texts, records: judge.attribute_scores(images, records)
-    metrics.per_image["judge_exact"] = lambda images, texts, records: judge.attribute_checks(images, records)["exact"]
+    scorers.per_image["judge_accuracy"] = lambda images, texts, records: judge.attribute_scores(images, records)
+    scorers.per_image["judge_exact"] = lambda images, texts, records: judge.attribute_checks(images, records)["exact"]
 
 
 @register_metric(
     "judge-attributes", "the judge's accuracy per attribute: colour, shape, size, position; left, right of two shapes"
 )
-def _judge_attributes(metrics: Metrics, request: MetricRequest) -> None:
+def _judge_attributes(scorers: Scorers, request: MetricRequest) -> None:
     _scenes(request, "the judge-attributes metric")
     judge = world_judge(request.device)
     for name in ATTRIBUTES:  # NaN where a prompt has no such attribute: averaged over the prompts that have it
-        metrics.per_image[f"judge_{name}"] = lambda images, texts, records, name=name: judge.attribute_checks(
+        scorers.per_image[f"judge_{name}"] = lambda images, texts, records, name=name: judge.attribute_checks(
             images, records
         )[name]
 
