@@ -5,8 +5,8 @@
 From images, a batch is prepared as the trainer does it: TrainStream (read, decode, crop), VAE encode and posterior
 sample, text encoding of the captions. From the cache (written once by ``write_cache`` beforehand, not timed):
 CachedStream (read the tensors) and a posterior sample from the cached parameters. The whole step is the trainer's
-iteration (preparation → rglcd_step → backward → AdamW → EMA), without a reward and with a colourfulness reward
-through the VAE decoder, timed as one.
+iteration (rglcd.train.forward.training_forward → backward → AdamW → EMA), without a reward and with a
+colourfulness reward through the VAE decoder, timed as one.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from step_breakdown import timed  # this folder's
 
 from rglcd.data import CachedStream, TrainStream, write_cache
 from rglcd.experiments.demo import tiny_setup
 from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input, update_ema
 from rglcd.rewards import build_reward
-from rglcd.step import Distillation, StepNoise, rglcd_step
+from rglcd.step import Distillation, StepReward
+from rglcd.train.build import Networks, StudentReward, prepare_batch
+from rglcd.train.forward import StepParts, training_forward
 
 
 def main() -> None:
@@ -50,40 +51,28 @@ def main() -> None:
     with torch.no_grad():
         uncond = encode_prompts(tokenizer, text_encoder, [""] * args.batch_size)  # [B, L, D], once per run
 
-    @torch.no_grad()
-    def from_images() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        batch = next(image_batches)
-        parameters = vae.encode(batch["pixel_values"]).latent_dist.parameters  # [B, 2C, h, w]
-        latents = DiagonalGaussianDistribution(parameters).sample(generator) * vae.config.scaling_factor  # [B, C, h, w]
-        return latents, encode_prompts(tokenizer, text_encoder, batch["captions"]), batch["captions"]
+    def step_parts(reward) -> StepParts:
+        student_reward = StudentReward(StepReward(reward, reward_input(vae)), (1.0,)) if reward else StudentReward(None)
+        networks = Networks(student, target, teacher.unet)
+        return StepParts(teacher, networks, distillation, student_reward, (uncond, None), None, args.resolution, 1.0)
 
-    @torch.no_grad()
-    def from_cache() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        batch = next(cached_batches)
-        latents = DiagonalGaussianDistribution(batch["latent_parameters"]).sample(generator) * vae.config.scaling_factor
-        return latents, batch["prompt_embeds"], batch["captions"]
+    def prepare(batches) -> None:
+        prepare_batch(next(batches), teacher, generator, args.resolution)
 
-    def whole_step(prepare, reward) -> None:
-        latents, cond, captions = prepare()
-        output = rglcd_step(
-            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
-            reward_input=reward_input(vae),
-            latents=latents, cond_embeds=cond, uncond_embeds=uncond,
-            noise=StepNoise.draw(latents, distillation, generator), prompts=captions, reward_fn=reward,
-            reward_beta=1.0 if reward is not None else 0.0,
-        )  # fmt: skip
+    def whole_step(batches, parts: StepParts) -> None:
+        output = training_forward(parts, next(batches), generator, step=0).output
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(target.parameters(), student.parameters(), 0.95)
 
-    colourfulness = build_reward("colorfulness")
+    plain, rewarded = step_parts(None), step_parts(build_reward("colorfulness"))
     rows = {
-        "batch preparation": (from_images, from_cache),
-        "whole step, no reward": (lambda: whole_step(from_images, None), lambda: whole_step(from_cache, None)),
+        "batch preparation": (lambda: prepare(image_batches), lambda: prepare(cached_batches)),
+        "whole step, no reward": (lambda: whole_step(image_batches, plain), lambda: whole_step(cached_batches, plain)),
         "whole step, reward via decoder": (
-            lambda: whole_step(from_images, colourfulness),
-            lambda: whole_step(from_cache, colourfulness),
+            lambda: whole_step(image_batches, rewarded),
+            lambda: whole_step(cached_batches, rewarded),
         ),
     }
     sample_bytes = sum(path.stat().st_size for path in cache.glob("*.tar")) / 128

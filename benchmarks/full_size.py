@@ -147,17 +147,20 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
 
     from rglcd.config import load_config
     from rglcd.data import TrainStream
-    from rglcd.models import decode_latents, load_teacher, reward_input, text_conditioning, update_ema
+    from rglcd.models import decode_latents, load_teacher, text_conditioning, update_ema
     from rglcd.schedules import guidance_scale_embedding
-    from rglcd.step import StepNoise, consistency_function, rglcd_step, teacher_ddim_cfg_step
+    from rglcd.step import StepNoise, consistency_function, teacher_ddim_cfg_step
     from rglcd.train.build import (
         build_distillation,
         build_expert,
         build_networks,
         build_optimizer,
+        build_student_reward,
         ema_pairs,
+        float_conditions,
         prepare_batch,
     )
+    from rglcd.train.forward import StepParts, training_forward
 
     config = load_config(RUNS[run][0], overrides(run, assets, Path("/tmp/unused"), resolution, 1))
     cpu = torch.device("cpu")
@@ -175,12 +178,10 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad():
         uncond, uncond_added = text_conditioning(teacher, [""], resolution)
-    uncond = uncond.float()
-    uncond_added = None if uncond_added is None else {k: v.float() for k, v in uncond_added.items()}
+    uncond, uncond_added = uncond.float(), float_conditions(uncond_added)
 
     latents, cond, added = prepare_batch(batch, teacher, generator, resolution)
-    cond = cond.float()
-    added = None if added is None else {k: v.float() for k, v in added.items()}
+    cond, added = cond.float(), float_conditions(added)
     noise = StepNoise.draw(latents, distillation, generator)
     grid = distillation.grid
     start = grid[noise.indices]
@@ -223,18 +224,13 @@ def time_parts(run: str, assets: dict, resolution: int, iterations: int) -> dict
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema_target, ema_online, config.distill.ema_decay)
 
-    def whole_step():  # the trainer's iteration, as in rglcd.train.train
-        latents, cond, added = prepare_batch(batch, teacher, generator, resolution)
-        noise = StepNoise.draw(latents, distillation, generator)
-        with autocast:
-            output = rglcd_step(
-                student=student, target=networks.target, teacher_unet=networks.teacher_unet,
-                reward_input=reward_input(teacher.vae),
-                distillation=distillation, latents=latents, cond_embeds=cond.float(), uncond_embeds=uncond,
-                added_cond=None if added is None else {k: v.float() for k, v in added.items()},
-                uncond_added_cond=uncond_added, noise=noise, prompts=batch["captions"], reward_fn=expert,
-                reward_beta=1.0,
-            )  # fmt: skip
+    reward = build_student_reward(config, expert, None, teacher.vae, distillation)
+    step_parts = StepParts(
+        teacher, networks, distillation, reward, (uncond, uncond_added), None, resolution, config.distill.lcd_weight
+    )
+
+    def whole_step():  # the trainer's iteration: rglcd.train's forward, backward, clipping, AdamW, EMA
+        output = training_forward(step_parts, batch, generator, step=0, autocast=autocast).output
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, config.optim.max_grad_norm)
         optimizer.step()

@@ -29,7 +29,9 @@ from rglcd.models import (
 )
 from rglcd.rewards import build_reward
 from rglcd.schedules import guidance_scale_embedding
-from rglcd.step import Distillation, StepNoise, consistency_function, rglcd_step, teacher_ddim_cfg_step
+from rglcd.step import Distillation, StepNoise, StepReward, consistency_function, teacher_ddim_cfg_step
+from rglcd.train.build import Networks, StudentReward
+from rglcd.train.forward import StepParts, training_forward
 
 
 def timed(function, iterations: int) -> float:
@@ -96,18 +98,13 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def whole_step():
-        batch = next(batches)
-        with torch.no_grad():
-            posterior = teacher.vae.encode(batch["pixel_values"]).latent_dist
-            z = posterior.sample(generator) * teacher.vae.config.scaling_factor
-            c = encode_prompts(teacher.tokenizer, teacher.text_encoder, batch["captions"])
-        output = rglcd_step(
-            student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
-            reward_input=reward_input(teacher.vae),
-            latents=z, cond_embeds=c, uncond_embeds=uncond, noise=StepNoise.draw(z, distillation, generator),
-            prompts=batch["captions"], reward_fn=reward, reward_beta=1.0,
-        )  # fmt: skip
+    student_reward = StudentReward(StepReward(reward, reward_input(teacher.vae)), betas=(1.0,))
+    step_parts = StepParts(
+        teacher, Networks(student, target, teacher.unet), distillation, student_reward, (uncond, None), None, 32, 1.0
+    )
+
+    def whole_step():  # the trainer's iteration: rglcd.train's forward, backward, AdamW, EMA
+        output = training_forward(step_parts, next(batches), generator, step=0).output
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from rglcd.losses import ConsistencyDistance
 from rglcd.models import build_student, build_target, encode_prompts, load_teacher, reward_input, update_ema
 from rglcd.rewards import build_reward
-from rglcd.step import Distillation, StepNoise, rglcd_step
+from rglcd.step import Distillation, StepNoise, StepReward, rglcd_step
 
 GLOBAL_BATCH, STEPS = 4, 3
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a small yellow star"]
@@ -35,7 +35,7 @@ def main(teacher_dir: str, out: str) -> None:
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-2)
     student, optimizer = accelerator.prepare(student, optimizer)
     distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"), w_min=2.0, w_max=8.0)
-    reward = build_reward("colorfulness")
+    reward = StepReward(build_reward("mix", terms=[{"name": "colorfulness", "beta": 0.5}]), reward_input(teacher.vae))
     per_rank = GLOBAL_BATCH // accelerator.num_processes
     rows = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
     generator = torch.Generator().manual_seed(2)  # the same global batches on every rank
@@ -50,9 +50,8 @@ def main(teacher_dir: str, out: str) -> None:
         mine = StepNoise(noise.noise[rows], noise.indices[rows], noise.guidance[rows])
         output = rglcd_step(
             student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
-            reward_input=reward_input(teacher.vae),
             latents=latents[rows], cond_embeds=cond[rows], uncond_embeds=uncond[rows], noise=mine,
-            prompts=PROMPTS[rows], reward_fn=reward, reward_beta=0.5,
+            prompts=PROMPTS[rows], reward=reward,
         )  # fmt: skip
         accelerator.backward(output.loss)
         if step == 0:  # DDP has averaged the ranks' gradients: they should be the whole batch's

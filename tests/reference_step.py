@@ -112,3 +112,45 @@ def reference_lcm_sample(student_unet, scheduler_config, cond, w, num_steps, gra
             out = student_unet(latents, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
             latents, denoised = scheduler.step(out, t, latents, generator=generator, return_dict=False)
     return denoised
+
+
+def reference_dmd_loss(teacher_unet, fake_unet, scheduler_config, sample, cond, uncond, t, noise, guidance_scale):
+    """DMD's generator loss written from the DMD2 paper: the real score with CFG (two passes), the fake one
+    conditional, the gradient (p_real − p_fake) / mean|p_real| with p = x − x̂0, as ½·mean(x − sg(x − grad))²."""
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    acp, kind = scheduler.alphas_cumprod.to(sample.dtype), scheduler.config.prediction_type
+    z = scheduler.add_noise(sample.detach(), noise, t)
+    a, s = acp[t].sqrt().view(-1, 1, 1, 1), (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+
+    def to_x0(out):
+        return (z - s * out) / a if kind == "epsilon" else a * z - s * out  # epsilon or v_prediction
+
+    with torch.no_grad():
+        cond_x0 = to_x0(teacher_unet(z, t, encoder_hidden_states=cond).sample)
+        uncond_x0 = to_x0(teacher_unet(z, t, encoder_hidden_states=uncond).sample)
+        real = uncond_x0 + guidance_scale * (cond_x0 - uncond_x0)
+        fake = to_x0(fake_unet(z, t, encoder_hidden_states=cond).sample)
+        p_real, p_fake = sample - real, sample - fake
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True)
+    return 0.5 * ((sample - (sample - grad).detach()) ** 2).mean()
+
+
+def reference_logits(fake_unet, head, scheduler_config, latents, cond, t, noise):
+    """The discriminator's logits on latents noised by diffusers' scheduler: the head on the mid-block's output."""
+    z = DDPMScheduler.from_config(scheduler_config).add_noise(latents, noise, t)
+    seen = []
+    handle = fake_unet.mid_block.register_forward_hook(lambda module, args, output: seen.append(output))
+    fake_unet(z, t, encoder_hidden_states=cond)
+    handle.remove()
+    return head(seen[0])
+
+
+def reference_fake_score_loss(fake_unet, scheduler_config, samples, cond, t, noise):
+    """The fake network's denoising loss: mean squared error against ε (epsilon) or v = α·ε − σ·x (v_prediction)."""
+    scheduler = DDPMScheduler.from_config(scheduler_config)
+    acp = scheduler.alphas_cumprod.to(samples.dtype)
+    z = scheduler.add_noise(samples, noise, t)
+    out = fake_unet(z, t, encoder_hidden_states=cond).sample
+    a, s = acp[t].sqrt().view(-1, 1, 1, 1), (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+    target = noise if scheduler.config.prediction_type == "epsilon" else a * noise - s * samples
+    return ((out - target) ** 2).mean()

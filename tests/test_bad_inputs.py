@@ -47,6 +47,8 @@ def made(tmp_path_factory):
         (root / name / "model_index.json").write_text(json.dumps({**index, key: value}))
     (root / "damaged-teacher" / "vae").mkdir(parents=True)
     (root / "damaged-teacher" / "vae" / "config.json").write_text('{"block_out_channels": [32, ')
+    (root / "midless-teacher" / "unet").mkdir(parents=True)
+    (root / "midless-teacher" / "unet" / "config.json").write_text('{"mid_block_type": null}')
     (root / "prompts.txt").write_text("a red square\n")
     (root / "prompts-folder").mkdir()
     (root / "a-file").write_text("")
@@ -86,6 +88,16 @@ def cases(made) -> dict[str, tuple[list[str], str]]:
         "override not yaml": ([*train_run, "optim.batch_size=[1"], "the value is not YAML"),
         "infinite learning rate": ([*train_run, "optim.learning_rate=.inf"], "must be a finite number"),
         "nan beta": ([*train_run, "reward.terms=[{name: colorfulness, beta: .nan}]"], "must be a finite number"),
+        "unknown dmd field": ([*train_run, "dmd.fake_rank=4"], "did you mean dmd.fake_lora_rank?"),
+        "negative dmd weight": ([*train_run, "dmd.weight=-1"], "dmd.weight: must be >= 0"),
+        "dmd noise range reversed": ([*train_run, "dmd.t_min=0.9", "dmd.t_max=0.1"], "need 0 <= t_min < t_max <= 1"),
+        "no fake network update": ([*train_run, "dmd.weight=1", "dmd.fake_updates=0"], "dmd.fake_updates: must be in"),
+        "real guidance below one": ([*train_run, "dmd.real_guidance=0.5"], "dmd.real_guidance: must be >= 1"),
+        "every weight zero": ([*train_run, "distill.lcd_weight=0", "reward.terms=[]"], "the loss has no term"),
+        "gan without a mid-block": (
+            [*train_run, "gan.weight=0.1", f"model.teacher={made.root / 'midless-teacher'}"],
+            "this teacher's UNet has none",
+        ),
         "resume nowhere": ([*train_run, "--resume", "/nonexistent"], "not a finished rglcd checkpoint"),
         "another run's folder": (
             train_run,

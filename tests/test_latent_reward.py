@@ -201,7 +201,8 @@ def test_latent_mode_trains_the_proxy_and_resumes_it_exactly(tiny, pretrained_lr
 
 def test_with_the_sampler_reward_the_proxy_scores_and_fits_the_samples(tiny, pretrained_lrm, tmp_path, monkeypatch):
     """reward.target=sample in latent mode: the proxy reads the student's 2-step sample, and is fitted on it."""
-    import rglcd.train.loop as loop
+    import rglcd.train.forward as forward
+    import rglcd.train.proxy as proxy
 
     outputs, fitted = [], []
 
@@ -213,9 +214,9 @@ def test_with_the_sampler_reward_the_proxy_scores_and_fits_the_samples(tiny, pre
         fitted.append(kwargs["model_pred"])
         return loop_fit(*args, **kwargs)
 
-    loop_step, loop_fit = loop.rglcd_step, loop.proxy_fit
-    monkeypatch.setattr(loop, "rglcd_step", recorded_step)
-    monkeypatch.setattr(loop, "proxy_fit", recorded_fit)
+    loop_step, loop_fit = forward.rglcd_step, proxy.proxy_fit
+    monkeypatch.setattr(forward, "rglcd_step", recorded_step)
+    monkeypatch.setattr(proxy, "proxy_fit", recorded_fit)
     overrides = latent_overrides(tiny, pretrained_lrm, tmp_path / "run", **{"optim.max_train_steps": 2})
     train(load_config("tiny", [*overrides, "reward.target=sample"]))
     assert len(outputs) == len(fitted) == 2

@@ -208,6 +208,28 @@ def test_rglcd_plan_lists_the_switches_that_make_a_run_fit(tiny):
     assert "still too large" in result.stdout
 
 
+def test_rglcd_plan_counts_the_fake_score_network_and_its_update(tiny):
+    """dmd/gan: the fake network (whole or LoRA), its AdamW states and its traced update are lines of the plan, and
+    the switch search knows dmd.fake_lora_rank."""
+    from rglcd.config import load_config
+    from rglcd.plan import candidate_switches
+
+    states = {}
+    for rank in (0, 4):
+        result = plan(tiny, "dmd.weight=1", "gan.weight=0.1", f"dmd.fake_lora_rank={rank}", "--device", "cpu")
+        assert result.returncode == 0, result.stderr[-2000:]
+        kind = f"LoRA rank {rank} on a frozen copy" if rank else "whole copy"
+        assert f"\nfake score network ({kind}) + head" in result.stdout
+        assert "fake score network update with the discriminator" in result.stdout
+        assert "the student's sample, real and fake scores" in result.stdout
+        states[rank] = float(re.search(r"\nfake score network: AdamW states.*?([\d.]+) MiB", result.stdout)[1])
+    assert states[4] < states[0]
+    overrides = [f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", "dmd.weight=1"]
+    labels = [switch.label for switch in candidate_switches(load_config("tiny", overrides), 2, False)]
+    assert "dmd.fake_lora_rank=64 (a LoRA fake score network)" in labels
+    assert not any(label.startswith("FSDP") for label in labels)  # the fake network is not sharded
+
+
 @pytest.mark.parametrize(
     "arguments,message",
     [
@@ -222,3 +244,32 @@ def test_rglcd_plan_refuses_bad_input_in_one_line(tiny, arguments, message):
     result = plan(tiny, *arguments)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_plan_traces_the_forward_the_loop_runs(tiny, tmp_path, monkeypatch):
+    """`rglcd plan` and `rglcd train` call one training forward (rglcd.train.forward), which calls the step: a spy
+    on the step inside it sees the same arguments from both (a plan with its own step would not be seen)."""
+    from rglcd import plan as planning
+    from rglcd.config import load_config
+    from rglcd.train import forward, loop, train
+
+    assert loop.training_forward is planning.training_forward is forward.training_forward
+    calls = {}
+    step = forward.rglcd_step
+
+    def spy(**kwargs):
+        calls.setdefault(caller, []).append(sorted(key for key, value in kwargs.items() if value is not None))
+        return step(**kwargs)
+
+    monkeypatch.setattr(forward, "rglcd_step", spy)
+    overrides = [
+        f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={tmp_path / 'run'}",
+        "optim.max_train_steps=1", "optim.batch_size=2", "logging.validation_steps=0", "logging.tracker=none",
+    ]  # fmt: skip
+    config = load_config("tiny", overrides)
+    caller = "plan"
+    planning.make_plan(config, device="cpu")
+    caller = "train"
+    train(config)
+    assert len(calls["plan"]) == len(calls["train"]) == 1
+    assert calls["plan"] == calls["train"] and "reward" in calls["train"][0]

@@ -11,12 +11,12 @@ from rglcd import architectures
 from rglcd.architectures import PUBLISHED, build_teacher, parameter_count
 from rglcd.config import load_config
 from rglcd.lora import LCM_LORA_TARGETS
-from rglcd.models import reward_input, text_conditioning
+from rglcd.models import text_conditioning
 from rglcd.plan import _build_on_meta, make_plan, memory_parts, trace_step
 from rglcd.rewards import build_reward
 from rglcd.rewards.latent import LATENT_RN50, LatentClip
-from rglcd.step import StepNoise, rglcd_step
-from rglcd.train.build import build_distillation, prepare_batch
+from rglcd.train.build import build_distillation, build_student_reward, prepare_batch
+from rglcd.train.forward import StepParts, training_forward
 
 # Millions of parameters. Sources: the SD 1.5 / 2.1 counts are the "DiffusionWrapper has … M params" lines the
 # original LDM code logs and the per-module counts of the diffusers checkpoints; SDXL's UNet 2,567,463,684; the
@@ -84,17 +84,14 @@ def test_every_preset_steps_at_its_resolution_on_the_meta_device(preset):
     resolution, side = config.data.resolution, config.data.resolution // 8
     with torch.device("meta"):
         batch = {"pixel_values": torch.zeros(2, 3, resolution, resolution), "captions": ["a cat", "a red car"]}
-        latents, cond, added = prepare_batch(batch, teacher, torch.Generator(), resolution)
+        _, _, added = prepare_batch(batch, teacher, torch.Generator(), resolution)
         uncond, uncond_added = text_conditioning(teacher, ["", ""], resolution)
         distillation = build_distillation(config, teacher, student)
-        noise = StepNoise.draw(latents, distillation, torch.Generator())
-        output = rglcd_step(
-            student=student, target=run.networks.target, teacher_unet=run.networks.teacher_unet,
-            reward_input=reward_input(teacher.vae),
-            distillation=distillation, latents=latents, cond_embeds=cond.float(), uncond_embeds=uncond.float(),
-            added_cond=added, uncond_added_cond=uncond_added, noise=noise,
-            prompts=batch["captions"], reward_fn=run.expert, reward_beta=1.0,
-        )  # fmt: skip
+        reward = build_student_reward(config, run.expert, None, teacher.vae, distillation)
+        parts = StepParts(
+            teacher, run.networks, distillation, reward, (uncond.float(), uncond_added), None, resolution, 1
+        )
+        output = training_forward(parts, batch, torch.Generator(), step=0).output
         output.loss.backward()
     assert output.model_pred.shape == output.target.shape == (2, 4, side, side)
     assert output.reward.shape == (2,)  # HPSv2.1 at its ViT-H-14 size, through the decoder
@@ -120,7 +117,6 @@ def test_a_traced_step_records_its_phases_and_outputs():
     assert trace.outputs["model_pred"] == ((1, 4, 128, 128), torch.float32)
     # The reward under SDXL's bf16 autocast with CUDA's rules (a GPU's plan): its norms and sums run in float32.
     assert trace.outputs["reward"] == ((1,), torch.float32)
-    assert trace.outputs["added_cond.time_ids"][0] == (1, 6)
     assert list(trace.phases)[:3] == [
         "encode the batch (VAE encoder, text encoders)", "forward: student, teacher, target, decoder and reward",
         "backward",

@@ -14,7 +14,7 @@ from rglcd.models import build_student, build_target, load_teacher, reward_input
 from rglcd.rewards import build_reward
 from rglcd.sampling import consistency_scheduler, lcm_sample, to_pil
 from rglcd.serve import ServeSettings, check_request, generate, load_models
-from rglcd.step import Distillation, SamplerReward, StepNoise, rglcd_step
+from rglcd.step import Distillation, SampleTarget, StepNoise, StepReward, rglcd_step
 from rglcd.tiny import save_tiny_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -23,6 +23,11 @@ PROMPTS = ["a red circle", "two blue squares"]
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "teacher", sdxl=True)
+
+
+def colorfulness(beta):
+    """The β-weighted reward as training builds it: a mix of one term."""
+    return build_reward("mix", terms=[{"name": "colorfulness", "beta": beta}])
 
 
 def test_sdxl_conditioning_matches_the_pipelines(sdxl_dir):
@@ -51,9 +56,8 @@ def test_sdxl_step_uses_the_added_conditions_and_trains_the_student(sdxl_dir):
     noise = StepNoise.draw(latents, distillation, generator)
     common = dict(
         student=student, target=target, teacher_unet=teacher.unet, distillation=distillation,
-        reward_input=reward_input(teacher.vae),
         latents=latents, cond_embeds=cond, uncond_embeds=uncond, noise=noise, prompts=PROMPTS,
-        reward_fn=build_reward("colorfulness"), reward_beta=0.5, uncond_added_cond=uncond_added,
+        reward=StepReward(colorfulness(0.5), reward_input(teacher.vae)), uncond_added_cond=uncond_added,
     )  # fmt: skip
     output = rglcd_step(**common, added_cond=added)
     output.loss.backward()
@@ -72,10 +76,12 @@ def test_sdxl_sampler_reward_samples_with_the_added_conditions(sdxl_dir):
     distillation = Distillation(teacher.schedule, distance=ConsistencyDistance("huber"))
     common = dict(
         student=student, target=build_target(student), teacher_unet=teacher.unet, distillation=distillation,
-        reward_input=reward_input(teacher.vae), latents=latents, cond_embeds=cond, uncond_embeds=uncond,
-        noise=StepNoise.draw(latents, distillation, generator, sampler_steps=2), prompts=PROMPTS,
-        reward_fn=build_reward("colorfulness"), reward_beta=0.5, uncond_added_cond=uncond_added,
-        sampler=SamplerReward(distillation.sampling_timesteps(2)),
+        latents=latents, cond_embeds=cond, uncond_embeds=uncond,
+        noise=StepNoise.draw(latents, distillation, generator, sample_steps=2), prompts=PROMPTS,
+        reward=StepReward(
+            colorfulness(0.5), reward_input(teacher.vae), SampleTarget(distillation.sampling_timesteps(2))
+        ),
+        uncond_added_cond=uncond_added,
     )  # fmt: skip
     output = rglcd_step(**common, added_cond=added)
     output.loss.backward()

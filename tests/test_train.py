@@ -107,11 +107,16 @@ def test_dry_run_prints_the_resolved_config(tiny, tmp_path):
 
 @pytest.mark.parametrize(
     "reward",
-    [{}, dict(reward__target="sample", reward__sample_steps=4, reward__grad_steps=2, reward__every=3)],
-    ids=["prediction", "sample"],
+    [
+        {},
+        dict(reward__target="sample", reward__sample_steps=4, reward__grad_steps=2, reward__every=3),
+        dict(dmd__weight=1.0, gan__weight=0.1, dmd__fake_updates=2, dmd__student_steps=2),
+    ],
+    ids=["prediction", "sample", "matching"],
 )
 def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path, reward):
-    """Also with the reward on the student's own samples, applied every 3rd step (the kill lands between two)."""
+    """Also with the reward on the student's own samples, applied every 3rd step (the kill lands between two), and
+    with the DMD and GAN terms (the fake score network, its head and their AdamW come back from the checkpoint)."""
     settings = dict(optim__max_train_steps=8, logging__checkpointing_steps=4, logging__validation_steps=0, **reward)
     finish(run_cli(*overrides(tiny, tmp_path / "straight", **settings)))
 
@@ -133,19 +138,43 @@ def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path, reward):
     assert json.loads((killed / "train_summary.json").read_text())["global_step"] == 8
 
 
-def test_the_reward_term_every_nth_step_and_the_sampler_noise_only_there(teacher_dirs):
+def test_the_reward_term_every_nth_step_and_the_sample_noise_only_there(teacher_dirs):
     from rglcd.models import load_teacher
-    from rglcd.step import Distillation, SamplerReward
+    from rglcd.step import Distillation, SampleTarget, StepReward
 
     distillation = Distillation(load_teacher(teacher_dirs["epsilon"]).schedule)
-    sampler = SamplerReward(distillation.sampling_timesteps(2))
-    reward = StudentReward(lambda images, prompts: images.mean((1, 2, 3)), 1.0, lambda z: z, sampler, every=3)
+    sample_target = SampleTarget(distillation.sampling_timesteps(2))
+    term = StepReward(lambda images, prompts: images.mean((1, 2, 3)), lambda z: z, sample_target)
+    reward = StudentReward(term, betas=(1.0,), every=3)
     assert [reward.applies(step) for step in range(7)] == [True, False, False, True, False, False, True]
+    assert reward.at(3) is term and reward.at(4) is None
     latents = torch.zeros(2, 4, 8, 8)
     draws = [reward.draw(latents, distillation, torch.Generator().manual_seed(0), step) for step in (3, 4)]
-    assert draws[0].sampler_noise.shape == (2, 2, 4, 8, 8) and draws[1].sampler_noise is None
+    assert draws[0].sample_noise.shape == (2, 2, 4, 8, 8) and draws[1].sample_noise is None
     assert torch.equal(draws[0].noise, draws[1].noise)  # the step's own draws do not depend on the reward's
-    assert not StudentReward(None, 0.0, lambda z: z, sampler).applies(0)  # no reward: never, and no sampler noise
+    assert not StudentReward(None).applies(0)  # no reward: never, and no sample noise
+    assert not StudentReward(term, betas=(0.0, 0.0)).applies(0)  # every β zero: no term to compute
+
+
+def test_the_configured_betas_are_the_betas_in_the_loss(tiny, teacher_dirs):
+    """reward.terms[i].beta in direct mode, reward.latent.beta in latent mode: −mean(R) = −Σ_i β_i·mean(r_i)."""
+    from rglcd.models import load_teacher
+    from rglcd.rewards import build_reward
+    from rglcd.step import Distillation
+    from rglcd.train.build import WeightedProxy, build_expert, build_student_reward
+
+    teacher = load_teacher(teacher_dirs["epsilon"])
+    distillation = Distillation(teacher.schedule)
+    terms = "reward.terms=[{name: colorfulness, beta: 0.5}, {name: colorfulness, beta: 2.0, mean: 0.1, std: 0.5}]"
+    config = load_config("tiny", [*overrides(tiny, "unused"), terms])
+    reward = build_student_reward(config, build_expert(config), None, teacher.vae, distillation)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    colorfulness = build_reward("colorfulness")(images, [])
+    expected = 0.5 * colorfulness + 2.0 * (colorfulness - 0.1) / 0.5
+    assert reward.betas == (0.5, 2.0)
+    torch.testing.assert_close(reward.at(0).fn(images, []), expected)
+    proxy = WeightedProxy(lambda latents, prompts: latents.mean((1, 2, 3)), beta=0.25)
+    torch.testing.assert_close(proxy(images, []), 0.25 * images.mean((1, 2, 3)))
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
@@ -397,16 +426,16 @@ def test_a_skipped_step_releases_its_graph_before_the_next_forward(tiny, tmp_pat
     from rglcd.train import loop
 
     losses, alive_at_next_forward = [], []
-    original = loop.forward
+    original = loop.training_forward
 
-    def recording_forward(run, batch):
+    def recording_forward(*args):
         alive_at_next_forward.extend(loss() is not None for loss in losses)
         losses.clear()
-        output, latents = original(run, batch)
-        losses.append(weakref.ref(output.loss))
-        return output, latents
+        forward = original(*args)
+        losses.append(weakref.ref(forward.output.loss))
+        return forward
 
-    monkeypatch.setattr(loop, "forward", recording_forward)
+    monkeypatch.setattr(loop, "training_forward", recording_forward)
     fields = dict(logging__max_consecutive_nan_steps=3, logging__validation_steps=0)
     config = load_config("tiny", [*overrides(tiny, tmp_path / "run", **fields), "reward.terms=[{name: test-nan}]"])
     with pytest.raises(TrainingError, match="NaN/Inf for 3 steps in a row"):

@@ -76,6 +76,7 @@ class DistillConfig:
     ema_decay: float = 0.95  # μ of the target network
     sigma_data: float = 0.5
     timestep_scaling: float = 10.0
+    lcd_weight: float = 1.0  # λ of the consistency term: loss = λ·d(f_θ, f_θ⁻) − mean R (0: the reward alone)
 
 
 @dataclass
@@ -116,6 +117,29 @@ class RewardConfig:
     sample_steps: int = 2  # K of target=sample: the inference timesteps of K-step sampling
     grad_steps: int = 1  # target=sample: the last steps the gradient flows through (truncated backpropagation)
     every: int = 1  # the reward term on every N-th step only (the proxy of reward.mode=latent is fitted every step)
+
+
+@dataclass
+class DmdConfig:
+    """Beyond RG-LCD: DMD's distribution-matching term (Yin et al. 2023/2024) on the student's own sample."""
+
+    weight: float = 0.0  # the term's weight in the loss; 0: off (and no fake score network)
+    student_steps: int = 1  # K: the student's K-step sample from pure noise the term reads (its last step has grad)
+    real_guidance: float | None = None  # diffusers' CFG scale of the teacher's ("real") x̂0; null: the step's w + 1
+    t_min: float = 0.02  # DMD's noise level t ~ U[t_min·T, t_max·T] (DMD2's 2 % and 98 %)
+    t_max: float = 0.98
+    fake_lora_rank: int = 0  # the fake score network: 0 a whole trained copy of the teacher UNet; > 0 LoRA adapters
+    fake_lr: float = 1e-5  # the fake network's (and the discriminator's) own AdamW
+    fake_updates: int = 1  # fake-network updates per student update (DMD2's two time-scale rule: 5)
+
+
+@dataclass
+class GanConfig:
+    """Beyond RG-LCD: DMD2's adversarial term; the discriminator is a head on the fake score network's mid-block."""
+
+    weight: float = 0.0  # the generator's non-saturating loss in the student's loss; 0: off
+    discriminator_weight: float = 0.01  # the head's loss in the fake network's update (DMD2: 1e-2)
+    t_max: float = 0.5  # the discriminator reads latents noised at t ~ U[0, t_max·T)
 
 
 @dataclass
@@ -164,6 +188,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    dmd: DmdConfig = field(default_factory=DmdConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -341,6 +367,7 @@ def validate(config: TrainConfig) -> None:
     _check_model_and_lora(config, check)
     _check_data_and_distill(config, vae_scale_factor, check)
     _check_reward(config, vae_scale_factor, check)
+    _check_matching(config, check)
     _check_optim_and_logging(config, check)
     check(0 <= config.seed <= MAX_SEED, f"seed: must be from 0 to {MAX_SEED} (2**32 - 1), got {config.seed}")
     check(
@@ -384,6 +411,7 @@ def _check_data_and_distill(c: TrainConfig, vae_scale_factor: int, check: Check)
     check(d.loss in DISTANCES, f"distill.loss: {d.loss!r} is not one of {', '.join(map(repr, DISTANCES.names()))}")
     check(d.distance_c is None or d.distance_c > 0, "distill.distance_c: must be > 0, or null for the default")
     check(0.0 <= d.ema_decay < 1.0, "distill.ema_decay: must be in [0, 1); the paper uses 0.95")
+    check(d.lcd_weight >= 0, "distill.lcd_weight: must be >= 0 (1: the paper's consistency term; 0 turns it off)")
 
 
 def _check_reward(c: TrainConfig, vae_scale_factor: int, check: Check) -> None:
@@ -434,6 +462,44 @@ def _check_reward(c: TrainConfig, vae_scale_factor: int, check: Check) -> None:
     check(latent.unlocked_image_groups >= 0, "reward.latent.unlocked_image_groups: must be >= 0")
     check(latent.unlocked_text_groups >= 0, "reward.latent.unlocked_text_groups: must be >= 0")
     check(latent.loss_scale > 0, "reward.latent.loss_scale: must be > 0")
+
+
+def _check_matching(c: TrainConfig, check: Check) -> None:
+    dmd, gan = c.dmd, c.gan
+    rewarded = any(term.beta for term in c.reward.terms) if c.reward.mode == "direct" else c.reward.latent.beta != 0
+    check(
+        c.distill.lcd_weight > 0 or (bool(c.reward.terms) and rewarded) or dmd.weight > 0 or gan.weight > 0,
+        "the loss has no term: distill.lcd_weight, dmd.weight and gan.weight are 0 and no reward term has a non-zero "
+        "beta; set distill.lcd_weight=1 (the paper's) or another term's weight",
+    )
+    check(dmd.weight >= 0, "dmd.weight: must be >= 0 (0 turns distribution matching off)")
+    check(gan.weight >= 0, "gan.weight: must be >= 0 (0 turns the adversarial term off)")
+    grid = c.distill.num_ddim_timesteps
+    check(1 <= dmd.student_steps <= grid, f"dmd.student_steps: must be in [1, distill.num_ddim_timesteps = {grid}]")
+    check(
+        dmd.real_guidance is None or dmd.real_guidance >= 1,
+        "dmd.real_guidance: must be >= 1 (diffusers' CFG scale; 1 = no guidance), or null for the step's w + 1",
+    )
+    check(0 <= dmd.t_min < dmd.t_max <= 1, "dmd.t_min, dmd.t_max: need 0 <= t_min < t_max <= 1 (fractions of T)")
+    check(dmd.fake_lora_rank >= 0, "dmd.fake_lora_rank: must be >= 0 (0: a whole trained copy of the teacher UNet)")
+    check(dmd.fake_lr > 0, "dmd.fake_lr: must be > 0")
+    check(1 <= dmd.fake_updates <= 100, "dmd.fake_updates: must be in [1, 100] (DMD2 uses 5)")
+    check(gan.discriminator_weight > 0, "gan.discriminator_weight: must be > 0 (DMD2 uses 0.01)")
+    check(0 < gan.t_max <= 1, "gan.t_max: must be in (0, 1] (a fraction of T)")
+    if gan.weight > 0 and c.model.teacher:
+        check(
+            _has_mid_block(Path(c.model.teacher) / "unet" / "config.json"),
+            "gan.weight: the discriminator reads the fake score network's mid-block, and this teacher's UNet has none "
+            "(mid_block_type: null); set gan.weight=0",
+        )
+
+
+def _has_mid_block(unet_config: Path) -> bool:
+    """Whether a local teacher's UNet has a mid-block (True when its config cannot tell: the load will)."""
+    try:
+        return json.loads(read_text(unet_config)).get("mid_block_type", "") is not None
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _proxy_latent_size(model: str) -> int | None:

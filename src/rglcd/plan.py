@@ -35,24 +35,22 @@ from .data.cache import is_cache
 from .gpus import GPU
 from .models import text_conditioning, update_ema
 from .rewards.base import reward_factory
-from .rewards.latent import KIND, LatentClip, LatentClipConfig, proxy_fit
+from .rewards.latent import KIND, LatentClip, LatentClipConfig
 from .rewards.weights import read_model_config
-from .step import rglcd_step
 from .train.build import (
     DTYPES,
-    Proxy,
     build_distillation,
     build_expert,
     build_networks,
     build_optimizer,
-    build_proxy,
     build_student_reward,
     ema_pairs,
     float_conditions,
-    prepare_batch,
-    set_trainable,
     trained_params,
 )
+from .train.fake_score import FakeScore
+from .train.forward import StepParts, training_forward
+from .train.proxy import Proxy, set_trainable
 
 GIB = 2**30
 # What the trace cannot see on a GPU: the CUDA context and cuBLAS/cuDNN workspaces (typically 0.3-0.8 GiB).
@@ -320,11 +318,14 @@ class _Run:
     expert: nn.Module | None
     proxy: LatentClip | None
     cached: bool
+    fake_score: FakeScore | None = None  # the matching terms' fake score network and discriminator head
 
     def modules(self) -> list[nn.Module]:
         found = [self.networks.student, *self.teacher.encoders()]
         if isinstance(self.networks.target, nn.Module):
             found += [self.networks.target, self.teacher.unet]
+        if self.fake_score is not None:
+            found += [self.fake_score.unet, *([self.fake_score.head] if self.fake_score.head is not None else [])]
         return found + [module for module in (self.expert, self.proxy) if module is not None]
 
 
@@ -345,6 +346,7 @@ def _build_on_meta(config: TrainConfig) -> _Run:
     with meta:
         teacher = build_teacher(architecture_of(config.model.teacher, config.model.revision), config.model.teacher)
         expert = build_expert(_with_random_reward_weights(config))
+        fake_score = FakeScore.build(config, teacher.unet, DTYPES[config.precision.teacher_dtype])  # before LoRA
         # Traced eagerly: torch.compile's fused kernels keep fewer activations, so a compiled run needs at most this.
         networks = build_networks(_set(config, "precision.compile", False), teacher, meta)
         proxy = None
@@ -352,7 +354,7 @@ def _build_on_meta(config: TrainConfig) -> _Run:
             folder = Path(config.reward.latent.model)
             proxy_config = read_model_config(folder, KIND, "make one with `rglcd lrm pretrain`")
             proxy = LatentClip(LatentClipConfig(**proxy_config))
-    return _Run(teacher, networks, expert, proxy, is_cache(config.data.source))
+    return _Run(teacher, networks, expert, proxy, is_cache(config.data.source), fake_score)
 
 
 @dataclass
@@ -389,8 +391,14 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     # AdamW also for 8-bit runs (bitsandbytes need not be installed to plan): their states are counted by
     # memory_parts, and AdamW's temporaries bound 8-bit AdamW's.
     optimizer = build_optimizer(_set(config, "optim.use_8bit_adam", False), trained)
-    proxy = build_proxy(config, run.proxy) if run.proxy is not None else None
-    for opt in filter(None, (optimizer, proxy and proxy.optimizer)):
+    proxy = Proxy.build(config, run.proxy) if run.proxy is not None else None
+    fake_optimizer = None
+    if run.fake_score is not None:  # its AdamW again, over the fake tensors that replaced the meta parameters
+        fake_score = run.fake_score
+        fake_params = [param for module in fake_score.checkpointed()[0].values() for param in trained_params(module)]
+        fake_score.params = fake_params
+        fake_score.optimizer = fake_optimizer = torch.optim.AdamW(fake_params, lr=config.dmd.fake_lr)
+    for opt in filter(None, (optimizer, proxy and proxy.optimizer, fake_optimizer)):
         for group in opt.param_groups:  # torch's default on a GPU: one foreach kernel over all tensors
             group["foreach"] = device == "cuda"
         _allocate_state(opt)  # the states exist from the first step on: part of the weights, not the trace
@@ -416,23 +424,25 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
         live = StepTracer()
         with live:
             batch = _fake_batch(run, config)
-            latents, cond, added = prepare_batch(batch, teacher, generator, config.data.resolution)
-            # Step 0: with reward.every > 1, the step that carries the reward term (and with it the peak).
             reward = build_student_reward(config, run.expert, proxy, teacher.vae, fake.distillation)
-            noise = reward.draw(latents, fake.distillation, generator, step=0)
-            live.mark("encode the batch (VAE encoder, text encoders)" if not run.cached else "read the cached batch")
-            if proxy is not None:  # the student's reward, frozen for its backward pass
-                set_trainable(fake.proxy.params, False)
-            with torch.autocast(**fake.autocast):
-                output = rglcd_step(
-                    student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
-                    distillation=fake.distillation, latents=latents, cond_embeds=cond.float(),
-                    uncond_embeds=fake.uncond, added_cond=float_conditions(added), uncond_added_cond=fake.uncond_added,
-                    noise=noise, prompts=batch["captions"], reward_fn=reward.fn, reward_beta=reward.beta,
-                    reward_input=reward.input, sampler=reward.sampler,
-                )  # fmt: skip
-            sampled = f", {reward.sampler.num_steps}-step sample" if output.sample is not None else ""
-            live.mark("forward: student, teacher, target" + (f"{sampled}, decoder and reward" if reward.beta else ""))
+            fake_score = run.fake_score
+            matching = fake_score.terms(config, fake.distillation) if fake_score is not None else None
+            parts = StepParts(
+                teacher, networks, fake.distillation, reward, (fake.uncond, fake.uncond_added), fake.proxy,
+                config.data.resolution, config.distill.lcd_weight, matching,
+            )  # fmt: skip
+            encoded = "encode the batch (VAE encoder, text encoders)" if not run.cached else "read the cached batch"
+            # Step 0: with reward.every > 1, the step that carries the reward term (and with it the peak).
+            forward = training_forward(
+                parts, batch, generator, 0, torch.autocast(**fake.autocast), encoded=lambda: live.mark(encoded)
+            )
+            output, latents = forward.output, forward.latents
+            term = reward.at(0)
+            sampled = f", {term.sample_target.num_steps}-step sample" if output.sample is not None else ""
+            matched = ", the student's sample, real and fake scores" if matching is not None else ""
+            live.mark(
+                "forward: student, teacher, target" + (f"{sampled}, decoder and reward" if term else "") + matched
+            )
             made = {
                 "latents": latents,
                 "model_pred": output.model_pred,
@@ -440,17 +450,32 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
                 "reward": output.reward,
                 "sample": output.sample,
             }
-            made.update({f"added_cond.{key}": value for key, value in (added or {}).items()})
             outputs = {name: (tuple(t.shape), t.dtype) for name, t in made.items() if t is not None}
             output.loss.backward()
             live.mark("backward")
             torch.nn.utils.clip_grad_norm_(fake.trained, config.optim.max_grad_norm, foreach=device == "cuda")
             fake.optimizer.step()
             live.mark("clip gradients, optimizer step")
-            if proxy is not None:
-                _trace_proxy_fit(run, config, fake, output, latents, batch["captions"])
+            if proxy is not None:  # Alg. 4's fit after the student's update, as the loop runs it
+                with torch.autocast(**fake.autocast):
+                    fit = fake.proxy.fit_loss(
+                        config, run.expert, teacher.vae, output, latents, batch["captions"], generator
+                    )
+                fit.loss.backward()
+                fake.proxy.optimizer.step()
                 live.mark("latent proxy fit (expert on 3 latents, proxy step)")
-            del made, output, batch, latents, cond, added, noise
+            if fake_score is not None:  # one of the fake network's updates after the student's, as the loop runs it
+                set_trainable(fake_score.params, True)
+                with torch.autocast(**fake.autocast):
+                    fake_loss, _ = fake_score.fit_loss(
+                        config, fake.distillation, output.generated, latents, forward.cond_embeds, forward.added_cond,
+                        generator,
+                    )  # fmt: skip
+                fake_loss.backward()
+                fake_score.optimizer.step()
+                fake_score.optimizer.zero_grad(set_to_none=True)
+                live.mark("fake score network update" + (" with the discriminator" if fake_score.head else ""))
+            del made, output, batch, latents, forward
             if config.optim.gradient_accumulation_steps == 1:
                 fake.optimizer.zero_grad(set_to_none=True)
             live.mark("(the step's tensors released)")
@@ -458,19 +483,6 @@ def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
             live.mark("EMA update")
     # FLOPs of one micro-batch; an optimizer step runs gradient_accumulation_steps of them.
     return Trace(live.peak, live.phases, live.flops * config.optim.gradient_accumulation_steps, outputs)
-
-
-def _trace_proxy_fit(run: _Run, config: TrainConfig, fake: _FakeStep, output, latents, captions) -> None:
-    """Alg. 4's fit of the latent proxy after the student's update, as ``rglcd.train`` runs it."""
-    set_trainable(fake.proxy.params, True)
-    with torch.autocast(**fake.autocast):
-        fit = proxy_fit(
-            run.proxy, run.expert, run.teacher.vae, model_pred=output.scored, target=output.target,
-            latents=latents, prompts=captions, indices=torch.arange(config.reward.latent.batch_size),
-            kind=config.reward.latent.loss, decode_batch_size=config.reward.decode_batch_size,
-        )  # fmt: skip
-    fit.loss.backward()
-    fake.proxy.optimizer.step()
 
 
 def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
@@ -588,6 +600,16 @@ def memory_parts(run: _Run, config: TrainConfig, processes: int, sharded: bool) 
         parts.append(Part("latent proxy RM", _describe(tensors), _bytes(tensors)))
         parts.append(Part("latent proxy: AdamW states", _describe(unlocked, "2 float32 per value"), 8 * sum(
             p.numel() for p in unlocked)))  # fmt: skip
+    if run.fake_score is not None:
+        fake_score = run.fake_score
+        modules = fake_score.checkpointed()[0].values()
+        tensors = [param for module in modules for param in module.parameters()]
+        trained = [param for module in modules for param in trained_params(module)]
+        kind = f"LoRA rank {config.dmd.fake_lora_rank} on a frozen copy" if config.dmd.fake_lora_rank else "whole copy"
+        parts.append(Part(f"fake score network ({kind}) + head", _describe(tensors), _bytes(tensors)))
+        # (its gradients live only within an update: in the trace)
+        parts.append(Part("fake score network: AdamW states", _describe(trained, "2 float32 per value"),
+                          8 * sum(p.numel() for p in trained)))  # fmt: skip
     return parts
 
 
@@ -642,10 +664,14 @@ def candidate_switches(config: TrainConfig, processes: int, sharded: bool) -> li
                             retrace=True))  # fmt: skip
     if config.reward.terms and config.reward.mode == "direct" and config.reward.decode_batch_size != 1:
         found.append(Switch("reward.decode_batch_size=1", (("reward.decode_batch_size", 1),), retrace=True))
-    if processes > 1 and not sharded and not config.lora.rank:
+    matching = bool(config.dmd.weight or config.gan.weight)
+    if processes > 1 and not sharded and not config.lora.rank and not matching:  # (no FSDP for the fake network)
         found.append(Switch(f"FSDP over {processes} processes (docs/accelerate/fsdp.yaml)", (), False, sharded=True))
     if not optim.use_8bit_adam and not (sharded or config.lora.rank):
         found.append(Switch("optim.use_8bit_adam=true", (("optim.use_8bit_adam", True),), retrace=False))
+    if matching and not config.dmd.fake_lora_rank:
+        found.append(Switch("dmd.fake_lora_rank=64 (a LoRA fake score network)", (("dmd.fake_lora_rank", 64),),
+                            retrace=True))  # fmt: skip
     if not config.lora.rank:
         found.append(Switch("lora.rank=64 (LCM-LoRA)", (("lora.rank", 64),), retrace=True))
     batch, accumulation = optim.batch_size, optim.gradient_accumulation_steps

@@ -3,6 +3,6 @@
 from .build import check_engine
 from .checkpoints import checkpoints, resolve_resume
 from .errors import TrainingError
-from .loop import distil, train
+from .loop import run_training, train
 
-__all__ = ["TrainingError", "check_engine", "checkpoints", "distil", "resolve_resume", "train"]
+__all__ = ["TrainingError", "check_engine", "checkpoints", "resolve_resume", "run_training", "train"]

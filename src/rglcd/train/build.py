@@ -28,8 +28,7 @@ from ..models import (
     use_tf32,
 )
 from ..rewards import build_reward
-from ..rewards.latent import LatentClip
-from ..step import Distillation, RewardFn, RewardInput, SamplerReward, StepNoise
+from ..step import Distillation, SampleTarget, StepNoise, StepReward
 
 logger = logging.getLogger("rglcd.train")
 
@@ -153,38 +152,58 @@ def build_distillation(config: TrainConfig, teacher: Teacher, student: torch.nn.
 
 @dataclasses.dataclass(frozen=True)
 class StudentReward:
-    """What the student's loss maximises: the expert (Alg. 3; a Mix carries each term's β, so β = 1 here) or the
-    frozen latent proxy (Alg. 4); what it reads (decoded images, or latents) of the one-step prediction, or with a
-    ``sampler`` (reward.target = sample) of the student's own K-step sample; and on which steps."""
+    """The reward the student's loss maximises, from the config, and the one place that decides on which steps:
+    the β-weighted expert (Alg. 3; ``betas`` = each ``reward.terms[i].beta``, applied by the Mix) or the frozen
+    latent proxy (Alg. 4; ``betas`` = (``reward.latent.beta``,)); what it reads (decoded images, or latents) of the
+    one-step prediction or, with ``reward.target: sample``, of the student's own K-step sample; ``reward.every``."""
 
-    fn: RewardFn | None
-    beta: float
-    input: RewardInput
-    sampler: SamplerReward | None = None
+    term: StepReward | None  # None: plain LCD
+    betas: tuple[float, ...] = ()
     every: int = 1
 
     def applies(self, step: int) -> bool:
         """Whether the reward term is part of step ``step``'s loss (counted from 0)."""
-        return self.fn is not None and self.beta != 0 and step % self.every == 0
+        return self.term is not None and any(self.betas) and step % self.every == 0
+
+    def at(self, step: int) -> StepReward | None:
+        """The reward term of step ``step``, or None on the steps without it."""
+        return self.term if self.applies(step) else None
 
     def draw(self, latents: torch.Tensor, distillation: Distillation, generator, step: int) -> StepNoise:
-        """Step ``step``'s randomness, with the sampler's noise on the steps whose reward reads a sample."""
-        sampler_steps = self.sampler.num_steps if self.sampler is not None and self.applies(step) else 0
-        return StepNoise.draw(latents, distillation, generator, sampler_steps)
+        """Step ``step``'s randomness, with the sample's noise on the steps whose reward reads a sample."""
+        term = self.at(step)
+        sample_steps = term.sample_target.num_steps if term is not None and term.sample_target is not None else 0
+        return StepNoise.draw(latents, distillation, generator, sample_steps)
+
+
+class WeightedProxy(torch.nn.Module):
+    """Alg. 4's student reward: β · the latent proxy's score, so that −mean(R) is the configured −β·mean(proxy)."""
+
+    def __init__(self, proxy: torch.nn.Module, beta: float):
+        super().__init__()
+        self.proxy, self.beta = proxy, beta
+
+    def forward(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.beta * self.proxy(latents, prompts)  # [B]
 
 
 def build_student_reward(
     config: TrainConfig, expert, proxy: torch.nn.Module | None, vae: torch.nn.Module, distillation: Distillation
 ) -> StudentReward:
-    """The student's reward from the config: the expert ``expert`` (direct mode) or the latent ``proxy``."""
+    """The student's reward from the config: the expert ``expert`` (direct mode), the latent ``proxy`` (Alg. 4), or
+    none (plain LCD: no ``reward.terms``)."""
     reward = config.reward
-    sampler = None
+    sample_target = None
     if reward.target == "sample":
-        sampler = SamplerReward(distillation.sampling_timesteps(reward.sample_steps), reward.grad_steps)
+        sample_target = SampleTarget(distillation.sampling_timesteps(reward.sample_steps), reward.grad_steps)
     if proxy is not None:
-        return StudentReward(proxy, reward.latent.beta, reward_input(vae, True), sampler, reward.every)
-    beta = 1.0 if expert is not None else 0.0
-    return StudentReward(expert, beta, reward_input(vae, False, reward.decode_batch_size), sampler, reward.every)
+        fn, reader, betas = WeightedProxy(proxy, reward.latent.beta), reward_input(vae, True), (reward.latent.beta,)
+    elif expert is not None:
+        fn, reader = expert, reward_input(vae, False, reward.decode_batch_size)
+        betas = tuple(term.beta for term in reward.terms)
+    else:
+        return StudentReward(None)
+    return StudentReward(StepReward(fn, reader, sample_target), betas, reward.every)
 
 
 def build_optimizers(config: TrainConfig, student: torch.nn.Module, num_processes: int, sharded: bool = False):
@@ -227,26 +246,6 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], fused
         weight_decay=optim.weight_decay,
         **options,
     )
-
-
-@dataclasses.dataclass
-class Proxy:
-    """Alg. 4's latent proxy RM with its trained parameters and their own AdamW."""
-
-    model: LatentClip
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-
-
-def build_proxy(config: TrainConfig, proxy: LatentClip) -> Proxy:
-    """Unlock the latent proxy RM's trained groups (``reward.latent.unlocked_*_groups``) and give them an AdamW."""
-    latent, optim = config.reward.latent, config.optim
-    proxy.unlock(latent.unlocked_image_groups, latent.unlocked_text_groups)
-    params = [param for param in proxy.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon
-    )
-    return Proxy(proxy, params, optimizer)
 
 
 def build_stream(config: TrainConfig, cached: bool, rank: int, world_size: int) -> TrainStream:
@@ -326,14 +325,14 @@ def check_engine(accelerator: Accelerator, config: TrainConfig) -> bool:
         )
     if config.optim.use_8bit_adam:
         raise ConfigError("optim.use_8bit_adam with FSDP is not supported: set optim.use_8bit_adam=false")
+    if config.dmd.weight or config.gan.weight:
+        raise ConfigError(
+            "dmd / gan with FSDP is not supported yet (the fake score network is not sharded): launch with --multi_gpu "
+            "(DDP), with dmd.fake_lora_rank > 0 to fit"
+        )
     return True
 
 
 def float_conditions(added: dict | None) -> dict | None:
     """SDXL's added conditions in float32, or None."""
     return None if added is None else {key: value.float() for key, value in added.items()}
-
-
-def set_trainable(params: list[torch.nn.Parameter], trainable: bool) -> None:
-    for param in params:
-        param.requires_grad_(trainable)

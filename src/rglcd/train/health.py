@@ -43,3 +43,9 @@ class Health:
         healthy = self.clean and math.isfinite(norm) and norm <= GROWTH_LIMIT * max(self.initial_norm, 1e-12)
         self.clean = True
         return healthy
+
+
+def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every rank (a host sync): all ranks skip an update together, so DDP stays in
+    step."""
+    return bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())

@@ -25,25 +25,19 @@ from ..config import TrainConfig
 from ..data import check_cache, is_cache, teacher_fingerprint
 from ..export import contiguous, export_fused, export_pipeline, save_lora, write_model_card
 from ..lora import STUDENT, TARGET
-from ..models import Teacher, load_teacher, update_ema
-from ..rewards.latent import LatentClip, ProxyFit, proxy_fit
-from ..step import Distillation, StepOutput, rglcd_step
+from ..models import load_teacher, update_ema
+from ..rewards.latent import ProxyFit
+from ..step import StepOutput
 from .build import (
-    Networks,
-    Proxy,
-    StudentReward,
+    DTYPES,
     build_accelerator,
     build_distillation,
     build_expert,
     build_networks,
     build_optimizers,
-    build_proxy,
     build_stream,
     build_student_reward,
     ema_pairs,
-    float_conditions,
-    prepare_batch,
-    set_trainable,
     shard_target,
     trained_params,
     unconditional,
@@ -59,7 +53,9 @@ from .checkpoints import (
     whole_state_dict,
 )
 from .errors import TrainingError
-from .health import Health, weight_norm
+from .fake_score import FakeFit, FakeScore
+from .forward import Forward, StepParts, training_forward
+from .health import Health, all_finite, weight_norm
 from .monitor import (
     StepsPeak,
     flat_scalars,
@@ -68,6 +64,7 @@ from .monitor import (
     validate_samples,
 )
 from .prefetch import Prefetch
+from .proxy import Proxy
 from .run_folder import TRACKER_PROJECT, claim_run_folder, commit_run
 
 logger = logging.getLogger("rglcd.train")
@@ -77,7 +74,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     """Run (or resume) a distillation; returns the exported student: a pipeline folder, or for a LoRA run the
     LoRA weights folder (the fused pipeline with ``lora.fuse_on_export``). ``overwrite`` deletes another run's
     checkpoints in ``logging.output_dir`` instead of refusing to start there."""
-    exported = distil(config, resume, overwrite)
+    exported = run_training(config, resume, overwrite)
     if not (config.lora.rank and config.lora.fuse_on_export):
         return exported
     if PartialState().is_main_process:
@@ -99,17 +96,13 @@ class Run:
     config: TrainConfig
     accelerator: Accelerator
     sharded: bool  # FSDP2 shards the student's weights, gradients and Adam states
-    teacher: Teacher
-    networks: Networks  # the student here is the one accelerate prepared
-    distillation: Distillation
+    parts: StepParts  # what the forward reads; its student is the one accelerate prepared
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     expert: torch.nn.Module | None  # the reward(s) maximised (Alg. 3) or the proxy's expert (Alg. 4)
-    proxy: Proxy | None
+    fake_score: FakeScore | None  # the matching terms' fake score network (dmd.weight or gan.weight > 0)
     stream: Prefetch  # the data, read and decoded ahead in a background thread
     generator: torch.Generator  # the step's randomness: noise, grid indices, w, VAE posterior samples
-    uncond: tuple[torch.Tensor, dict | None]  # the empty prompt's embeddings and SDXL conditions
-    reward: StudentReward
     settings: dict  # the config, flat: written into every checkpoint, compared on resume, given to the trackers
     run_id: str  # checkpoint rotation deletes only this run's checkpoints
     health: Health
@@ -123,7 +116,7 @@ class Run:
         return Path(self.config.logging.output_dir)
 
 
-def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+def run_training(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """The run itself: build, maybe resume, train, and export the student (a pipeline folder, or a LoRA run's
     adapter weights)."""
     accelerator, sharded = build_accelerator(config)
@@ -145,6 +138,8 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
             config.data.source, teacher_fingerprint(teacher), config.data.resolution,
             center_crop=config.data.center_crop, random_flip=config.data.random_flip,
         )  # fmt: skip
+    # The fake score network copies the teacher's UNet before a LoRA student's adapters are added to it.
+    fake_score = FakeScore.build(config, teacher.unet, DTYPES[config.precision.teacher_dtype])
     networks = build_networks(config, teacher, accelerator.device)
     distillation = build_distillation(config, teacher, networks.student).to(accelerator.device)
     expert = expert.to(accelerator.device) if expert is not None else None
@@ -154,15 +149,22 @@ def distil(config: TrainConfig, resume: str | None = None, overwrite: bool = Fal
         networks.target = shard_target(accelerator, networks.target)
     if config.lora.rank:
         checkpoint_adapters_only(accelerator)  # the EMA target is an adapter, saved with the student's
-    proxy = build_latent_proxy(config, accelerator.device)
+    proxy = Proxy.load(config, accelerator.device)
     stream = build_stream(config, cached, accelerator.process_index, accelerator.num_processes)
     generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
     uncond = unconditional(config, teacher, stream, accelerator.device)
     stream = Prefetch(stream)
     reward = build_student_reward(config, expert, proxy and proxy.model, teacher.vae, distillation)
+    matching = None
+    if fake_score is not None:
+        matching = fake_score.to(accelerator.device).terms(config, distillation)
+    parts = StepParts(
+        teacher, networks, distillation, reward, uncond, proxy, config.data.resolution, config.distill.lcd_weight,
+        matching,
+    )  # fmt: skip
     run = Run(
-        config, accelerator, sharded, teacher, networks, distillation, optimizer, lr_scheduler, expert, proxy, stream,
-        generator, uncond, reward, settings, run_id=uuid.uuid4().hex, overwrite=overwrite,
+        config, accelerator, sharded, parts, optimizer, lr_scheduler, expert, fake_score, stream, generator, settings,
+        run_id=uuid.uuid4().hex, overwrite=overwrite,
         health=Health(state.get("initial_weight_norm") or weight_norm(accelerator, trained_params(networks.student))),
     )  # fmt: skip
     if checkpoint is not None:
@@ -190,16 +192,6 @@ def commit(run: Run) -> None:
     run.committed = True
 
 
-def build_latent_proxy(config: TrainConfig, device: torch.device) -> Proxy | None:
-    """Alg. 4's proxy with its optimizer (None in direct mode). Not wrapped for DDP (the fit calls its methods, not
-    its forward): its gradients are averaged over the processes by hand in fit_proxy."""
-    if config.reward.mode != "latent":
-        return None
-    proxy = build_proxy(config, LatentClip.from_pretrained(config.reward.latent.model))
-    proxy.model.to(device)
-    return proxy
-
-
 def take_new_settings(run: Run) -> None:
     """After a resume, the config's optimizer settings replace the checkpoint's: AdamW's betas, eps and weight
     decay, and the learning rate, at the schedule's position (the schedule itself is the config's)."""
@@ -209,10 +201,9 @@ def take_new_settings(run: Run) -> None:
         group.update(lr=base * factor(scheduler.last_epoch), betas=(optim.adam_beta1, optim.adam_beta2))
         group.update(eps=optim.adam_epsilon, weight_decay=optim.weight_decay)
     scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
-    if run.proxy is not None:
-        for group in run.proxy.optimizer.param_groups:
-            group.update(lr=run.config.reward.latent.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2))
-            group.update(eps=optim.adam_epsilon)
+    for part in (run.parts.proxy, run.fake_score):
+        if part is not None:
+            part.take_new_settings(run.config)
 
 
 def checkpointed(run: Run) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
@@ -220,18 +211,21 @@ def checkpointed(run: Run) -> tuple[dict[str, torch.nn.Module], dict[str, torch.
     run, and Alg. 4's proxy and its optimizer."""
     modules, optimizers = {}, {}
     if not run.config.lora.rank:
-        modules["target"] = run.networks.target
-    if run.proxy is not None:
-        modules["latent_rm"], optimizers["latent_rm_optimizer"] = run.proxy.model, run.proxy.optimizer
+        modules["target"] = run.parts.networks.target
+    for part in (run.parts.proxy, run.fake_score):
+        if part is not None:
+            part_modules, part_optimizers = part.checkpointed()
+            modules.update(part_modules)
+            optimizers.update(part_optimizers)
     return modules, optimizers
 
 
 def run_steps(run: Run) -> tuple[list[float], dict]:
     """The loop, until ``optim.max_train_steps``; returns each optimizer step's wall-clock seconds and the steps'
     peak memory (validation and checkpoints left out)."""
-    accelerator, optim = run.accelerator, run.config.optim
+    accelerator, optim, student = run.accelerator, run.config.optim, run.parts.networks.student
     # The EMA pairs, taken after prepare: FSDP replaces the student's parameters with sharded ones.
-    ema_target, ema_online = ema_pairs(run.networks.student, run.networks.target)
+    ema_target, ema_online = ema_pairs(student, run.parts.networks.target)
     progress = tqdm(
         total=optim.max_train_steps, initial=run.global_step, desc="RG-LCD",
         disable=not accelerator.is_local_main_process,
@@ -241,20 +235,22 @@ def run_steps(run: Run) -> tuple[list[float], dict]:
     with progress, run.stream:  # the progress line ended and the prefetching thread stopped, also when a step raises
         batches = iter(run.stream)
         while run.global_step < optim.max_train_steps:
-            with accelerator.accumulate(run.networks.student):
+            with accelerator.accumulate(student):
                 batch = next(batches)
-                output, latents = forward(run, batch)
+                forward = training_forward(run.parts, batch, run.generator, run.global_step, accelerator.autocast())
+                output = forward.output
                 finite = all_finite(accelerator, output.loss)  # a host sync; the others: logging, Alg. 4's fit
                 if finite:
                     accelerator.backward(output.loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(run.networks.student.parameters(), optim.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(student.parameters(), optim.max_grad_norm)
                     run.optimizer.step()
                     run.lr_scheduler.step()
-                    fit = fit_proxy(run, output, latents, batch["captions"]) if run.proxy is not None else None
+                    fit = fit_proxy(run, output, forward.latents, batch["captions"]) if run.parts.proxy else None
+                    fake_fit = fit_fake_score(run, forward) if run.fake_score is not None else None
                 else:  # release the failed step's graph now, not when the next forward has run: two at once can OOM
-                    del output, latents
+                    del output, forward
                 run.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -268,34 +264,12 @@ def run_steps(run: Run) -> tuple[list[float], dict]:
             progress.update(1)
             step_seconds.append(time.perf_counter() - step_started)
             if is_log_step(run):  # the loss and grad norm read back to the host only here
-                logs = step_logs(run, output, grad_norm, fit, step_seconds[-1])
+                logs = step_logs(run, output, grad_norm, fit, fake_fit, step_seconds[-1])
                 progress.set_postfix(loss=f"{logs['distill_loss']:.4f}", sps=f"{logs['samples_per_second']:.1f}")
                 accelerator.log(logs, step=run.global_step)
             after_step(run, steps_peak)
             step_started = time.perf_counter()  # a step's time leaves out validation and checkpoints
     return step_seconds, steps_peak.summary()
-
-
-def forward(run: Run, batch: dict) -> tuple[StepOutput, torch.Tensor]:
-    """The RG-LCD loss of one batch (Alg. 3; the reward is the frozen proxy under Alg. 4), and the batch's latents."""
-    config, networks = run.config, run.networks
-    latents, cond_embeds, added = prepare_batch(batch, run.teacher, run.generator, config.data.resolution)
-    rewarded = run.reward.applies(run.global_step)  # reward.every: the reward term on every N-th step only
-    noise = run.reward.draw(latents, run.distillation, run.generator, run.global_step)
-    if run.proxy is not None:  # the student's reward: the proxy, frozen for this backward pass
-        set_trainable(run.proxy.params, False)
-        run.proxy.model.eval()
-    uncond_embeds, uncond_added = run.uncond
-    with run.accelerator.autocast():
-        output = rglcd_step(
-            student=networks.student, target=networks.target, teacher_unet=networks.teacher_unet,
-            distillation=run.distillation, latents=latents, cond_embeds=cond_embeds.float(),
-            uncond_embeds=uncond_embeds, added_cond=float_conditions(added), uncond_added_cond=uncond_added,
-            noise=noise, prompts=batch["captions"], reward_fn=run.reward.fn if rewarded else None,
-            reward_beta=run.reward.beta if rewarded else 0.0, reward_input=run.reward.input,
-            sampler=run.reward.sampler,
-        )  # fmt: skip
-    return output, latents
 
 
 def ema_update(run: Run, ema_target: list[torch.Tensor], ema_online: list[torch.Tensor]) -> None:
@@ -310,50 +284,22 @@ def is_log_step(run: Run) -> bool:
     return run.global_step % run.config.logging.log_every == 0 or run.global_step == run.config.optim.max_train_steps
 
 
-def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank (all skip the update together, so DDP stays in step)."""
-    return bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-
-
 def fit_proxy(run: Run, output: StepOutput, latents: torch.Tensor, captions: list[str]) -> ProxyFit:
     """Alg. 4, after the student update: one step of the latent proxy RM towards the expert's preferences."""
-    accelerator, proxy, latent = run.accelerator, run.proxy, run.config.reward.latent
-    set_trainable(proxy.params, True)
-    proxy.model.train()
-    indices = torch.randperm(len(latents), generator=run.generator)[: latent.batch_size]  # [R], on the CPU
-    with accelerator.autocast():
-        fit = proxy_fit(
-            proxy.model, run.expert, run.teacher.vae,
-            model_pred=output.scored, target=output.target, latents=latents, prompts=captions, indices=indices,
-            kind=latent.loss, smooth_ground_truth=latent.smooth_ground_truth, expert_scale=latent.expert_scale,
-            expert_scale_from_proxy=latent.expert_scale_from_proxy,
-            decode_batch_size=run.config.reward.decode_batch_size,
-        )  # fmt: skip
-    if all_finite(accelerator, fit.loss):
-        (fit.loss * latent.loss_scale / run.config.optim.gradient_accumulation_steps).backward()
-    else:  # a non-finite preference loss would poison the proxy, and with it every later student step
-        logger.warning("non-finite latent proxy loss; the proxy's update from this batch is skipped")
-    if accelerator.sync_gradients:
-        grads = [param.grad for param in proxy.params if param.grad is not None]
-        if grads:
-            reduce_proxy_gradients(accelerator, grads)
-            # Unscaled fp16 gradients can overflow: an inf would poison the proxy's Adam states for good.
-            if torch.stack(torch._foreach_norm(grads)).isfinite().all():  # the same on every rank (reduced)
-                proxy.optimizer.step()
-            else:
-                logger.warning("non-finite latent proxy gradients; the proxy's update is skipped")
-        proxy.optimizer.zero_grad(set_to_none=True)
+    proxy = run.parts.proxy
+    with run.accelerator.autocast():
+        fit = proxy.fit_loss(run.config, run.expert, run.parts.teacher.vae, output, latents, captions, run.generator)
+    proxy.update(run.accelerator, fit, run.config)
     return fit
 
 
-def reduce_proxy_gradients(accelerator: Accelerator, grads: list[torch.Tensor]) -> None:
-    """In place: the mean of the proxy's gradients over the processes, as DDP does for the student, in one
-    collective over all of them flattened (not one per parameter)."""
-    if accelerator.num_processes == 1:
-        return
-    flat = accelerator.reduce(torch.cat([grad.flatten() for grad in grads]), reduction="mean")
-    for grad, mean in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
-        grad.copy_(mean.view_as(grad))
+def fit_fake_score(run: Run, forward: Forward) -> FakeFit:
+    """DMD / DMD2, after the student update: the fake score network (and the discriminator) fitted to the student's
+    own samples of this step."""
+    return run.fake_score.update(
+        run.accelerator, run.config, run.parts.distillation, forward.output.generated, forward.latents,
+        forward.cond_embeds, forward.added_cond, run.generator, run.accelerator.autocast,
+    )  # fmt: skip
 
 
 def skip_non_finite_step(run: Run) -> None:
@@ -377,8 +323,9 @@ def skip_non_finite_step(run: Run) -> None:
 
 
 def step_logs(
-    run: Run, output: StepOutput, grad_norm: torch.Tensor | None, fit: ProxyFit | None, seconds: float
-) -> dict[str, float]:
+    run: Run, output: StepOutput, grad_norm: torch.Tensor | None, fit: ProxyFit | None, fake_fit: FakeFit | None,
+    seconds: float,
+) -> dict[str, float]:  # fmt: skip
     optim = run.config.optim
     samples_per_step = optim.batch_size * optim.gradient_accumulation_steps * run.accelerator.num_processes
     logs = {
@@ -388,6 +335,7 @@ def step_logs(
         "samples_per_second": samples_per_step / max(seconds, 1e-9),
         "skipped_samples": run.stream.stats.skipped,
     }
+    logs.update({f"loss/{name}": term.item() for name, term in output.terms.items()})  # each term, weighted
     if grad_norm is not None:
         logs["grad_norm"] = float(grad_norm)
     if output.reward is not None:
@@ -395,6 +343,11 @@ def step_logs(
     if fit is not None:  # Alg. 4's proxy fit of this step
         logs.update(proxy_loss=fit.loss.item(), proxy_accuracy=fit.accuracy.item())
         logs["expert_logit"] = fit.expert_logit.item()
+    if fake_fit is not None:  # the fake score network's fit of this step (its last update)
+        logs["fake_score_loss"] = fake_fit.loss.item()
+        if fake_fit.discriminator_loss is not None:
+            logs["discriminator_loss"] = fake_fit.discriminator_loss.item()
+            logs["discriminator_accuracy"] = fake_fit.discriminator_accuracy.item()
     return logs
 
 
@@ -403,9 +356,11 @@ def after_step(run: Run, steps_peak: StepsPeak) -> None:
     of the steps' peak memory)."""
     step, logging_config, accelerator = run.global_step, run.config.logging, run.accelerator
     if logging_config.validation_steps and step % logging_config.validation_steps == 0:
-        student = accelerator.unwrap_model(run.networks.student)
+        student = accelerator.unwrap_model(run.parts.networks.student)
         with steps_peak.paused():
-            validate_samples(accelerator, run.config, run.teacher, student, run.distillation, step, run.sharded)
+            validate_samples(
+                accelerator, run.config, run.parts.teacher, student, run.parts.distillation, step, run.sharded
+            )
     if step % logging_config.checkpointing_steps == 0:
         with steps_peak.paused():
             save_run_checkpoint(run)
@@ -414,7 +369,7 @@ def after_step(run: Run, steps_peak: StepsPeak) -> None:
 def save_run_checkpoint(run: Run) -> Path:
     """checkpoints/checkpoint-N of this step (atomic), keeping the newest ``logging.checkpoints_total_limit`` and the
     newest healthy one (:mod:`~rglcd.train.health`)."""
-    healthy = run.health.checkpoint_is_healthy(run.accelerator, trained_params(run.networks.student))
+    healthy = run.health.checkpoint_is_healthy(run.accelerator, trained_params(run.parts.networks.student))
     state = {
         "global_step": run.global_step, "nan_streak": run.nan_streak, "fsdp": run.sharded, "run_id": run.run_id,
         "settings": run.settings, "healthy": healthy, "initial_weight_norm": run.health.initial_norm,
@@ -426,14 +381,14 @@ def save_run_checkpoint(run: Run) -> Path:
 def export(run: Run, step_seconds: list[float], peak_memory: dict) -> Path:
     """Write the student (a pipeline folder, or a LoRA run's adapters), the EMA target, the fitted proxy and
     ``train_summary.json``; returns the student's folder."""
-    accelerator, networks, out = run.accelerator, run.networks, run.out
+    accelerator, networks, out = run.accelerator, run.parts.networks, run.out
     accelerator.wait_for_everyone()
     final_student = accelerator.unwrap_model(networks.student)
     trained = {"student": final_student}  # a LoRA student holds its target adapter
     if not run.config.lora.rank:
         trained["target"] = networks.target
-    if run.proxy is not None:
-        trained["latent_rm"] = run.proxy.model
+    if run.parts.proxy is not None:
+        trained["latent_rm"] = run.parts.proxy.model
     checksums, ranks_agree = rank_checksums(accelerator, trained)
     final_target = networks.target
     if run.sharded:  # whole copies on the main process's CPU (collectives: every rank takes part)
@@ -472,7 +427,7 @@ def unsharded(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Mod
 
 
 def save_models(run: Run, student: torch.nn.Module, target: torch.nn.Module) -> None:
-    out, teacher = run.out, run.teacher
+    out, teacher = run.out, run.parts.teacher
     for frozen in teacher.encoders():  # the export's VAE and text encoders in float32
         frozen.float()
     if run.config.lora.rank:
@@ -480,12 +435,12 @@ def save_models(run: Run, student: torch.nn.Module, target: torch.nn.Module) -> 
         save_lora(student, out / "target_lora", TARGET, teacher.is_sdxl)
         write_model_card(out / "lora", run.config, "lora")
     else:
-        distillation = run.distillation
+        distillation = run.parts.distillation
         export_pipeline(
             out / "student", student, teacher, distillation.num_ddim_timesteps, distillation.timestep_scaling
         )
         write_model_card(out / "student", run.config, "pipeline")
         contiguous(target)
         target.save_pretrained(out / "target_unet")
-    if run.proxy is not None:
-        run.proxy.model.save_pretrained(out / "latent_rm", {"fitted_steps": run.global_step})
+    if run.parts.proxy is not None:
+        run.parts.proxy.export(out, run.global_step)
