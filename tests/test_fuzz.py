@@ -413,7 +413,7 @@ def stopped():
         "rglcd.plan", "rglcd.lrm", "rglcd.world.data", "rglcd.world.teacher", "rglcd.world.rewards",
         "rglcd.world.judge",
         "rglcd.experiments.quickstart", "rglcd.experiments.overoptimisation", "rglcd.experiments.sampler_reward",
-        "rglcd.experiments.demo",
+        "rglcd.experiments.one_step", "rglcd.experiments.demo",
     ):  # fmt: skip
         importlib.import_module(name)
     import rglcd.models.teacher
@@ -447,7 +447,7 @@ def stopped():
         "rglcd.world.teacher": ["train_world_teacher"], "rglcd.world.rewards": ["train_world_clip"],
         "rglcd.world.judge": ["train_judge"], "rglcd.experiments.demo": ["tiny_setup"],
         **{f"rglcd.experiments.{name}": ["prepare_world"] for name in ("quickstart", "overoptimisation",
-                                                                       "sampler_reward")},
+                                                                       "sampler_reward", "one_step")},
     }  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         for module in [m for name, m in sys.modules.items() if name.startswith("rglcd") and m is not None]:
@@ -569,8 +569,8 @@ def test_every_config_field_is_fuzzed():
 
 def test_every_command_is_fuzzed():
     assert {"train", "plan", "cache", "sample", "eval", "serve", "lrm pretrain", "world data", "world teacher",
-            "world rewards", "world judge", "world overoptimisation", "world sampler-reward", "quickstart",
-            "demo"} == set(COMMANDS)  # fmt: skip
+            "world rewards", "world judge", "world overoptimisation", "world sampler-reward", "world one-step",
+            "quickstart", "demo"} == set(COMMANDS)  # fmt: skip
 
 
 def test_train_dry_run_fuzzes_only_the_config(stopped):

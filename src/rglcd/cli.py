@@ -351,6 +351,18 @@ def _unit_float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _section_override(section: str):
+    """An argparse type: ``section.field=value`` (the value is checked with the rest of the config when it trains)."""
+
+    def parse(text: str) -> str:
+        field, equals, _ = text.partition("=")
+        if not (equals and field.startswith(f"{section}.") and field != f"{section}."):
+            raise argparse.ArgumentTypeError(f"expected {section}.FIELD=VALUE like {section}.weight=1, got {text!r}")
+        return text
+
+    return parse
+
+
 def _samplers(text: str) -> tuple[str, ...]:
     values = tuple(part.strip() for part in text.split(",") if part.strip())
     if not values or set(values) - {"lcm", "tcd"}:
@@ -762,11 +774,11 @@ def _add_world_command(commands) -> None:
     one_step.add_argument("--out", default="runs/one-step")
     one_step.add_argument("--train-steps", type=_positive_int, default=600, help="distillation steps per student")
     one_step.add_argument(
-        "--dmd", nargs="*", default=["dmd.weight=1.0"], metavar="dmd.FIELD=VALUE",
+        "--dmd", nargs="*", type=_section_override("dmd"), default=["dmd.weight=1.0"], metavar="dmd.FIELD=VALUE",
         help="the DMD students' overrides (default: dmd.weight=1.0)",
     )  # fmt: skip
     one_step.add_argument(
-        "--gan", nargs="*", default=["gan.weight=0.01"], metavar="gan.FIELD=VALUE",
+        "--gan", nargs="*", type=_section_override("gan"), default=["gan.weight=0.01"], metavar="gan.FIELD=VALUE",
         help="the GAN students' overrides, added to --dmd's (default: gan.weight=0.01)",
     )  # fmt: skip
     one_step.add_argument("--prompts", type=_positive_int, default=256, help="held-out evaluation prompts")

@@ -95,6 +95,19 @@ def mid_block_features(unet: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+def unet_output(
+    unet: nn.Module, z_t: Tensor, timesteps: Tensor, cond_embeds: Tensor, added_cond: dict[str, Tensor] | None
+) -> Tensor:
+    """The UNet's raw output at z_t, its inputs cast to the UNet's dtype (a LoRA fake network's frozen base may be
+    half precision)."""
+    dtype = next(unet.parameters()).dtype
+    if added_cond is not None:
+        added_cond = {key: value.to(dtype) for key, value in added_cond.items()}
+    return unet(
+        z_t.to(dtype), timesteps, encoder_hidden_states=cond_embeds.to(dtype), added_cond_kwargs=added_cond
+    ).sample
+
+
 def fake_prediction(
     fake_unet: nn.Module,
     z_t: Tensor,
@@ -106,14 +119,9 @@ def fake_prediction(
 ) -> tuple[Tensor, Tensor | None]:
     """The fake score network's x̂0 [B,C,h,w] at z_t, conditional only (DMD2's fake guidance is 1), and with a
     discriminator ``head`` its logits [B] on the network's mid-block features (else None)."""
-    dtype = next(fake_unet.parameters()).dtype
-    if added_cond is not None:
-        added_cond = {key: value.to(dtype) for key, value in added_cond.items()}
     watch = mid_block_features(fake_unet) if head is not None else contextlib.nullcontext([])
     with watch as features:
-        output = fake_unet(
-            z_t.to(dtype), timesteps, encoder_hidden_states=cond_embeds.to(dtype), added_cond_kwargs=added_cond
-        ).sample.to(z_t.dtype)
+        output = unet_output(fake_unet, z_t, timesteps, cond_embeds, added_cond).to(z_t.dtype)
     alpha, sigma = schedule.alpha_sigma(timesteps, z_t.ndim)
     x0 = predicted_x0(output, z_t, alpha, sigma, schedule.prediction_type)
     return x0, head(features[-1]) if head is not None else None
@@ -132,12 +140,7 @@ def fake_score_loss(
     error of its output against the target of its parameterisation (DMD2: ε for an ε-teacher), a scalar."""
     samples = samples.detach()
     z_t = schedule.add_noise(samples, noise, timesteps)
-    dtype = next(fake_unet.parameters()).dtype
-    if added_cond is not None:
-        added_cond = {key: value.to(dtype) for key, value in added_cond.items()}
-    output = fake_unet(
-        z_t.to(dtype), timesteps, encoder_hidden_states=cond_embeds.to(dtype), added_cond_kwargs=added_cond
-    ).sample
+    output = unet_output(fake_unet, z_t, timesteps, cond_embeds, added_cond)
     alpha, sigma = schedule.alpha_sigma(timesteps, samples.ndim)
     target = denoising_target(samples, noise, alpha, sigma, schedule.prediction_type)
     dtype = torch.promote_types(samples.dtype, torch.float32)  # at least float32 under autocast

@@ -310,7 +310,7 @@ def _to_fake(modules: list[nn.Module]) -> None:
 
 
 @dataclass
-class _Run:
+class MetaRun:
     """The run's models, built on the meta device."""
 
     teacher: object
@@ -341,7 +341,7 @@ def _with_random_reward_weights(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, reward=dataclasses.replace(config.reward, terms=terms))
 
 
-def _build_on_meta(config: TrainConfig) -> _Run:
+def _build_on_meta(config: TrainConfig) -> MetaRun:
     meta = torch.device("meta")
     with meta:
         teacher = build_teacher(architecture_of(config.model.teacher, config.model.revision), config.model.teacher)
@@ -354,7 +354,7 @@ def _build_on_meta(config: TrainConfig) -> _Run:
             folder = Path(config.reward.latent.model)
             proxy_config = read_model_config(folder, KIND, "make one with `rglcd lrm pretrain`")
             proxy = LatentClip(LatentClipConfig(**proxy_config))
-    return _Run(teacher, networks, expert, proxy, is_cache(config.data.source), fake_score)
+    return MetaRun(teacher, networks, expert, proxy, is_cache(config.data.source), fake_score)
 
 
 @dataclass
@@ -378,7 +378,7 @@ class _FakeStep:
     autocast: dict
 
 
-def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
+def _prepare(run: MetaRun, config: TrainConfig, device: str) -> _FakeStep:
     """The run's tensors made fake, its optimizers with their states, the empty prompt's conditioning."""
     _to_fake(run.modules())
     # The schedule was built on the meta device with the models; the step indexes it (and the DDIM grid made on its
@@ -412,7 +412,7 @@ def _prepare(run: _Run, config: TrainConfig, device: str) -> _FakeStep:
     return _FakeStep(distillation, trained, optimizer, proxy, uncond, uncond_added, autocast)
 
 
-def trace_step(run: _Run, config: TrainConfig, device: str = "cuda") -> Trace:
+def trace_step(run: MetaRun, config: TrainConfig, device: str = "cuda") -> Trace:
     """One step of ``rglcd train`` on fake tensors at the config's batch size and resolution: what it allocates
     (at its peak and per phase) and its FLOPs. ``run`` is consumed (its tensors become fake)."""
     teacher, networks, proxy = run.teacher, run.networks, run.proxy
@@ -494,7 +494,7 @@ def _allocate_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _unconditional(run: _Run, config: TrainConfig):
+def _unconditional(run: MetaRun, config: TrainConfig):
     """The empty prompt's conditioning, made once before the loop (as the trainer does)."""
 
     batch_size, resolution = config.optim.batch_size, config.data.resolution
@@ -511,7 +511,7 @@ def _text_width(teacher) -> int:
     return width + (teacher.text_encoder_2.config.hidden_size if teacher.is_sdxl else 0)
 
 
-def _fake_batch(run: _Run, config: TrainConfig) -> dict:
+def _fake_batch(run: MetaRun, config: TrainConfig) -> dict:
     """A batch as the data stream gives it: images and captions, or `rglcd cache` entries."""
     batch_size, resolution = config.optim.batch_size, config.data.resolution
     captions = ["a photograph of an astronaut riding a horse on the moon"] * batch_size
@@ -529,7 +529,7 @@ def _fake_batch(run: _Run, config: TrainConfig) -> dict:
     return batch
 
 
-def _ema_step(run: _Run, config: TrainConfig) -> None:
+def _ema_step(run: MetaRun, config: TrainConfig) -> None:
 
     update_ema(*ema_pairs(run.networks.student, run.networks.target), config.distill.ema_decay)
 
@@ -553,7 +553,7 @@ def _adam_8bit_bytes(trained: list[torch.Tensor]) -> int:
     return sum(2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel() for p in trained)
 
 
-def memory_parts(run: _Run, config: TrainConfig, processes: int, sharded: bool) -> list[Part]:
+def memory_parts(run: MetaRun, config: TrainConfig, processes: int, sharded: bool) -> list[Part]:
     """The weights and states of a run per process, by part (exact: counted on the meta-device models)."""
     shard = processes if sharded else 1
     shard_note = f"sharded over {processes}" if sharded else ""

@@ -9,7 +9,6 @@ repeated over more training seeds. Finished students and images are reused; an i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..eval_command import EvalRun, Replicate, run_eval
 from ..evaluate import paired_row_differences, strict_json
 from ..stats import Estimate
 from .quickstart import distil_world_student, prepare_world, world_clip_terms, world_evaluation
+from .sampler_reward import training_times
 
 REFERENCE = "RG-LCM"  # what every student is compared with, prompt by prompt
 METRICS = ["world-clip", "judge", "fid"]
@@ -57,14 +57,6 @@ def folder_name(label: str, seed: int, first_seed: int) -> str:
     return name if seed == first_seed else f"{name}-seed{seed}"
 
 
-def training_times(students: dict[str, Path]) -> dict[str, float]:
-    """Each run's median seconds per optimizer step after the first (train_summary.json)."""
-    return {
-        label: json.loads((path.parent / "train_summary.json").read_text())["step_seconds"]["median_after_first"]
-        for label, path in students.items()
-    }
-
-
 def against_reference(rows: list[dict], labels: list[str]) -> tuple[list[str], list[dict]]:
     """Each student's paired differences (same prompts, same seeds) from RG-LCM at every step count, with 95 %
     bootstrap intervals over the prompts: Markdown lines and their records."""
@@ -100,10 +92,9 @@ def run_one_step(settings: OneStepSettings) -> dict:
         label: distil_world_student(out / folder_name(label, seed, seed), settings.train_steps, seed, overrides)
         for label, overrides in runs.items()
     }
-    times = training_times(students)
-    reference_time = times[REFERENCE]
+    times = {label: record["median_after_first"] for label, record in training_times(students).items()}
     time_table = ["| student | ms per training step (median) | relative to RG-LCM |", "|---|---:|---:|"]
-    time_table += [f"| {label} | {1000 * s:.0f} | {s / reference_time:.2f}× |" for label, s in times.items()]
+    time_table += [f"| {label} | {1000 * s:.0f} | {s / times[REFERENCE]:.2f}× |" for label, s in times.items()]
     described = "; ".join(f"**{label}**: {' '.join(overrides)}" for label, overrides in runs.items())
     notes = [
         f"Students distilled for {settings.train_steps} steps with the quickstart's recipe (`rglcd train world`, "
