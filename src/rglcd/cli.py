@@ -271,10 +271,10 @@ def cmd_world_sampler_reward(args: argparse.Namespace) -> None:
 def cmd_world_one_step(args: argparse.Namespace) -> None:
     from .experiments.one_step import OneStepSettings, run_one_step
 
+    terms = {name: tuple(value) for name in ("dmd", "gan") if (value := getattr(args, name)) is not None}
     settings = OneStepSettings(
-        out=Path(args.out), train_steps=args.train_steps, dmd=args.dmd, gan=args.gan, prompts=args.prompts,
-        seeds=args.seeds,
-    )  # fmt: skip
+        out=Path(args.out), train_steps=args.train_steps, prompts=args.prompts, seeds=args.seeds, **terms
+    )
     results = run_one_step(settings)
     reports = [settings.out / "report.md"] + ([settings.out / "seeds" / "report.md"] if settings.seeds > 1 else [])
     print(f"reports: {', '.join(map(str, reports))}  ({results['seconds']:.0f} s)")
@@ -774,11 +774,11 @@ def _add_world_command(commands) -> None:
     one_step.add_argument("--out", default="runs/one-step")
     one_step.add_argument("--train-steps", type=_positive_int, default=600, help="distillation steps per student")
     one_step.add_argument(
-        "--dmd", nargs="*", type=_section_override("dmd"), default=["dmd.weight=1.0"], metavar="dmd.FIELD=VALUE",
-        help="the DMD students' overrides (default: dmd.weight=1.0)",
+        "--dmd", nargs="*", type=_section_override("dmd"), metavar="dmd.FIELD=VALUE",
+        help="the DMD students' overrides (default: dmd.weight=1 dmd.fake_lr=1e-4, docs/one-step.md's)",
     )  # fmt: skip
     one_step.add_argument(
-        "--gan", nargs="*", type=_section_override("gan"), default=["gan.weight=0.01"], metavar="gan.FIELD=VALUE",
+        "--gan", nargs="*", type=_section_override("gan"), metavar="gan.FIELD=VALUE",
         help="the GAN students' overrides, added to --dmd's (default: gan.weight=0.01)",
     )  # fmt: skip
     one_step.add_argument("--prompts", type=_positive_int, default=256, help="held-out evaluation prompts")

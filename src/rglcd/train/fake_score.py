@@ -25,6 +25,11 @@ logger = logging.getLogger("rglcd.train")
 FAKE_ADAPTER = "fake"
 
 
+def gan_levels(config: TrainConfig, num_train_timesteps: int) -> int:
+    """How many noise levels the discriminator reads: t ~ U{0, …, levels − 1}, levels = gan.t_max·T (at least 1)."""
+    return max(1, round(config.gan.t_max * num_train_timesteps))
+
+
 @dataclasses.dataclass
 class FakeFit:
     """One student step's fake-network updates, for the logs (the last update's values)."""
@@ -95,7 +100,7 @@ class FakeScore:
         low, high = round(dmd.t_min * total), min(round(dmd.t_max * total), total - 1)
         return MatchingTerms(
             self.unet, generator, dmd.weight, (low, high), dmd.real_guidance, gan.weight, self.head,
-            max(1, round(gan.t_max * total)),
+            gan_levels(config, total),
         )  # fmt: skip
 
     def fit_loss(
@@ -112,8 +117,8 @@ class FakeScore:
         loss = fake_score_loss(self.unet, samples, noise, timesteps, cond_embeds, schedule, added_cond)
         if self.head is None:
             return loss, FakeFit(loss.detach(), None, None)
-        levels = max(1, round(config.gan.t_max * total))
-        gan_timesteps = host_to_device(torch.randint(0, levels, (2 * batch,), generator=generator), device)
+        gan_timesteps = torch.randint(0, gan_levels(config, total), (2 * batch,), generator=generator)
+        gan_timesteps = host_to_device(gan_timesteps, device)
         gan_noise = host_to_device(torch.randn((2 * batch, *shape[1:]), generator=generator), device)
         d_loss, accuracy = discriminator_loss(
             self.unet, self.head, latents, samples, gan_noise, gan_timesteps, cond_embeds, schedule, added_cond
@@ -133,8 +138,7 @@ class FakeScore:
             with autocast():
                 loss, fit = self.fit_loss(config, distillation, samples, latents, cond_embeds, added_cond, generator)
             self.step(accelerator, loss)
-        set_trainable(self.params, False)
-        return fit
+        return fit  # (the next training forward freezes it again, as it does the proxy)
 
     def step(self, accelerator: Accelerator, loss: torch.Tensor) -> None:
         """One AdamW step on ``loss``'s gradients averaged over the processes; skipped (and said) when the loss or a
