@@ -1,10 +1,16 @@
 import os
+import random
 
 # No run-time downloads: a hub id that is not cached must fail at once, not retry for a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One thread per process, the rglcd processes tests start included: under `pytest -n 2` two workers share two cores,
+# and a child using both cores beside the other worker slows both several times over (threads waiting on threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import numpy
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -22,6 +28,15 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def same_random_state():
+    """Every test starts from the same random state, whatever ran before it in its process (pytest-randomly shuffles
+    the order, xdist the processes): a draw a test does not seed itself is still the same draw in every run."""
+    random.seed(0)
+    numpy.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
