@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from rglcd.cli import main
 from rglcd.train import loop
 
@@ -23,4 +25,5 @@ def stalling_forward(*args):
 
 
 loop.training_forward = stalling_forward
+torch.set_num_threads(1)  # as the tests' own process (conftest.py): the same float sums, for bit-for-bit comparisons
 sys.exit(main(sys.argv[3:]))

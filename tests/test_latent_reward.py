@@ -1,14 +1,12 @@
-"""The latent proxy RM (Alg. 4): preference loss, the online fit, `rglcd lrm pretrain`, latent-mode training."""
+"""The latent proxy RM (Alg. 4): preference loss, the online fit, `rglcd lrm pretrain`, latent-mode training (its
+proxy fit over a run and exact resume: tests/test_resume.py)."""
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rglcd.config import ConfigError, load_config
 from rglcd.data import CachedStream, DataError
@@ -18,6 +16,8 @@ from rglcd.models import load_teacher
 from rglcd.rewards import build_reward
 from rglcd.rewards.latent import WORLD_LATENT_CLIP, LatentClip, LatentClipConfig, preference_loss, proxy_fit
 from rglcd.train import train
+
+from .test_cli import run_main
 
 TINY_LRM = replace(WORLD_LATENT_CLIP, vision_layers=[1], text_layers=1, vision_width=32, text_width=32, embed_dim=32)
 
@@ -142,8 +142,7 @@ def pretrained_lrm(tiny):
         ["lrm", "pretrain", "--cache", str(latents), "--out", str(out), "--architecture", "world", "--samples", "96",
          "--heldout", "32", "--steps", "30", "--batch-size", "32"],
     ):  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "rglcd", *args], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
+        result = run_main(*args)
     assert "held-out retrieval among 32" in result.stdout
     return out
 
@@ -176,27 +175,6 @@ def latent_overrides(tiny, lrm, out, **extra):
     }  # fmt: skip
     fields.update(extra)
     return [f"{key}={value}" for key, value in fields.items()]
-
-
-def test_latent_mode_trains_the_proxy_and_resumes_it_exactly(tiny, pretrained_lrm, tmp_path):
-    straight = train(load_config("tiny", latent_overrides(tiny, pretrained_lrm, tmp_path / "straight"))).parent
-    proxy = load_file(straight / "latent_rm" / "model.safetensors")
-    initial = load_file(pretrained_lrm / "model.safetensors")
-    moved = [key for key in proxy if not torch.equal(proxy[key], initial[key])]
-    assert "clip.text_projection" in moved and all(not key.startswith("clip.token_embedding") for key in moved)
-    checkpoint = straight / "checkpoints" / "checkpoint-4"
-    assert {"target.safetensors", "latent_rm.safetensors", "latent_rm_optimizer.pt"} <= {
-        p.name for p in checkpoint.iterdir()
-    }
-    assert not list(checkpoint.glob("custom_checkpoint_*"))  # nothing pickled beyond weights_only
-
-    # Stop at step 2, then resume to 4: the student and the proxy equal the uninterrupted run's.
-    resumed = tmp_path / "resumed"
-    train(load_config("tiny", latent_overrides(tiny, pretrained_lrm, resumed, **{"optim.max_train_steps": 2})))
-    train(load_config("tiny", latent_overrides(tiny, pretrained_lrm, resumed)), resume="latest")
-    for part in ("latent_rm/model.safetensors", "student/unet/diffusion_pytorch_model.safetensors"):
-        a, b = load_file(straight / part), load_file(resumed / part)
-        assert all(torch.equal(a[key], b[key]) for key in a), part
 
 
 def test_with_the_sampler_reward_the_proxy_scores_and_fits_the_samples(tiny, pretrained_lrm, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""LoRA RG-LCD: only the adapters train, the EMA target is an adapter, the export loads with load_lora_weights."""
+"""LoRA RG-LCD: only the adapters train, the EMA target is an adapter, the export loads with load_lora_weights
+(exact resume of a LoRA run: tests/test_resume.py)."""
 
 import re
 
@@ -12,7 +13,7 @@ from rglcd.export import load_lcm
 from rglcd.lora import STUDENT, AdaptersOff, AdapterView, adapter_pairs, add_lora
 from rglcd.models import load_teacher, update_ema
 from rglcd.sampling import lcm_sample, lcm_scheduler
-from rglcd.train import TrainingError, train
+from rglcd.train import train
 
 
 @pytest.fixture(scope="module")
@@ -122,30 +123,3 @@ def test_the_ema_target_is_deterministic_under_lora_dropout(tiny):
         latents, timesteps, embeds = unet_inputs(unet, torch.Generator().manual_seed(0))
         first, second = (AdapterView(unet)(latents, timesteps, encoder_hidden_states=embeds).sample for _ in range(2))
     assert torch.equal(first, second) and unet.training  # and the student is back in training mode
-
-
-@pytest.mark.parametrize("target", ["prediction", "sample"])
-def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(tiny, tmp_path, target):
-    """Also with the reward on the LoRA student's own 2-step samples (it has no guidance embedding)."""
-
-    def run(out, steps, resume=None):
-        overrides = [
-            f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
-            "optim.batch_size=2", f"optim.max_train_steps={steps}", "logging.checkpointing_steps=2",
-            "logging.validation_steps=0", "logging.tracker=none", "lora.rank=4", f"reward.target={target}",
-        ]  # fmt: skip
-        train(load_config("tiny", overrides), resume=resume)
-        return [load_file(out / name / "pytorch_lora_weights.safetensors") for name in ("lora", "target_lora")]
-
-    straight = run(tmp_path / "straight", 4)
-    run(tmp_path / "resumed", 2)
-    resumed = run(tmp_path / "resumed", 4, resume="latest")
-    for ours, theirs in zip(resumed, straight, strict=True):
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
-    with pytest.raises(TrainingError, match=re.escape("lora.rank (4 → 8) cannot change")):  # refused before loading
-        overrides = [
-            f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}",
-            f"logging.output_dir={tmp_path / 'resumed'}", "optim.batch_size=2", "optim.max_train_steps=6",
-            "logging.tracker=none", "lora.rank=8",
-        ]  # fmt: skip
-        train(load_config("tiny", overrides), resume="latest")

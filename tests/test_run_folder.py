@@ -150,23 +150,13 @@ def stall(marker: Path, at_forward: int, *args) -> None:
         process.wait()
 
 
-@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("state", STATES[1:])  # an empty folder: test_resume.py kills a new run after checkpoint-2
 def test_kill_mid_step(state, tiny, templates, tmp_path):
-    """Killed before its first step has run, a run leaves the folder as it found it; killed later, what it has
-    checkpointed resumes."""
+    """Killed before its first step has run, a run leaves the folder as it found it."""
     out = make(state, templates, tmp_path / "run")
     before = snapshot(out)
-    marker = tmp_path / "in-step"
-    if state == "empty":  # in step 3: after its first step (the folder is its) and its checkpoint-2
-        stall(marker, 3, *settings(tiny, out))
-        assert (out / "config.yaml").is_file() and (
-            out / "checkpoints" / "checkpoint-2" / "trainer_state.json"
-        ).is_file()
-        run_main("train", "tiny", *settings(tiny, out), "--resume", "latest")
-        assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
-        return
     flag = "--overwrite" if state == "finished" else "--resume"
-    stall(marker, 1, *settings(tiny, out), *([flag, "latest"] if flag == "--resume" else [flag]))
+    stall(tmp_path / "in-step", 1, *settings(tiny, out), *([flag, "latest"] if flag == "--resume" else [flag]))
     assert snapshot(out) == before
 
 

@@ -1,8 +1,5 @@
 """SDXL teachers: two text encoders, the pooled embedding and size conditioning, in the step, training and sampling."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +13,8 @@ from rglcd.sampling import consistency_scheduler, lcm_sample, to_pil
 from rglcd.serve import ServeSettings, check_request, generate, load_models
 from rglcd.step import Distillation, SampleTarget, StepNoise, StepReward, rglcd_step
 from rglcd.tiny import save_tiny_pipeline
+
+from .test_cli import run_main
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -99,9 +98,7 @@ def test_sdxl_training_exports_a_diffusers_sdxl_lcm_pipeline(sdxl_dir, tmp_path)
         f"model.teacher={sdxl_dir}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
         "optim.batch_size=2", "optim.max_train_steps=2", "logging.validation_steps=2", "logging.tracker=none",
     ]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides], capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_main("train", "tiny", *overrides)
     assert load_config(out / "config.yaml").model.teacher == str(sdxl_dir)
     pipe = DiffusionPipeline.from_pretrained(out / "student")
     assert isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.scheduler, LCMScheduler)
@@ -188,9 +185,7 @@ def test_sdxl_lora_loads_onto_the_sdxl_pipeline(sdxl_dir, tmp_path):
         f"model.teacher={sdxl_dir}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}", "lora.rank=4",
         "optim.batch_size=2", "optim.max_train_steps=2", "logging.validation_steps=0", "logging.tracker=none",
     ]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides], capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_main("train", "tiny", *overrides)
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     before = pipe(PROMPTS, num_inference_steps=2, guidance_scale=1.0, output_type="pt",

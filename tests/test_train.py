@@ -1,14 +1,12 @@
-"""`rglcd train`: smoke run, exact resume after SIGKILL, atomic checkpoints, NaN handling, bad data."""
+"""`rglcd train`: smoke run, atomic checkpoints, NaN handling, bad data (exact resume: tests/test_resume.py)."""
 
 import json
 import os
 import pickle
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from rglcd.rewards.base import RewardModel
 from rglcd.train import TrainingError, checkpoints, resolve_resume, train
 from rglcd.train.build import StudentReward
 from rglcd.train.checkpoints import check_safe_to_load
+
+from .test_cli import run_main
 
 
 @pytest.fixture(scope="module")
@@ -97,45 +97,9 @@ def test_cli_smoke_run_writes_everything(tiny, tmp_path):
 
 
 def test_dry_run_prints_the_resolved_config(tiny, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "train", "tiny", *overrides(tiny, tmp_path / "run"), "--dry-run"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0 and "max_train_steps: 4" in result.stdout
+    result = run_main("train", "tiny", *overrides(tiny, tmp_path / "run"), "--dry-run")
+    assert "max_train_steps: 4" in result.stdout
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize(
-    "reward",
-    [
-        {},
-        dict(reward__target="sample", reward__sample_steps=4, reward__grad_steps=2, reward__every=3),
-        dict(dmd__weight=1.0, gan__weight=0.1, dmd__fake_updates=2, dmd__student_steps=2),
-    ],
-    ids=["prediction", "sample", "matching"],
-)
-def test_resume_after_sigkill_is_bit_identical(tiny, tmp_path, reward):
-    """Also with the reward on the student's own samples, applied every 3rd step (the kill lands between two), and
-    with the DMD and GAN terms (the fake score network, its head and their AdamW come back from the checkpoint)."""
-    settings = dict(optim__max_train_steps=8, logging__checkpointing_steps=4, logging__validation_steps=0, **reward)
-    finish(run_cli(*overrides(tiny, tmp_path / "straight", **settings)))
-
-    killed = tmp_path / "killed"
-    process = run_cli(*overrides(tiny, killed, **settings))
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "checkpoint-4").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "student").exists(), "the run finished before the kill; the test proves nothing"
-    finish(run_cli(*overrides(tiny, killed, **settings), "--resume", "latest"))
-
-    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(killed)
-    assert straight.keys() == resumed.keys()
-    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
-    assert json.loads((killed / "train_summary.json").read_text())["global_step"] == 8
 
 
 def test_the_reward_term_every_nth_step_and_the_sample_noise_only_there(teacher_dirs):
@@ -289,12 +253,7 @@ def test_training_from_a_cache_matches_training_from_the_images(tiny, tmp_path):
     """`rglcd cache` then `rglcd train` on it: the same latents (up to the VAE's batch-size rounding), embeddings
     and order as from the images, so the same student, without the VAE encoder or text encoder per step."""
     cache = tmp_path / "cache"
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "cache", "--teacher", str(tiny / "teacher"), "--data", str(tiny / "data"),
-         "--out", str(cache), "--resolution", "32"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_main("cache", "--teacher", tiny / "teacher", "--data", tiny / "data", "--out", cache, "--resolution", 32)
     settings = dict(logging__validation_steps=0, data__shuffle_buffer=0)
     train(load_config("tiny", overrides(tiny, tmp_path / "images", **settings)))
     train(load_config("tiny", overrides(tiny, tmp_path / "cached", **settings, data__source=cache)))
@@ -408,14 +367,17 @@ def test_resume_takes_changed_settings_and_refuses_fixed_ones(tiny, tmp_path, ca
     assert group["lr"] == pytest.approx(2.5e-5 * 4 / 10) and group["betas"] == (0.9, 0.99)  # warm-up step 4 of 10
 
 
-def test_the_demo_runs_again_into_its_own_folder(tmp_path):
-    """`rglcd demo` is scratch: run again, it replaces its earlier run instead of refusing the folder."""
-    from rglcd.experiments.demo import run_demo
+def test_the_demo_runs_again_into_its_own_folder(tmp_path, monkeypatch):
+    """`rglcd demo` is scratch: run again, it replaces its earlier run instead of refusing the folder. (Two steps,
+    checkpointed at the second, where the preset checkpoints every 50.)"""
+    from rglcd.experiments import demo
 
-    state = tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-50" / "trainer_state.json"
-    run_demo(tmp_path / "demo", steps=50)  # the tiny preset checkpoints every 50 steps
+    preset, every_2 = demo.load_config, "logging.checkpointing_steps=2"
+    monkeypatch.setattr(demo, "load_config", lambda name, fields: preset(name, [*fields, every_2]))
+    state = tmp_path / "demo" / "rglcd" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    demo.run_demo(tmp_path / "demo", steps=2)
     first = json.loads(state.read_text())
-    run_demo(tmp_path / "demo", steps=50)
+    demo.run_demo(tmp_path / "demo", steps=2)
     again = json.loads(state.read_text())
     assert first["run_id"] != again["run_id"]  # the second run's, not the first's kept
 

@@ -63,6 +63,8 @@ def build_accelerator(config: TrainConfig) -> tuple[Accelerator, bool]:
         project_config=ProjectConfiguration(project_dir=out, logging_dir=f"{out}/logs"),
     )
     sharded = check_engine(accelerator, config)
+    if on_cpu and config.precision.mixed_precision == "fp16":  # accelerate's CPU autocast takes bf16 only
+        logger.warning("precision.mixed_precision=fp16 does nothing on the CPU (it trains in float32); use bf16")
     use_tf32(config.precision.allow_tf32)
     fsdp_plugin = accelerator.state.fsdp_plugin if sharded else None
     if fsdp_plugin is not None and dataclasses.is_dataclass(fsdp_plugin.mixed_precision_policy):

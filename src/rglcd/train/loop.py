@@ -234,27 +234,34 @@ def run_steps(run: Run) -> tuple[list[float], dict]:
     steps_peak = StepsPeak(accelerator.device)  # what `rglcd plan` predicts: the steps' peak, not the loading's
     with progress, run.stream:  # the progress line ended and the prefetching thread stopped, also when a step raises
         batches = iter(run.stream)
+        all_finite_so_far = True  # every micro-batch of the optimizer step under way had a finite loss
         while run.global_step < optim.max_train_steps:
             with accelerator.accumulate(student):
                 batch = next(batches)
                 forward = training_forward(run.parts, batch, run.generator, run.global_step, accelerator.autocast())
                 output = forward.output
                 finite = all_finite(accelerator, output.loss)  # a host sync; the others: logging, Alg. 4's fit
+                all_finite_so_far &= finite
                 if finite:
                     accelerator.backward(output.loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
+                    # The student updates once per optimizer step, from every micro-batch or not at all: a NaN in
+                    # any of them skips the step (its gradients are zeroed below) instead of stepping on the rest.
+                    updating = accelerator.sync_gradients and all_finite_so_far
+                    if updating:
                         grad_norm = accelerator.clip_grad_norm_(student.parameters(), optim.max_grad_norm)
-                    run.optimizer.step()
-                    run.lr_scheduler.step()
+                        run.optimizer.step()
+                        run.lr_scheduler.step()
+                    # Alg. 4's proxy accumulates its own gradients and steps on the last micro-batch; the fake score
+                    # network makes its `dmd.fake_updates` per student update, on that update's last micro-batch.
                     fit = fit_proxy(run, output, forward.latents, batch["captions"]) if run.parts.proxy else None
-                    fake_fit = fit_fake_score(run, forward) if run.fake_score is not None else None
+                    fake_fit = fit_fake_score(run, forward) if updating and run.fake_score is not None else None
                 else:  # release the failed step's graph now, not when the next forward has run: two at once can OOM
                     del output, forward
                 run.optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
-            if not finite:  # no update, no EMA step; stop after too many in a row
+            step_finite, all_finite_so_far = all_finite_so_far, True
+            if not step_finite:  # no update, no EMA step; stop after too many in a row
                 skip_non_finite_step(run)
                 continue
             run.nan_streak = 0
