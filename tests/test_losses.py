@@ -53,3 +53,11 @@ def test_bad_distance_settings():
         ConsistencyDistance("l1")
     with pytest.raises(ValueError, match="c must be > 0"):
         ConsistencyDistance("huber", c=0.0)
+
+
+def test_the_target_is_cast_to_the_predictions_precision():
+    """A float64 target against a float32 prediction is compared in float32 (the prediction's precision, at least
+    float32): 1 − 1e-10 rounds to 1 there, so the l2 distance is exactly 1.0, in float32."""
+    pred = torch.tensor([[1.0]], dtype=torch.float32)
+    value = ConsistencyDistance("l2")(pred, torch.tensor([[1e-10]], dtype=torch.float64))
+    assert value.dtype == torch.float32 and value.item() == 1.0

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler
@@ -135,3 +136,124 @@ def test_guidance_embedding_exact_and_matches_diffusers_pipeline():
 def test_ddim_step_exact():
     result = ddim_step(torch.tensor([X0]), torch.tensor([EPS]), torch.tensor([ALPHA]), torch.tensor([SIGMA]))
     assert result.item() == pytest.approx(Z)
+
+
+def test_ddim_grid_edges_defaults_and_device():
+    """Both ends of N ∈ [1, T] are allowed and 0, T + 1 are not; k = T // N is an integer division (T = 1000, N = 3:
+    k = 333); the defaults are T = 1000, N = 50; the grid is made where asked."""
+    assert ddim_grid(1000, 1).tolist() == [999]
+    assert ddim_grid(10, 10).tolist() == list(range(10))
+    grid = ddim_grid(1000, 3)
+    assert grid.dtype == torch.long and grid.tolist() == [332, 665, 998]
+    assert ddim_grid().tolist() == [20 * n - 1 for n in range(1, 51)]
+    assert ddim_grid(num_ddim_timesteps=7).tolist() == [142 * n - 1 for n in range(1, 8)]  # T = 1000 by default
+    assert ddim_grid(1000, 4, "meta").device.type == "meta"
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=rf"^num_ddim_timesteps must be in \[1, 10\], got {bad}$"):
+            ddim_grid(10, bad)
+
+
+def test_lcm_timesteps_take_every_grid_point_and_refuse_zero_steps():
+    """K = N samples the whole grid, from t = 999 down; K = 0 is refused (not an empty schedule)."""
+    grid = ddim_grid(1000, 50)
+    assert lcm_timesteps(grid, 50).tolist() == grid.flip(0).tolist()
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        lcm_timesteps(grid, 0)
+
+
+def test_betas_defaults_and_other_lengths():
+    """diffusers' defaults (linear from 1e-4 to 0.02 over T = 1000) when the config leaves them out, and T read
+    from the config (10 betas for num_train_timesteps = 10)."""
+    betas = betas_from_config({})
+    assert betas.shape == (1000,)
+    assert betas[0].item() == pytest.approx(0.0001, rel=1e-6) and betas[-1].item() == pytest.approx(0.02, rel=1e-6)
+    expected = [0.1 + 0.1 * i / 9 for i in range(10)]  # linspace(0.1, 0.2, 10)
+    linear = {"beta_schedule": "linear", "beta_start": 0.1, "beta_end": 0.2, "num_train_timesteps": 10}
+    assert betas_from_config(linear).tolist() == pytest.approx(expected, rel=1e-6)
+    assert NoiseSchedule.from_config(linear).num_train_timesteps == 10
+
+
+def test_trained_betas_are_taken_as_given_in_float32():
+    """trained_betas win over the named schedule and are float32 whatever they come as (a float64 array here)."""
+    betas = betas_from_config({**SD_BETAS, "trained_betas": np.array([0.1, 0.25, 0.5], dtype=np.float64)})
+    assert betas.dtype == torch.float32
+    assert betas.tolist() == pytest.approx([0.1, 0.25, 0.5], rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"trained_betas": [0.1, 0.2]},
+        {"beta_schedule": "linear"},
+        SD_BETAS,
+        {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 10},
+    ],
+)
+def test_betas_are_float32_under_a_float64_default_dtype(config):
+    """β is float32 as in diffusers' schedulers, also in a process that made float64 its default dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert betas_from_config(config).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_error_messages_name_the_unsupported_setting():
+    """The exact messages: the setting and the value that is refused."""
+    with pytest.raises(ValueError, match=r"^teachers with rescale_betas_zero_snr=True are not supported$"):
+        betas_from_config({"rescale_betas_zero_snr": True})
+    with pytest.raises(ValueError, match=r"^unknown prediction_type 'flow'$"):
+        predicted_x0(torch.ones(1), torch.ones(1), torch.ones(1), torch.ones(1), "flow")
+    with pytest.raises(ValueError, match=r"^unknown prediction_type 'flow'$"):
+        predicted_eps(torch.ones(1), torch.ones(1), torch.ones(1), torch.ones(1), "flow")
+
+
+# A second hand-made point with x0 ≠ 1 (so x·x0 and x / x0 differ): α = 0.6, σ = 0.8, x0 = 2, ε = 3
+# → z = 1.2 + 2.4 = 3.6 and v = α·ε − σ·x0 = 1.8 − 1.6 = 0.2.
+X0_2, EPS_2, Z_2, V_2 = 2.0, 3.0, 3.6, 0.2
+
+
+@pytest.mark.parametrize("kind,output", [("epsilon", EPS_2), ("v_prediction", V_2), ("sample", X0_2)])
+def test_conversions_exact_values_at_a_second_point(kind, output):
+    t = lambda x: torch.tensor([x], dtype=torch.float64)
+    assert predicted_x0(t(output), t(Z_2), t(ALPHA), t(SIGMA), kind).item() == pytest.approx(X0_2, abs=1e-12)
+    assert predicted_eps(t(output), t(Z_2), t(ALPHA), t(SIGMA), kind).item() == pytest.approx(EPS_2, abs=1e-12)
+
+
+def test_ddim_step_exact_at_a_second_point():
+    t = lambda x: torch.tensor([x], dtype=torch.float64)
+    assert ddim_step(t(X0_2), t(EPS_2), t(ALPHA), t(SIGMA)).item() == pytest.approx(Z_2, abs=1e-12)
+
+
+def test_alpha_sigma_shape_follows_the_sample_and_the_device():
+    """α_t, σ_t broadcast over a sample of any rank ([B, d] here: α·z0 + σ·ε stays [B, d]); ᾱ is indexed on the
+    timesteps' device; NoiseSchedule.to moves ᾱ and keeps the parameterisation."""
+    schedule = NoiseSchedule(torch.tensor([0.36, 0.64], dtype=torch.float64), "v_prediction")
+    z0, eps = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)
+    noisy = schedule.add_noise(z0, eps, torch.tensor([0, 1]))
+    assert noisy.shape == (2, 2)
+    assert noisy.flatten().tolist() == pytest.approx([0.6 + 0.8, 1.2 + 0.8, 2.4 + 0.6, 3.2 + 0.6], abs=1e-12)
+    alpha, sigma = schedule.alpha_sigma(torch.tensor([1, 0]), ndim=3)
+    assert alpha.shape == sigma.shape == (2, 1, 1)
+    assert alpha.flatten().tolist() == pytest.approx([0.8, 0.6])
+    assert sigma.flatten().tolist() == pytest.approx([0.6, 0.8])
+    alpha, _ = schedule.alpha_sigma(torch.tensor([0], device="meta"))
+    assert alpha.device.type == "meta"
+    moved = schedule.to("meta")
+    assert moved.alphas_cumprod.device.type == "meta" and moved.prediction_type == "v_prediction"
+    assert schedule.alphas_cumprod.device.type == "cpu"  # a copy: the original is unchanged
+
+
+def test_guidance_embedding_defaults_dtype_and_device():
+    """256 dimensions by default; the embedding is in the dtype asked for (whatever w's dtype), with the frequencies
+    exp(−i·ln(10⁴)/(h − 1)) computed in it (float64 here: exact to 1e-9 at w = 7.5 · 1000); made on w's device."""
+    assert guidance_scale_embedding(torch.tensor([5.0, 6.0])).shape == (2, 256)
+    w64 = torch.tensor([7.5], dtype=torch.float64)
+    assert guidance_scale_embedding(w64, 8).dtype == torch.float32
+    embedding = guidance_scale_embedding(w64, 8, dtype=torch.float64)
+    assert embedding.dtype == torch.float64
+    angles = [7500.0 * math.exp(-i * math.log(10000.0) / 3) for i in range(4)]
+    expected = [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+    assert embedding[0].tolist() == pytest.approx(expected, abs=1e-9)
+    assert guidance_scale_embedding(torch.zeros(2, device="meta"), 8).device.type == "meta"
