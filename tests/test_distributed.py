@@ -4,7 +4,6 @@ accelerate launch with the documented FSDP config."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -32,8 +31,8 @@ def torchrun(processes: int, *args, cwd=None):
                    *args], cwd=cwd)  # fmt: skip
 
 
-def launch(command: list[str], cwd=None, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def launch(command: list[str], cwd=None, check=True, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
     ranks_said = "\n".join(line for line in result.stderr.splitlines() if line.startswith("[rank"))
     assert result.returncode == 0 or not check, ranks_said[-6000:] or result.stderr[-4000:]
@@ -72,20 +71,20 @@ def train_two_processes(tiny, out, steps, *extra):
     return torchrun(2, "-m", "rglcd", "train", "tiny", *train_overrides(tiny, out, steps), *extra)
 
 
+# Ports without a race: torchrun's --standalone rendezvous (c10d on localhost:0) binds its TCPStore to port 0 and the
+# workers join that store (TORCHELASTIC_USE_AGENT_STORE), so no port number is picked before it is bound. accelerate
+# launch has no flag for it, but hands its arguments to torchrun's parser, which reads PET_STANDALONE=1 as
+# --standalone and then ignores the config's static rendezvous (rdzv_backend: static, port 29500). A port probed free
+# and passed as --main_process_port (the earlier free_port()) could be taken by another test process in between.
+STANDALONE_RENDEZVOUS = {"PET_STANDALONE": "1"}
+
+
 def train_fsdp(tiny, out, steps, *extra):
     """Two processes under accelerate launch with docs/accelerate/fsdp.yaml (see fsdp_on_cpu.py)."""
     return launch([
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2",
-        "--main_process_port", str(free_port()), str(HERE / "fsdp_on_cpu.py"), "train", "tiny",
-        *train_overrides(tiny, out, steps), *extra,
-    ])  # fmt: skip
-
-
-def free_port() -> int:
-    """A port nothing listens on (the config's static rendezvous would otherwise take 29500 every time)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        str(HERE / "fsdp_on_cpu.py"), "train", "tiny", *train_overrides(tiny, out, steps), *extra,
+    ], env=STANDALONE_RENDEZVOUS)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rglcd.eval_command import METRICS, EvalRun, EvalSettings, Replicate, register_metric, run_eval
 from rglcd.evaluate import EvalError
@@ -16,6 +18,7 @@ from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 
 from .test_cli import run_main
+from .test_evaluate import hasler_susstrunk, sample_std
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +101,16 @@ def test_a_text_prompt_file_with_a_pixel_metric(models, tmp_path):
     rglcd_eval("--model", student, "--prompts", prompts, "--steps", "1", "--metrics", "colorfulness",
                "--channels-last", "--allow-tf32", "--out", out, cache=tmp_path / "cache")  # fmt: skip
     (row,) = json.loads((out / "results.json").read_text())["rows"]
-    assert row["model"] == "student" and row["colorfulness"] >= 0 and "groups" not in row
+    assert row["model"] == "student" and "groups" not in row
     assert sorted(p.name for p in (out / "images" / "student-1").glob("*.png")) == ["00000.png", "00001.png"]
+    # The reported colourfulness, recomputed from the two images written (the formula in float64, written in
+    # test_evaluate): their mean and sample standard deviation.
+    pixels = [
+        np.asarray(Image.open(out / "images" / "student-1" / f"0000{i}.png"), dtype=np.float64) / 255 for i in (0, 1)
+    ]
+    colourful = np.array([hasler_susstrunk(image) for image in pixels])
+    assert row["colorfulness"] == pytest.approx(colourful.mean(), rel=1e-5)
+    assert row["colorfulness_std"] == pytest.approx(sample_std(colourful), rel=1e-3)
     # Other prompts into the same folder: the images are not reused for them, and nothing is generated.
     prompts.write_text("a green triangle\na blue circle\n")
     result = rglcd_eval("--model", student, "--prompts", prompts, "--steps", "1", "--metrics", "colorfulness",

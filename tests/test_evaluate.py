@@ -29,6 +29,7 @@ from rglcd.fid import FeatureExtractor, FrechetDistance
 from rglcd.grid import GAP, ROW_LABEL_WIDTH
 from rglcd.models import build_student, load_teacher
 from rglcd.report import comparison_grid, group_tables, markdown_table, write_report
+from rglcd.rewards import build_reward
 from rglcd.stats import Estimate, bootstrap_mean, chunk_statistics, group_statistics, paired_difference
 
 CAPTIONS = ["a red picture", "a blue picture", "a green picture"]
@@ -80,36 +81,62 @@ BOOTSTRAP_PICKS = np.random.default_rng(0).integers(0, 3, (2000, 3))  # bootstra
 BOUNDS = [0.025, 0.975]
 
 
-def recomputed_brightness(folder, row) -> list[float]:
-    """Each saved image's mean pixel value, read back from its PNG (not from scores.json, which eval wrote too)."""
-    images = sorted((folder / "images" / f"{row['model']}-{row['steps']}").glob("*.png"))
-    return [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean() / 255 for path in images]
+def saved_pixels(folder, row) -> list[np.ndarray]:
+    """A row's images as written, read back from its PNGs in prompt order: float64 RGB in [0, 1], [H, W, 3]."""
+    paths = image_paths(folder / "images" / f"{row['model']}-{row['steps']}", len(CAPTIONS))
+    return [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255 for path in paths]
+
+
+def hasler_susstrunk(pixels: np.ndarray) -> float:
+    """Colourfulness by its published formula in float64, written here: σ_rgyb + 0.3·μ_rgyb of rg = R − G and
+    yb = (R + G)/2 − B, σ and μ the root-sum-squares of the two population stds and means."""
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    rg, yb = red - green, (red + green) / 2 - blue
+    return math.sqrt(rg.var() + yb.var()) + 0.3 * math.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+
+
+def sample_std(values: np.ndarray) -> float:
+    """The sample standard deviation, by its definition: √(Σ (x − x̄)² / (n − 1))."""
+    return math.sqrt(sum((value - values.mean()) ** 2 for value in values) / (len(values) - 1))
 
 
 def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
+    colorfulness = build_reward("colorfulness")
     scorers = Scorers(
-        per_image={"brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3))},
+        per_image={
+            "brightness": lambda images, texts, records: images.mean(dim=(1, 2, 3)),
+            "colorfulness": lambda images, texts, records: colorfulness(images, texts),
+        },
         per_set={"count": CountImages()},
         benchmark_scales={"brightness": 100.0},
     )
     rows = evaluate(contenders, CAPTIONS, tmp_path, scorers, groups=["x", "y", "x"], batch_size=2)
     assert [(row["model"], row["steps"]) for row in rows] == [("teacher", 3), ("LCM", 1), ("LCM", 2)]
+    brightness_of = {}
     for row in rows:
+        # Every reported number recomputed from the saved images (not from scores.json, which the same call wrote).
+        pixels = saved_pixels(tmp_path, row)
+        brightness = 100 * np.array([image.mean() for image in pixels])  # on the benchmark scale
+        colourful = np.array([hasler_susstrunk(image) for image in pixels])  # scale 1
+        brightness_of[row["model"], row["steps"]] = brightness
+        assert brightness.std() > 0.01 and colourful.std() > 1e-4  # distinct images: ddof 0 and 1 differ
+        assert row["brightness"] == pytest.approx(brightness.mean(), rel=1e-6)
+        assert row["colorfulness"] == pytest.approx(colourful.mean(), rel=1e-5)
+        # the sample standard deviation (n − 1) over the prompts
+        assert row["brightness_std"] == pytest.approx(sample_std(brightness), rel=1e-5)
+        assert row["colorfulness_std"] == pytest.approx(sample_std(colourful), rel=1e-4)
         scores = json.loads((tmp_path / "images" / f"{row['model']}-{row['steps']}" / "scores.json").read_text())
-        assert row["brightness"] == pytest.approx(100 * np.mean(scores["brightness"]))  # on the benchmark scale
-        # the sample standard deviation (n − 1) over the prompts, computed here from the saved images
-        assert row["brightness_std"] == pytest.approx(
-            100 * np.std(recomputed_brightness(tmp_path, row), ddof=1), rel=1e-4
-        )
+        assert scores["brightness"] == pytest.approx(brightness / 100, rel=1e-6)  # unscaled, as scored
         assert row["count"] == 3.0 and row["ms_per_image"] > 0 and row["images_per_second"] > 0
         groups = row["groups"]["brightness"]
         assert list(groups) == ["x", "y", "average"]
-        assert groups["x"]["mean"] == pytest.approx(100 * (scores["brightness"][0] + scores["brightness"][2]) / 2)
+        assert groups["x"]["mean"] == pytest.approx((brightness[0] + brightness[2]) / 2, rel=1e-6)
         # One chunk of prompts per group: no spread across chunks to report (None, and no ± in the table).
-        assert groups["y"] == {"mean": pytest.approx(100 * scores["brightness"][1]), "std": None, "chunks": 1}
-        brightness = 100 * np.asarray(scores["brightness"])
+        assert groups["y"] == {"mean": pytest.approx(brightness[1], rel=1e-6), "std": None, "chunks": 1}
+        assert groups["average"]["mean"] == pytest.approx(brightness.mean(), rel=1e-6)
         assert row["brightness_ci"] == [
-            pytest.approx(value) for value in np.quantile([brightness[pick].mean() for pick in BOOTSTRAP_PICKS], BOUNDS)
+            pytest.approx(value, rel=1e-6)
+            for value in np.quantile([brightness[pick].mean() for pick in BOOTSTRAP_PICKS], BOUNDS)
         ]  # the percentile bootstrap by hand: the same resamplings of the 3 prompts
         assert row["brightness_ci"][0] <= row["brightness"] <= row["brightness_ci"][1]
     pairs = comparison_pairs(rows)  # one model at two step counts: only each LCM row against the teacher
@@ -117,7 +144,13 @@ def test_evaluate_rows_scores_groups_table_grid_and_plots(contenders, tmp_path):
         ("LCM", 1, "teacher"), ("LCM", 2, "teacher")
     ]  # fmt: skip
     (difference, _) = paired_row_differences(pairs, ["brightness"], {"brightness": 100.0})
-    assert difference["brightness"]["mean"] == pytest.approx(rows[1]["brightness"] - rows[0]["brightness"])
+    lcm_1_minus_teacher = brightness_of["LCM", 1] - brightness_of["teacher", 3]  # prompt by prompt, from the images
+    # (the images were scored in float32: 1e-4 of the 0-100 scale, not a relative bound on a difference)
+    assert difference["brightness"]["mean"] == pytest.approx(lcm_1_minus_teacher.mean(), abs=1e-4)
+    assert [difference["brightness"]["low"], difference["brightness"]["high"]] == [
+        pytest.approx(value, abs=1e-4)
+        for value in np.quantile([lcm_1_minus_teacher[pick].mean() for pick in BOOTSTRAP_PICKS], BOUNDS)
+    ]
     assert (difference["first"], difference["first_steps"], difference["second_steps"]) == ("LCM", 1, 3)
     table = markdown_table(rows, ["brightness", "ms_per_image"])
     assert table.splitlines()[0] == "| model | steps | brightness | ms_per_image |"

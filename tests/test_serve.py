@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rglcd.config import load_config
+from rglcd.config import MAX_SEED, load_config
 from rglcd.export import export_pipeline, save_lora
 from rglcd.lora import add_lora
 from rglcd.models import build_student, load_teacher
@@ -25,6 +25,7 @@ from rglcd.rewards import register_reward
 from rglcd.rewards.base import RewardModel
 from rglcd.sampling import lcm_sample, lcm_scheduler, to_pil
 from rglcd.serve import (
+    MAX_GUIDANCE,
     WARM_UP,
     RequestError,
     ServedModel,
@@ -63,6 +64,7 @@ def test_a_good_request_is_typed():
         ({"seed": -1}, "seed -1: give a whole number from 0 to 4294967295"),
         ({"seed": math.inf}, "seed: give a whole number"),
         ({"guidance": 85}, "guidance 85: give a number from 0 to 30"),
+        ({"guidance": 85.0}, "guidance 85: give a number from 0 to 30"),  # a float as it reads, not its repr 85.0
         ({"guidance": math.nan}, "guidance nan: give a number from 0 to 30"),
         ({"guidance": None}, "guidance empty: give a number from 0 to 30"),
         ({"scheduler": "ddpm"}, "scheduler 'ddpm': choose lcm or tcd"),
@@ -77,20 +79,51 @@ def test_bad_requests_get_a_message_naming_the_value_and_its_range(change, messa
     assert str(error.value).startswith(message)
 
 
-def test_every_range_takes_its_boundaries():
-    """The ends of every range are accepted, the values just past them refused (issue 28's `<= high` mutation)."""
-    from rglcd.config import MAX_SEED
-    from rglcd.serve import MAX_GUIDANCE
+# Each request range's two ends (field, low, high) with SERVED's limits: 50 LCM steps, 1000 teacher steps.
+RANGES = [
+    ("seed", 0, MAX_SEED),
+    ("steps", 1, 50),
+    ("guidance", 0.0, MAX_GUIDANCE),
+    ("eta", 0.0, 1.0),
+    ("teacher_steps", 1, 1000),
+    ("teacher_guidance", 0.0, MAX_GUIDANCE),
+]
 
-    edges = dict(seed=MAX_SEED, steps=50, guidance=MAX_GUIDANCE, eta=1.0, teacher_steps=1000, teacher_guidance=0.0)
-    request = check_request(SERVED, **{**GOOD, **edges, "scheduler": "tcd"})
-    assert (request.seed, request.steps, request.guidance, request.eta) == (MAX_SEED, 50, MAX_GUIDANCE, 1.0)
-    lows = check_request(SERVED, **{**GOOD, "seed": 0, "steps": 1, "guidance": 0.0, "eta": 0.0, "teacher_steps": 1})
-    assert (lows.seed, lows.steps, lows.guidance, lows.eta, lows.teacher_steps) == (0, 1, 0.0, 0.0, 1)
-    past = dict(seed=MAX_SEED + 1, steps=51, guidance=MAX_GUIDANCE + 0.01, eta=1.01, teacher_steps=1001)
-    for name, value in past.items():
-        with pytest.raises(RequestError, match=name.replace("_", " ")):
-            check_request(SERVED, **{**GOOD, name: value})
+
+@pytest.mark.parametrize("name, low, high", RANGES)
+def test_each_range_takes_both_ends_and_refuses_just_past_them(name, low, high):
+    """Both ends of every range are accepted as given, and the values just past them (the next whole number, or 0.01
+    past a scale's end) refused with the field's message: a `<= high` turned `< high` (issue 28) or a `low <`
+    turned `low <=` fails here."""
+    for edge in (low, high):
+        request = check_request(SERVED, **{**GOOD, name: edge})
+        assert getattr(request, name) == edge and type(getattr(request, name)) is type(edge)
+    whole = isinstance(low, int)
+    step = 1 if whole else 0.01
+    label = name.replace("_", " ")
+    wanted = f"give a whole number from {low} to {high}" if whole else f"give a number from 0 to {high:g}"
+    for past in (low - step, high + step):
+        with pytest.raises(RequestError) as error:
+            check_request(SERVED, **{**GOOD, name: past})
+        assert str(error.value) == f"{label} {past if whole else format(past, 'g')}: {wanted}"
+
+
+def test_the_step_limits_are_the_strictest_served_models():
+    """steps: up to the shortest LCM grid (8 with no LCM served); teacher steps: up to the fewest teacher training
+    steps (1000 with no teacher served)."""
+    two_students = [ServedModel("a", "lcm", None, 50, CPU), ServedModel("b", "lcm", None, 20, CPU)]
+    two_teachers = [ServedModel("t", "teacher", None, 1000, CPU), ServedModel("u", "teacher", None, 400, CPU)]
+    for models, name, limit in [
+        (two_students, "steps", 20),
+        (two_teachers, "steps", 8),
+        (two_teachers, "teacher_steps", 400),
+        (two_students, "teacher_steps", 1000),
+    ]:
+        assert getattr(check_request(models, **{**GOOD, name: limit}), name) == limit
+        with pytest.raises(
+            RequestError, match=rf"^{name.replace('_', ' ')} {limit + 1}: give a whole number from 1 to {limit}$"
+        ):
+            check_request(models, **{**GOOD, name: limit + 1})
 
 
 @register_reward("test-brightness")
@@ -183,10 +216,21 @@ def browser_missing() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def reserved_port() -> int:
+    """A port held for the server without a race: bound, connected to and closed from the accepting side, it stays in
+    TIME_WAIT (60 s on Linux), so the kernel hands it to no other bind (port-0 binds, or explicit ones without
+    SO_REUSEADDR), while uvicorn's listener, which sets SO_REUSEADDR (asyncio's create_server on POSIX), takes it.
+    A plain probe (bind port 0, close, pass the number on) could be taken in between by another test process. Neither
+    gradio nor uvicorn reports a port-0 bind (gradio checks its page at the port it was given, and `rglcd serve
+    --port` refuses 0), so the port is chosen here; the server binds it as soon as its models are loaded (seconds)."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname()):
+            accepted, _ = listener.accept()
+            accepted.close()  # the side that closes first keeps the TIME_WAIT: the listener's port
+        return listener.getsockname()[1]
 
 
 def wait_for_page(url: str, server: subprocess.Popen, log, timeout: float = 180) -> None:
@@ -223,7 +267,7 @@ def test_the_page_in_a_headless_browser(tiny_world_cache, quickstart_folder, tmp
     from selenium.webdriver.support import expected_conditions as visible
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = free_port()
+    port = reserved_port()
     env = {**os.environ, "RGLCD_CACHE": str(tiny_world_cache), "GRADIO_ANALYTICS_ENABLED": "False"}
     command = [sys.executable, "-m", "rglcd", "serve", "--quickstart", str(quickstart_folder), "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
