@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from diffusers import DiffusionPipeline
 
+from . import test_overoptimisation, test_quickstart
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -268,24 +270,45 @@ def test_documented_commands_parse():
     assert len(checked) >= 20, checked
 
 
-def test_readme_rglcd_commands_run(tmp_path):
-    """Every rglcd command of the README's set-up and quick start runs, in order, in a scratch folder and cache.
+# What the README test adds to its long commands to run them at a CI size; their full sizes are measured by hand
+# (README, docs) and not run in CI.
+CI_SIZES = {
+    ("quickstart",): test_quickstart.CI_SIZE,
+    ("world", "overoptimisation"): test_overoptimisation.CI_SIZE,
+    ("demo",): ["--steps", "3"],
+    ("eval",): ["--prompts", "world:8"],  # the last --prompts wins
+}
 
-    The quickstart and the over-optimisation experiment run at a CI size (2 distillation steps, 8 prompts) from
-    the shipped world weights; their full sizes are measured by hand (README, docs) and not run in CI.
+
+def test_readme_rglcd_commands_run(tmp_path):
+    """Every rglcd command of the README's set-up and quick start runs, in order, as a user runs it (a new process),
+    in a scratch folder and cache filled from the shipped world weights, with ``CI_SIZES`` added.
+
+    This is the one place the quickstart and the over-optimisation experiment run end to end: their reports are
+    checked here (the checks live in test_quickstart.py and test_overoptimisation.py), then the quickstart runs
+    twice more on its folder (reuse; a second training seed).
     """
     commands = [command for command in doc_commands(README, "Set-up", "Quick start") if command.startswith("rglcd ")]
     assert commands[0] == "rglcd quickstart" and len(commands) >= 3
-    env = {**os.environ, "RGLCD_CACHE": str(tmp_path / "cache")}
+    cache = tmp_path / "cache"
+    env = {**os.environ, "RGLCD_CACHE": str(cache)}
+    checked = set()
     for command in commands:
         args = shlex.split(command)[1:]
-        if args[0] == "quickstart":
-            args += ["--train-steps", "2", "--prompts", "8"]
-        if args[:2] == ["world", "overoptimisation"]:
-            args += ["--train-steps", "2", "--prompts", "8", "--lrm-samples", "128", "--lrm-steps", "2"]
+        args += next((extra for prefix, extra in CI_SIZES.items() if tuple(args[: len(prefix)]) == prefix), [])
         rglcd(*args, cwd=tmp_path, env=env)
-    assert (tmp_path / "runs" / "quickstart" / "report.md").is_file()
-    assert (tmp_path / "cache" / "world" / "teacher" / "model_index.json").is_file()
+        if args[0] == "quickstart":
+            test_quickstart.check_the_report(tmp_path / "runs" / "quickstart")
+            checked.add("quickstart")
+        if args[:2] == ["world", "overoptimisation"]:
+            test_overoptimisation.check_the_report(tmp_path / "runs" / "overoptimisation", cache)
+            checked.add("overoptimisation")
+    assert checked == {"quickstart", "overoptimisation"}  # both experiments are in the README's commands
+    assert (cache / "world" / "teacher" / "model_index.json").is_file()
+    quickstart = test_quickstart.CI_SIZE
+    test_quickstart.check_reuse_and_seeds(
+        tmp_path / "runs" / "quickstart", lambda *extra: rglcd("quickstart", *quickstart, *extra, cwd=tmp_path, env=env)
+    )
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

@@ -2,8 +2,6 @@
 
 import itertools
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,8 @@ from rglcd.gpus import GPUS
 from rglcd.plan import CUDA_AUTOCAST, GIB, StepTracer, cuda_autocast_rules, parse_memory
 from rglcd.train import monitor
 
+from .test_cli import run_main
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -22,11 +22,9 @@ def tiny(tmp_path_factory):
 
 
 def plan(tiny, *arguments):
+    """``rglcd plan tiny`` on the tiny teacher and data, in this process (the README test runs it in a new one)."""
     overrides = [f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}"]
-    return subprocess.run(
-        [sys.executable, "-m", "rglcd", "plan", "tiny", *overrides, *arguments], capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
+    return run_main("plan", "tiny", *overrides, *arguments, check=False)
 
 
 def test_the_tracer_follows_allocations_and_releases_exactly():
@@ -273,3 +271,91 @@ def test_the_plan_traces_the_forward_the_loop_runs(tiny, tmp_path, monkeypatch):
     train(config)
     assert len(calls["plan"]) == len(calls["train"]) == 1
     assert calls["plan"] == calls["train"] and "reward" in calls["train"][0]
+
+
+def flops_by_hand(config) -> int:
+    """FLOPs of one training step of ``config`` counted here, layer by layer, on real tensors: the step
+    (rglcd.train.forward.training_forward) runs once on the CPU, every convolution and linear layer it calls adds
+    2 · (its output's size) · (the multiply-adds per output value: in_features, or C_in/groups · k_h · k_w), and
+    every attention 2 · 2·B·h·L_q·L_k·d (Q·Kᵀ and P·V). The backward pass adds the forward's FLOPs once for each
+    gradient it computes (input and weight, where they require grad); an attention's adds 5 of its 2·B·h·L_q·L_k·d
+    products (the scores recomputed, then dV, dP, dQ and dK: FlashAttention's backward)."""
+    import torch.nn as nn
+
+    from rglcd.models import load_teacher, text_conditioning
+    from rglcd.train.build import (
+        build_distillation,
+        build_expert,
+        build_networks,
+        build_student_reward,
+        float_conditions,
+    )
+    from rglcd.train.forward import StepParts, training_forward
+
+    records = []  # (forward FLOPs, how many times the backward pass repeats them)
+
+    def layer(module, inputs, output):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            per_value = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
+            gradients = inputs[0].requires_grad + module.weight.requires_grad if output.requires_grad else 0
+            records.append((2 * output.numel() * per_value, gradients))
+
+    attention = F.scaled_dot_product_attention
+
+    def counted_attention(query, key, value, *args, **kwargs):
+        out = attention(query, key, value, *args, **kwargs)
+        batch, heads, queries, depth = query.shape
+        product = 2 * batch * heads * queries * key.shape[-2] * depth
+        records.append((2 * product, 2.5 if out.requires_grad else 0))  # backward: 5 products = 2.5 forwards
+        return out
+
+    teacher = load_teacher(config.model.teacher)
+    networks = build_networks(config, teacher, torch.device("cpu"))
+    distillation = build_distillation(config, teacher, networks.student)
+    reward = build_student_reward(config, build_expert(config), None, teacher.vae, distillation)
+    size = config.optim.batch_size
+    embeds, added = text_conditioning(teacher, [""] * size, config.data.resolution)  # before the loop: not counted
+    parts = StepParts(
+        teacher, networks, distillation, reward, (embeds.float(), float_conditions(added)), None,
+        config.data.resolution, config.distill.lcd_weight, None,
+    )  # fmt: skip
+    side = config.data.resolution
+    batch = {"pixel_values": torch.rand(size, 3, side, side) * 2 - 1, "captions": ["a red picture"] * size}
+    hook = torch.nn.modules.module.register_module_forward_hook(layer)
+    F.scaled_dot_product_attention = counted_attention
+    try:
+        forward = training_forward(parts, batch, torch.Generator().manual_seed(0), 0)
+    finally:
+        hook.remove()
+        F.scaled_dot_product_attention = attention
+    forward.output.loss.backward()  # (runs, so that a layer whose output required grad without a backward shows)
+    total = sum(flops * (1 + gradients) for flops, gradients in records)
+    assert total == int(total)
+    return int(total)
+
+
+def test_the_plans_flops_and_time_are_the_layers_by_hand(tiny):
+    """The plan's FLOPs per optimizer step (traced on fake tensors) equal the step's layers counted by hand on real
+    ones, times the accumulation steps; the time is FLOPs / (the GPU's peak · utilisation), per step and per run."""
+    from rglcd.config import load_config
+    from rglcd.plan import PAPER_ITERATIONS, Plan, format_plan, make_plan, seconds_per_step
+
+    overrides = [f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", "optim.batch_size=2"]
+    config = load_config("tiny", overrides)
+    by_hand = flops_by_hand(config)
+    assert by_hand > 10**8
+    assert make_plan(config, device="cpu").flops == by_hand
+    accumulated = load_config("tiny", [*overrides, "optim.gradient_accumulation_steps=3"])
+    assert make_plan(accumulated, device="cpu").flops == 3 * by_hand  # one optimizer step: 3 micro-batches
+    gpu = GPUS["RTX-4090"]  # 165 TFLOPS
+    assert seconds_per_step(Plan(config, 1, False, "cuda", flops=by_hand), gpu, 0.4) == by_hand / (0.4 * 165e12)
+
+    # 2.64 PFLOP a step at 40 % of 165 TFLOPS (66 TFLOP/s): 40 s a step, 10,000 steps 400,000 s = 111.1 h, the
+    # tiny preset's 100 steps 4,000 s = 1.1 h.
+    assert PAPER_ITERATIONS == 10_000 and config.optim.max_train_steps == 100
+    text = format_plan(Plan(config, 1, False, "cuda", flops=2.64e15), "tiny", "RTX-4090", gpu, 0.4)
+    assert "\nFLOPs per optimizer step and process: 2,640.00 TFLOP (torch's FLOP formulas on the step)\n" in text
+    assert text.endswith(
+        "\ntime on RTX-4090 at 40% of its 165 TFLOPS: 40.00 s per step; the paper's 10,000 iterations: 111.1 h; "
+        "this config's 100: 1.1 h"
+    )

@@ -1,11 +1,13 @@
-"""`rglcd quickstart` on a cache of tiny world assets: the report files, reuse on a second run, and the summary
-across training seeds."""
+"""`rglcd quickstart`'s report, its reuse of finished work on a second run, and the summary across training seeds.
+
+The quickstart runs end to end in one place, the README's commands (``tests/test_cli.py::
+test_readme_rglcd_commands_run``, a fresh cache of the shipped world weights): it calls the checks here on the
+folder the README's ``rglcd quickstart`` wrote."""
 
 import json
-import os
 import statistics
-import subprocess
-import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -13,21 +15,11 @@ from PIL import Image
 from rglcd.grid import GAP, ROW_LABEL_WIDTH
 from rglcd.stats import contrast_effects, family_spreads, spread
 
-
-def quickstart(cache, out, *extra):
-    env = {**os.environ, "RGLCD_CACHE": str(cache)}
-    size = ["--train-steps", "2", "--prompts", "8"]
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "quickstart", "--out", str(out), *size, *extra],
-        capture_output=True, text=True, timeout=900, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+CI_SIZE = ["--train-steps", "2", "--prompts", "8"]  # what the README test adds to `rglcd quickstart`
 
 
-def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_path):
-    out = tmp_path / "quickstart"
-    quickstart(tiny_world_cache, out)
+def check_the_report(out: Path) -> None:
+    """What a first ``rglcd quickstart`` (at ``CI_SIZE``) leaves in ``out``."""
     results = json.loads((out / "results.json").read_text())
     rows = [(row["model"], row["steps"]) for row in results["rows"]]
     assert rows == [("teacher DDIM+CFG", 50), ("teacher DDIM+CFG", 25)] + [
@@ -52,18 +44,25 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
     rg_config = (out / "rg-lcm" / "config.yaml").read_text()
     assert "world-clip" in rg_config and "name: world-clip" not in (out / "lcm" / "config.yaml").read_text()
 
+
+def check_reuse_and_seeds(out: Path, quickstart: Callable[..., object]) -> None:
+    """``quickstart(*extra)`` runs ``rglcd quickstart`` (at ``CI_SIZE``) again on ``out``: the second run distils and
+    generates nothing again; with ``--seeds 2`` the first seed's students are reused and the second seed's distilled
+    into their own folders, summarised across seeds."""
+    results = json.loads((out / "results.json").read_text())
+    grid_width = Image.open(out / "grid.png").width
     student = out / "rg-lcm" / "student" / "unet" / "diffusion_pytorch_model.safetensors"
     before = student.stat().st_mtime_ns
-    quickstart(tiny_world_cache, out)  # the second run distils nothing and generates nothing again
+    quickstart()
     assert student.stat().st_mtime_ns == before
     card = (out / "rg-lcm" / "student" / "README.md").read_text()
     assert card.count("## Evaluation (`rglcd eval`)") == 1  # replaced, not appended again
+    assert "| RG-LCM | 2 |" in card
     assert (
         json.loads((out / "results.json").read_text())["rows"][0]["ms_per_image"] == results["rows"][0]["ms_per_image"]
     )
 
-    # Two training seeds: the first seed's students are reused, the second seed's distilled into their own folders.
-    quickstart(tiny_world_cache, out, "--seeds", "2")
+    quickstart("--seeds", "2")
     assert student.stat().st_mtime_ns == before
     assert "seed: 1" in (out / "rg-lcm-seed1" / "config.yaml").read_text()
     assert "seed: 1" in (out / "lcm-seed1" / "config.yaml").read_text()
@@ -85,7 +84,7 @@ def test_quickstart_writes_the_report_and_reuses_its_work(tiny_world_cache, tmp_
         assert record["second"] == "teacher DDIM+CFG" or record["first"][-1] == record["second"][-1]
     report = (out / "report.md").read_text()
     assert "**Across training seeds** (2: 0, 1)" in report and "**RG-LCM − LCM, seed by seed**" in report
-    assert Image.open(out / "grid.png").width == grid.width  # the first seed's students only
+    assert Image.open(out / "grid.png").width == grid_width  # the first seed's students only
 
 
 def test_spread_and_contrast_effects_by_hand():

@@ -1,14 +1,14 @@
 """The miniature world: renderer, world data, the world teacher, and every `rglcd world` command on tiny sizes."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from rglcd.world.render import COLOURS, POSITION_PHRASES, SHAPES, render, rerender, scenes
+
+from .test_cli import run_main
 
 
 def test_renderer_is_deterministic_by_seed():
@@ -61,12 +61,9 @@ def test_rerender_keeps_the_prompt():
     assert again.caption == scene.caption and again.objects == scene.objects
 
 
-def world(*args, cwd=None):
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "world", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def world(*args):
+    """``rglcd world ARGS`` in this process (the CLI's entry point; the README test runs commands in new ones)."""
+    return run_main("world", *args)
 
 
 def test_world_data_command_writes_readable_shards(tmp_path):
