@@ -17,11 +17,13 @@ from rglcd.world.rewards import (
     WorldAestheticConfig,
     WorldClip,
     WorldClipConfig,
+    colourfulness_target,
     evaluate_world_aesthetic,
     evaluate_world_clip,
     swap_attribute,
     train_world_aesthetic,
     train_world_clip,
+    vividness_jitter,
 )
 
 # Small architectures keep the file fast; the code paths are those of the defaults.
@@ -207,3 +209,45 @@ def test_evaluations_report_their_figures(saved):
     assert aesthetic["score_after"] > aesthetic["score_before"]  # ascent ascends even an untrained scorer
     assert -1 <= aesthetic["correlation"] <= 1 and 0 <= aesthetic["high_frequency"] <= 1
     assert render_batch(scenes(0, 2)).dtype == torch.uint8
+
+
+def test_the_evaluation_figures_are_the_scores_they_summarise(saved):
+    """Each held-out figure recomputed from the rewards' own scores (their forward, one pair at a time where the
+    evaluation batches embeddings) on the same scenes, in float64: world-clip's swap accuracy overall and per
+    attribute, top-1 retrieval, matched and mismatched means; world-aesthetic's Pearson r with the true
+    colourfulness and its scores before the ascent."""
+    clip, count, seed = saved["world-clip"][0], 24, 7
+    figures = evaluate_world_clip(clip, count=count, seed=seed)
+    drawn = scenes(seed, count)
+    rng = random.Random(seed)
+    swaps = [swap_attribute(scene, rng) for scene in drawn]
+    images = render_batch(drawn).float() / 255
+    with torch.no_grad():
+        captions = [scene.caption for scene in drawn]
+        rows = [clip(images[i : i + 1].expand(count, -1, -1, -1), captions) for i in range(count)]
+        scores = torch.stack(rows).double().numpy()  # [image, caption]
+        swapped = clip(images, [caption for caption, _ in swaps]).double().numpy()
+    wins = scores.diagonal() > swapped
+    same = np.array([[a.objects == b.objects for b in drawn] for a in drawn])
+    assert figures["swap_accuracy"] == pytest.approx(wins.mean())
+    for attribute in ("colour", "shape", "size", "position"):
+        chosen = np.array([name == attribute for _, name in swaps])
+        assert figures[f"swap_accuracy_{attribute}"] == pytest.approx(wins[chosen].mean())
+    assert figures["retrieval_top1"] == pytest.approx(same[np.arange(count), scores.argmax(axis=1)].mean())
+    assert figures["matched"] == pytest.approx(scores.diagonal().mean(), abs=1e-6)
+    assert figures["mismatched"] == pytest.approx(scores[~same].mean(), abs=1e-6)
+
+    aesthetic = saved["world-aesthetic"][0]
+    figures = evaluate_world_aesthetic(aesthetic, count=count, seed=seed, ascent_images=3, ascent_steps=1)
+    pixels = render_batch(scenes(seed, count))
+    with torch.no_grad():
+        jittered = vividness_jitter(pixels, torch.Generator().manual_seed(seed))
+        score, truth = aesthetic(jittered).double().numpy(), colourfulness_target(jittered).double().numpy()
+        start = pixels[:3].float() / 255
+        before, true_before = aesthetic(start).double().mean().item(), colourfulness_target(start).mean().item()
+    pearson = ((score - score.mean()) * (truth - truth.mean())).sum() / (
+        np.sqrt(((score - score.mean()) ** 2).sum() * ((truth - truth.mean()) ** 2).sum())
+    )
+    assert figures["correlation"] == pytest.approx(pearson, abs=1e-5)
+    assert figures["score_before"] == pytest.approx(before, abs=1e-6)
+    assert figures["true_before"] == pytest.approx(true_before, abs=1e-6)
