@@ -20,6 +20,8 @@ from rglcd.experiments.demo import tiny_setup
 from rglcd.rewards.latent import WORLD_LATENT_CLIP, LatentClip
 from rglcd.train import check_engine
 
+from .test_cli import run_main
+
 HERE = Path(__file__).parent
 FSDP_CONFIG = HERE.parent / "docs" / "accelerate" / "fsdp.yaml"
 STUDENT_WEIGHTS = "student/unet/diffusion_pytorch_model.safetensors"
@@ -197,8 +199,7 @@ def test_resuming_with_another_process_count_is_a_clear_error(tiny, tmp_path):
     train_two_processes(tiny, out, 2)
     overrides = [f"model.teacher={tiny / 'teacher'}", f"data.source={tiny / 'data'}", f"logging.output_dir={out}",
                  "optim.batch_size=4", "optim.max_train_steps=4", "logging.validation_steps=0"]  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "rglcd", "train", "tiny", *overrides, "--resume", "latest"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run_main("train", "tiny", *overrides, "--resume", "latest", check=False)
     assert result.returncode == 2 and "was saved by 2 processes and this run has 1" in result.stderr
 
 

@@ -1,9 +1,6 @@
 """`rglcd eval` on tiny models: the report files, resume, and errors before any generation."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,10 +26,10 @@ def models(teacher_dirs, tmp_path_factory):
 
 
 def rglcd_eval(*args, cache, expect=0):
-    result = subprocess.run(
-        [sys.executable, "-m", "rglcd", "eval", *map(str, args)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "RGLCD_CACHE": str(cache)},
-    )  # fmt: skip
+    """``rglcd eval ARGS`` in this process, with ``RGLCD_CACHE=cache`` (the README test runs it in a new one)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RGLCD_CACHE", str(cache))
+        result = run_main("eval", *args, check=False)
     assert result.returncode == expect, result.stderr[-3000:]
     return result
 
