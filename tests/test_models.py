@@ -179,13 +179,15 @@ def test_an_sdxl_vae_stays_float32_under_float16_and_decodes_outside_autocast(tm
     assert seen == [torch.float32] and images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
-def test_compiling_raises_the_recompile_limit(epsilon_teacher_dir, monkeypatch):
+def test_compiling_raises_the_recompile_limit(epsilon_teacher_dir):
     """Student, target and teacher share UNet2DConditionModel.forward's code object: its variants exceed torch's
     default of 8 compiled versions, after which the rest would silently run eagerly."""
     import torch._dynamo.config as dynamo
 
     from rglcd.models import speed_up
 
-    monkeypatch.setattr(dynamo, "recompile_limit", 8)
-    speed_up(load_teacher(epsilon_teacher_dir).unet, compile=True)  # compiles lazily: nothing runs here
-    assert dynamo.recompile_limit == 64
+    # torch's own patch, which restores the setting: monkeypatch would delete it on undo (the module's settings are
+    # not in its __dict__), hiding it from every later test in the process.
+    with dynamo.patch(recompile_limit=8):
+        speed_up(load_teacher(epsilon_teacher_dir).unet, compile=True)  # compiles lazily: nothing runs here
+        assert dynamo.recompile_limit == 64
