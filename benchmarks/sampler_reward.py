@@ -41,24 +41,30 @@ def step_milliseconds(overrides: list[str], steps: int) -> float:
     return 1000 * json.loads((out / "train_summary.json").read_text())["step_seconds"]["median_after_first"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="steps of each training run")
-    parser.add_argument("--rounds", type=int, default=3, help="back-to-back measurements of every target")
+def compare_runs(
+    runs: dict[str, list[str]], reference: str, subject: str, description: str, steps: int = 40, rounds: int = 3
+) -> None:
+    """Time each of ``runs`` (label: `rglcd train world` overrides) with ``--steps`` steps in ``--rounds`` rounds
+    back to back, and print the median ms per step and each run's ratio to ``reference`` within a round (median
+    [lowest, highest] over rounds). ``subject``: the table's first column; ``description``: the script's help;
+    ``steps``, ``rounds``: the options' defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps, help="steps of each training run")
+    parser.add_argument("--rounds", type=int, default=rounds, help="back-to-back measurements of every run")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     rounds = [
-        {name: step_milliseconds(overrides, args.steps) for name, overrides in TARGETS.items()}
-        for _ in range(args.rounds)
+        {name: step_milliseconds(overrides, args.steps) for name, overrides in runs.items()} for _ in range(args.rounds)
     ]
-    print(f"\nrglcd train world: ms per step by reward target (world teacher, 32 px, batch 32, "
+    print(f"\nrglcd train world: ms per step by {subject} (world teacher, 32 px, batch 32, "
           f"{torch.get_num_threads()} threads, {args.steps} steps per run, {args.rounds} rounds; "
           f"median [lowest, highest] over rounds)")  # fmt: skip
-    print(f"{'reward target':<22}{'ms/step':>10}{'/ prediction':>22}")
-    for name in TARGETS:
+    width, ratio_width = max(map(len, [subject, *runs])) + 2, max(22, len(reference) + 4)
+    print(f"{subject:<{width}}{'ms/step':>10}{'/ ' + reference:>{ratio_width}}")
+    for name in runs:
         median = statistics.median(r[name] for r in rounds)
-        print(f"{name:<22}{median:>10.1f}{spread([r[name] / r['prediction'] for r in rounds]):>22}")
+        print(f"{name:<{width}}{median:>10.1f}{spread([r[name] / r[reference] for r in rounds]):>{ratio_width}}")
 
 
 if __name__ == "__main__":
-    main()
+    compare_runs(TARGETS, "prediction", "reward target", __doc__)

@@ -11,13 +11,7 @@ highest].
 
 from __future__ import annotations
 
-import argparse
-import logging
-import statistics
-
-import torch
-from sampler_reward import step_milliseconds  # this folder's
-from train_step import spread
+from sampler_reward import compare_runs  # this folder's
 
 MATCHING = ["dmd.weight=1", "dmd.fake_lr=1e-4"]
 TERMS = {
@@ -32,24 +26,5 @@ TERMS = {
 REFERENCE = "LCD + reward (RG-LCM)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="steps of each training run")
-    parser.add_argument("--rounds", type=int, default=2, help="back-to-back measurements of every combination")
-    args = parser.parse_args()
-    logging.disable(logging.WARNING)
-    rounds = [
-        {name: step_milliseconds(overrides, args.steps) for name, overrides in TERMS.items()}
-        for _ in range(args.rounds)
-    ]
-    threads = torch.get_num_threads()
-    print(f"\nrglcd train world: ms per step by loss terms (world teacher, 32 px, batch 32, {threads} threads, "
-          f"{args.steps} steps per run, {args.rounds} rounds; median [lowest, highest] over rounds)")  # fmt: skip
-    print(f"{'terms':<28}{'ms/step':>10}{'/ RG-LCM':>22}")
-    for name in TERMS:
-        median = statistics.median(r[name] for r in rounds)
-        print(f"{name:<28}{median:>10.1f}{spread([r[name] / r[REFERENCE] for r in rounds]):>22}")
-
-
 if __name__ == "__main__":
-    main()
+    compare_runs(TERMS, REFERENCE, "loss terms", __doc__, steps=30, rounds=2)

@@ -27,7 +27,7 @@ from rglcd.train import TrainingError, checkpoints, loop, train
 
 from .test_cli import run_main
 from .test_latent_reward import TINY_LRM
-from .test_run_folder import stall
+from .test_run_folder import snapshot, stall
 
 STEPS, EVERY = 4, 2  # the runs' steps and checkpoints; the interruption is after checkpoint-2
 KINDS = {  # kind: its settings
@@ -117,16 +117,13 @@ def references(assets, tmp_path_factory):
 def digests(folder: Path, other_run: bool) -> dict[str, str]:
     """Every file's SHA-256 by relative path; trainer_state.json as its JSON without the run folder's path (and the
     run's id, for a comparison with ``other_run``)."""
-    found = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if path.name == "trainer_state.json":
-            state = json.loads(path.read_text())
-            state["settings"].pop("logging.output_dir")
-            if other_run:
-                state.pop("run_id")
-            found[str(path.relative_to(folder))] = state
-        else:
-            found[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    found = {relative: digest for relative, digest in snapshot(folder).items() if digest != "folder"}
+    for relative in [relative for relative in found if relative.endswith("trainer_state.json")]:
+        state = json.loads((folder / relative).read_text())
+        state["settings"].pop("logging.output_dir")
+        if other_run:
+            state.pop("run_id")
+        found[relative] = state
     return found
 
 

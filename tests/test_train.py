@@ -1,14 +1,12 @@
 """`rglcd train`: smoke run, atomic checkpoints, NaN handling, bad data (exact resume: tests/test_resume.py)."""
 
 import json
-import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from rglcd.train import TrainingError, checkpoints, resolve_resume, train
 from rglcd.train.build import StudentReward
 from rglcd.train.checkpoints import check_safe_to_load
 
+from .test_checkpoints import RunsCode
 from .test_cli import run_main
 
 
@@ -272,16 +271,6 @@ def test_missing_reward_weights_are_a_config_error_before_the_teacher_loads(tiny
         train(config)
 
 
-class _RunsCode:
-    """Unpickling it runs a shell command: what a tampered checkpoint file could hold."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_tampered_checkpoint_is_refused_without_running_its_code(tiny, tmp_path):
     """Each file of a checkpoint (and of an FSDP sharded folder) replaced by a pickle that runs code: resume refuses
     it with a one-line TrainingError, and the code never runs."""
@@ -297,12 +286,12 @@ def test_a_tampered_checkpoint_is_refused_without_running_its_code(tiny, tmp_pat
     resume = load_config("tiny", overrides(tiny, out, optim__max_train_steps=4, logging__validation_steps=0))
     for name in planted_in:
         original = (checkpoint / name).read_bytes()
-        (checkpoint / name).write_bytes(pickle.dumps(_RunsCode(marker)))
+        (checkpoint / name).write_bytes(pickle.dumps(RunsCode(marker)))
         with pytest.raises(TrainingError, match=str(checkpoint)):
             train(resume, resume="latest")
         assert not marker.exists(), f"unpickling {name} ran code"
         (checkpoint / name).write_bytes(original)
-    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))  # an older rglcd's
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(RunsCode(marker)))  # an older rglcd's
     with pytest.raises(TrainingError, match="pickled objects, which this version never loads"):
         train(resume, resume="latest")
     assert not marker.exists()
@@ -315,11 +304,11 @@ def test_a_sharded_checkpoint_folder_is_checked_before_torch_unpickles_it(tmp_pa
     checkpoint = tmp_path / "checkpoint-2"
     dcp.save({"w": torch.ones(2), "step": 3}, storage_writer=dcp.FileSystemWriter(checkpoint / "model"), no_dist=True)
     check_safe_to_load(checkpoint, 0)  # a real one passes
-    dcp.save({"evil": _RunsCode(marker)}, storage_writer=dcp.FileSystemWriter(checkpoint / "other"), no_dist=True)
+    dcp.save({"evil": RunsCode(marker)}, storage_writer=dcp.FileSystemWriter(checkpoint / "other"), no_dist=True)
     with pytest.raises(TrainingError, match="unsafe or damaged"):
         check_safe_to_load(checkpoint, 0)
     shutil.rmtree(checkpoint / "other")
-    (checkpoint / "model" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    (checkpoint / "model" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
     with pytest.raises(TrainingError, match="unsafe or damaged"):
         check_safe_to_load(checkpoint, 0)
     assert not marker.exists()
