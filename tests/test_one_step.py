@@ -1,4 +1,4 @@
-"""`rglcd world one-step` on a cache of tiny world assets: six students, the paired table against RG-LCM, and the
+"""`rglcd world one-step` on a cache of tiny world assets: eight students, the paired table against RG-LCM, and the
 best two over a second training seed."""
 
 import json
@@ -8,7 +8,9 @@ import yaml
 
 from .test_cli import rglcd
 
-STUDENTS = ["LCM", "RG-LCM", "DMD", "LCD+DMD", "LCD+DMD+GAN", "LCD+DMD+GAN+reward"]
+STUDENTS = [
+    "LCM", "RG-LCM", "RG-LCM-K1", "DMD", "LCD+DMD", "LCD+DMD+GAN", "LCD+DMD+GAN+reward", "LCD+DMD+reward-K1",
+]  # fmt: skip
 
 
 def test_one_step_trains_every_combination_and_reports(tiny_world_cache, tmp_path):
@@ -21,19 +23,26 @@ def test_one_step_trains_every_combination_and_reports(tiny_world_cache, tmp_pat
         (model, steps) for model in STUDENTS for steps in (1, 2, 4)
     ]
     assert list(results["training_seconds_per_step"]) == STUDENTS
-    configs = {name: yaml.safe_load((out / name / "config.yaml").read_text()) for name in ("dmd", "lcd-dmd-gan-reward")}
+    configs = {
+        name: yaml.safe_load((out / name / "config.yaml").read_text())
+        for name in ("dmd", "lcd-dmd-gan-reward", "rg-lcm-k1", "lcd-dmd-reward-k1")
+    }
     dmd = configs["dmd"]
     assert (dmd["distill"]["lcd_weight"], dmd["dmd"]["weight"], dmd["dmd"]["fake_updates"], dmd["gan"]["weight"]) == (
         0.0, 1.0, 2, 0.0,
     )  # fmt: skip
     full = configs["lcd-dmd-gan-reward"]
     assert full["gan"]["weight"] == 0.1 and full["reward"]["terms"][0]["name"] == "world-clip"
-    assert full["distill"]["lcd_weight"] == 1.0
+    assert full["distill"]["lcd_weight"] == 1.0 and full["reward"]["target"] == "prediction"
+    for name, dmd_weight in (("rg-lcm-k1", 0.0), ("lcd-dmd-reward-k1", 1.0)):  # the reward on the 1-step sample
+        reward = configs[name]["reward"]
+        assert (reward["target"], reward["sample_steps"], reward["terms"][0]["name"]) == ("sample", 1, "world-clip")
+        assert configs[name]["dmd"]["weight"] == dmd_weight and configs[name]["distill"]["lcd_weight"] == 1.0
     report = (out / "report.md").read_text()
     assert "| LCD+DMD+GAN | 1 |" in report and "relative to RG-LCM" in report
     assert "| DMD − RG-LCM | 1 | " in report
     against = results["against_rg_lcm"]
-    assert len(against) == 5 * 3 and all(d["second"] == "RG-LCM" for d in against)
+    assert len(against) == 7 * 3 and all(d["second"] == "RG-LCM" for d in against)
     assert all(d["judge_exact"]["low"] <= d["judge_exact"]["mean"] <= d["judge_exact"]["high"] for d in against)
     seeds = json.loads((out / "seeds" / "results.json").read_text())
     families = {row["model"].rpartition(" seed ")[0] for row in seeds["rows"] if row["kind"] == "lcm"}

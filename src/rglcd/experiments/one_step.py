@@ -1,8 +1,9 @@
 """``rglcd world one-step``: distribution matching and an adversarial term beside LCD and the reward, at one step.
 
 Students with the quickstart's recipe (data, steps, seed, batch): **LCM** (β = 0), **RG-LCM** (the quickstart's,
-world-clip β), **DMD** (DMD's term alone, no LCD, as DMD2 drops its regression loss), **LCD+DMD**, **LCD+DMD+GAN**
-and **LCD+DMD+GAN+reward**; each evaluated at 1, 2 and 4 steps against the teacher's 50-step DDIM + CFG on the
+world-clip β), **RG-LCM-K1** (the same reward on the student's own 1-step sample from fresh noise), **DMD** (DMD's
+term alone, no LCD, as DMD2 drops its regression loss), **LCD+DMD**, **LCD+DMD+GAN**, **LCD+DMD+GAN+reward** and
+**LCD+DMD+reward-K1**; each evaluated at 1, 2 and 4 steps against the teacher's 50-step DDIM + CFG on the
 held-out world prompts, with paired 95 % intervals against RG-LCM; then the best two at one step (judge exact)
 repeated over more training seeds. Finished students and images are reused; an interrupted run continues.
 """
@@ -24,6 +25,8 @@ METRICS = ["world-clip", "judge", "fid"]
 COMPARED = ["judge_exact", "judge_accuracy", "world-clip"]  # per-image metrics of the paired differences
 DMD = ("dmd.weight=1", "dmd.fake_lr=1e-4")  # the DMD students' overrides measured in docs/one-step.md
 GAN = ("gan.weight=0.01",)  # added to DMD's for the GAN students
+# The reward on what 1-step users get: the student's own 1-step sample from fresh noise (docs/sampler-reward.md).
+ONE_STEP_SAMPLE = ("reward.target=sample", "reward.sample_steps=1")
 
 
 @dataclass
@@ -47,10 +50,12 @@ def student_runs(settings: OneStepSettings) -> dict[str, list[str]]:
     return {
         "LCM": [plain],
         "RG-LCM": [rewarded],
+        "RG-LCM-K1": [rewarded, *ONE_STEP_SAMPLE],
         "DMD": [plain, "distill.lcd_weight=0", *dmd],
         "LCD+DMD": [plain, *dmd],
         "LCD+DMD+GAN": [plain, *gan],
         "LCD+DMD+GAN+reward": [rewarded, *gan],
+        "LCD+DMD+reward-K1": [rewarded, *ONE_STEP_SAMPLE, *dmd],
     }
 
 
