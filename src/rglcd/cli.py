@@ -768,7 +768,7 @@ def _add_world_command(commands) -> None:
         description="Distil LCM, RG-LCM, RG-LCM-K1 (the reward on the 1-step sample), DMD alone, LCD+DMD, "
         "LCD+DMD+GAN, LCD+DMD+GAN+reward and LCD+DMD+reward-K1 with the quickstart's recipe; evaluate all at 1, "
         "2 and 4 steps against the teacher's 50-step DDIM + CFG (OUT/report.md: world-clip, judge accuracy and "
-        "exact, judge-FD, training ms per step, paired 95 %% intervals against RG-LCM), then repeat RG-LCM and the "
+        "exact, judge-FD, training ms per step, paired 95 % intervals against RG-LCM), then repeat RG-LCM and the "
         "best two at one step over --seeds training seeds (OUT/seeds/report.md). Finished students and images are "
         "reused; an interrupted run continues.",
     )  # fmt: skip
