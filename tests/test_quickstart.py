@@ -113,3 +113,27 @@ def test_spread_and_contrast_effects_by_hand():
     (effect,) = contrast_effects(paired, family_of, ("RG-LCM", "LCM"), ["r"])
     assert effect["steps"] == 2 and effect["r"]["mean"] == 1.5 and effect["r"]["sd"] == pytest.approx(0.7071068)
     assert (effect["r"]["above_zero"], effect["r"]["below_zero"]) == (1, 0)  # seed 0: [0.5, 1.5]; seed 1 spans 0
+
+
+def test_a_world_student_is_reused_continued_or_started_again(tmp_path, monkeypatch):
+    """The world experiments' students: a finished one is reused; one stopped after a checkpoint continues from it;
+    one stopped before its first checkpoint (a config.yaml and logs only) starts again in its folder, where
+    `--resume latest` alone would refuse the run it cannot continue."""
+    from rglcd.experiments import quickstart
+
+    calls = []
+    monkeypatch.setattr(quickstart, "train", lambda config, **options: calls.append((config, options)) or "trained")
+    finished, resumable, early = tmp_path / "finished", tmp_path / "resumable", tmp_path / "early"
+    (finished / "student").mkdir(parents=True)
+    (finished / "student" / "model_index.json").write_text("{}")
+    (resumable / "checkpoints" / "checkpoint-300").mkdir(parents=True)
+    early.mkdir()
+    (early / "config.yaml").write_text("seed: 0\n")
+    assert quickstart.distil_world_student(finished, 600, 0, []) == finished / "student" and not calls
+    assert quickstart.distil_world_student(resumable, 600, 1, ["reward.terms=[]"]) == "trained"
+    assert quickstart.distil_world_student(early, 600, 0, []) == "trained"
+    assert [options for _, options in calls] == [{"resume": "latest"}, {"overwrite": True}]
+    config = calls[0][0]
+    assert (config.logging.output_dir, config.optim.max_train_steps, config.seed, config.reward.terms) == (
+        str(resumable), 600, 1, [],
+    )  # fmt: skip

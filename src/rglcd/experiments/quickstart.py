@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import load_config
 from ..eval_command import EvalRun, EvalSettings, Replicate, run_eval
 from ..train import train
+from ..train.checkpoints import checkpoints
 from ..world.data import write_world_shards
 from ..world.judge import train_judge
 from ..world.paths import world_asset
@@ -69,11 +70,13 @@ def prepare_world(data_samples: int) -> dict[str, Path]:
 
 def distil_world_student(out: Path, train_steps: int, seed: int, overrides: list[str]) -> Path:
     """``rglcd train world`` (the cached world teacher and data) for ``train_steps`` steps into ``out``; reused
-    when its student exists, continued from its last checkpoint when it was interrupted."""
+    when its student exists, continued from its last checkpoint when it was interrupted, started again when it was
+    interrupted before its first checkpoint (nothing of it to keep)."""
     if (out / "student" / "model_index.json").is_file():
         return out / "student"
     common = [f"logging.output_dir={out}", f"optim.max_train_steps={train_steps}", f"seed={seed}"]
-    return train(load_config("world", [*common, *overrides]), resume="latest")
+    config = load_config("world", [*common, *overrides])
+    return train(config, resume="latest") if checkpoints(out) else train(config, overwrite=True)
 
 
 def world_evaluation(world: dict[str, Path], students: dict[str, Path], out: Path, prompts: int, seed: int, **kwargs):
