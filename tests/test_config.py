@@ -22,6 +22,35 @@ def test_presets_ship_and_parse():
     assert lora.lora.rank == 64 and lora.optim.learning_rate == 1e-4 and "to_q" in lora.lora.target_modules
 
 
+def _flat(config) -> dict:
+    """A config as {"section.field": value} (top-level fields such as seed by their own name)."""
+    flat = {}
+    for name, value in config.items():
+        flat.update({f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
+    return flat
+
+
+@pytest.mark.parametrize(
+    "preset, base, recipe",
+    [
+        ("world-one-step", "world", {"dmd.fake_lr": 1e-4}),
+        ("sd15-512-one-step", "sd15-512", {}),  # the fake network's rate: DMD2's 1e-5, the default
+        (
+            "sdxl-1024-one-step",
+            "sdxl-1024",
+            {"lora.rank": 64, "dmd.fake_lora_rank": 64, "dmd.fake_lr": 1e-4, "optim.learning_rate": 1e-4},
+        ),
+    ],
+)
+def test_a_one_step_preset_is_its_base_preset_with_the_one_step_recipe(preset, base, recipe):
+    """The reward on the 1-step sample and DMD at 0.3 (docs/one-step.md), and the switches `rglcd plan` picked."""
+    one_step, plain = (_flat(load_config(name).to_dict()) for name in (preset, base))
+    changed = {key: value for key, value in one_step.items() if plain[key] != value}
+    output_dir = changed.pop("logging.output_dir")
+    assert output_dir.startswith("runs/") and output_dir != plain["logging.output_dir"]
+    assert changed == {"reward.target": "sample", "reward.sample_steps": 1, "dmd.weight": 0.3, **recipe}
+
+
 def test_defaults_follow_the_paper():
     config = TrainConfig()
     assert (config.distill.w_min, config.distill.w_max) == (5.0, 15.0)

@@ -6,10 +6,13 @@ import os
 
 import yaml
 
+from rglcd.config import load_config
+from rglcd.experiments.one_step import OneStepSettings, student_runs
+
 from .test_cli import rglcd
 
 STUDENTS = [
-    "LCM", "RG-LCM", "RG-LCM-K1", "DMD", "LCD+DMD", "LCD+DMD+GAN", "LCD+DMD+GAN+reward", "LCD+DMD+reward-K1",
+    "LCM", "RG-LCM", "RG-LCM-K1", "DMD", "LCD+DMD", "LCD+DMD+GAN", "LCD+DMD+GAN+reward", "LCD+DMD0.3+reward-K1",
 ]  # fmt: skip
 
 
@@ -25,7 +28,7 @@ def test_one_step_trains_every_combination_and_reports(tiny_world_cache, tmp_pat
     assert list(results["training_seconds_per_step"]) == STUDENTS
     configs = {
         name: yaml.safe_load((out / name / "config.yaml").read_text())
-        for name in ("dmd", "lcd-dmd-gan-reward", "rg-lcm-k1", "lcd-dmd-reward-k1")
+        for name in ("dmd", "lcd-dmd-gan-reward", "rg-lcm-k1", "lcd-dmd0.3-reward-k1")
     }
     dmd = configs["dmd"]
     assert (dmd["distill"]["lcd_weight"], dmd["dmd"]["weight"], dmd["dmd"]["fake_updates"], dmd["gan"]["weight"]) == (
@@ -34,7 +37,7 @@ def test_one_step_trains_every_combination_and_reports(tiny_world_cache, tmp_pat
     full = configs["lcd-dmd-gan-reward"]
     assert full["gan"]["weight"] == 0.1 and full["reward"]["terms"][0]["name"] == "world-clip"
     assert full["distill"]["lcd_weight"] == 1.0 and full["reward"]["target"] == "prediction"
-    for name, dmd_weight in (("rg-lcm-k1", 0.0), ("lcd-dmd-reward-k1", 1.0)):  # the reward on the 1-step sample
+    for name, dmd_weight in (("rg-lcm-k1", 0.0), ("lcd-dmd0.3-reward-k1", 0.3)):  # the reward on the 1-step sample
         reward = configs[name]["reward"]
         assert (reward["target"], reward["sample_steps"], reward["terms"][0]["name"]) == ("sample", 1, "world-clip")
         assert configs[name]["dmd"]["weight"] == dmd_weight and configs[name]["distill"]["lcd_weight"] == 1.0
@@ -49,3 +52,9 @@ def test_one_step_trains_every_combination_and_reports(tiny_world_cache, tmp_pat
     assert len(families) == 3 and "RG-LCM" in families and families <= set(STUDENTS)
     assert (out / "rg-lcm-seed1" / "student" / "model_index.json").is_file()
     assert (out / "grid.png").stat().st_size > 0
+
+
+def test_the_world_one_step_preset_is_the_experiments_recipe_student():
+    common = ["logging.output_dir=runs/x", "optim.max_train_steps=600", "seed=0"]
+    recipe = student_runs(OneStepSettings())["LCD+DMD0.3+reward-K1"]
+    assert load_config("world", [*common, *recipe]).to_dict() == load_config("world-one-step", common).to_dict()

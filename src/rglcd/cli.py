@@ -766,7 +766,7 @@ def _add_world_command(commands) -> None:
     one_step = world_commands.add_parser(
         "one-step", help="distribution matching (DMD) and a GAN beside LCD and the reward, at one step",
         description="Distil LCM, RG-LCM, RG-LCM-K1 (the reward on the 1-step sample), DMD alone, LCD+DMD, "
-        "LCD+DMD+GAN, LCD+DMD+GAN+reward and LCD+DMD+reward-K1 with the quickstart's recipe; evaluate all at 1, "
+        "LCD+DMD+GAN, LCD+DMD+GAN+reward and LCD+DMD0.3+reward-K1 with the quickstart's recipe; evaluate all at 1, "
         "2 and 4 steps against the teacher's 50-step DDIM + CFG (OUT/report.md: world-clip, judge accuracy and "
         "exact, judge-FD, training ms per step, paired 95 % intervals against RG-LCM), then repeat RG-LCM and the "
         "best two at one step over --seeds training seeds (OUT/seeds/report.md). Finished students and images are "

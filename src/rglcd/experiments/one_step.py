@@ -3,9 +3,10 @@
 Students with the quickstart's recipe (data, steps, seed, batch): **LCM** (β = 0), **RG-LCM** (the quickstart's,
 world-clip β), **RG-LCM-K1** (the same reward on the student's own 1-step sample from fresh noise), **DMD** (DMD's
 term alone, no LCD, as DMD2 drops its regression loss), **LCD+DMD**, **LCD+DMD+GAN**, **LCD+DMD+GAN+reward** and
-**LCD+DMD+reward-K1**; each evaluated at 1, 2 and 4 steps against the teacher's 50-step DDIM + CFG on the
-held-out world prompts, with paired 95 % intervals against RG-LCM; then the best two at one step (judge exact)
-repeated over more training seeds. Finished students and images are reused; an interrupted run continues.
+**LCD+DMD0.3+reward-K1** (the `world-one-step` preset's recipe); each evaluated at 1, 2 and 4 steps against the
+teacher's 50-step DDIM + CFG on the held-out world prompts, with paired 95 % intervals against RG-LCM; then the best
+two at one step (judge exact) repeated over more training seeds. Finished students and images are reused; an
+interrupted run continues.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ DMD = ("dmd.weight=1", "dmd.fake_lr=1e-4")  # the DMD students' overrides measur
 GAN = ("gan.weight=0.01",)  # added to DMD's for the GAN students
 # The reward on what 1-step users get: the student's own 1-step sample from fresh noise (docs/sampler-reward.md).
 ONE_STEP_SAMPLE = ("reward.target=sample", "reward.sample_steps=1")
+# The world-one-step preset's recipe: world-clip on the 1-step sample beside LCD and DMD at weight 0.3, the best
+# 1-step student of the tuning (docs/one-step.md).
+ONE_STEP_RECIPE = (*ONE_STEP_SAMPLE, "dmd.weight=0.3", "dmd.fake_lr=1e-4")
 
 
 @dataclass
@@ -55,7 +59,7 @@ def student_runs(settings: OneStepSettings) -> dict[str, list[str]]:
         "LCD+DMD": [plain, *dmd],
         "LCD+DMD+GAN": [plain, *gan],
         "LCD+DMD+GAN+reward": [rewarded, *gan],
-        "LCD+DMD+reward-K1": [rewarded, *ONE_STEP_SAMPLE, *dmd],
+        "LCD+DMD0.3+reward-K1": [rewarded, *ONE_STEP_RECIPE],
     }
 
 
