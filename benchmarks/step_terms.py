@@ -1,4 +1,5 @@
-"""What each loss term costs per training step: LCD alone, + the reward, + DMD, + the GAN, + more fake updates.
+"""What each loss term costs per training step: LCD alone, + the reward, + DMD, + the GAN, + more fake updates, and
+the reward on the 1-step sample with and without DMD (the ``world-one-step`` preset).
 
     python benchmarks/step_terms.py [--steps 30] [--rounds 2]
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from sampler_reward import compare_runs  # this folder's
 
+from rglcd.experiments.one_step import ONE_STEP_RECIPE, ONE_STEP_SAMPLE
+
 MATCHING = ["dmd.weight=1", "dmd.fake_lr=1e-4"]
 TERMS = {
     "LCD": ["reward.terms=[]"],
@@ -22,6 +25,8 @@ TERMS = {
     "LCD + DMD + GAN": ["reward.terms=[]", *MATCHING, "gan.weight=0.01"],
     "LCD + DMD + GAN + reward": [*MATCHING, "gan.weight=0.01"],
     "LCD + DMD, 5 fake updates": ["reward.terms=[]", *MATCHING, "dmd.fake_updates=5"],
+    "LCD + reward on the 1-step sample (RG-LCM-K1)": list(ONE_STEP_SAMPLE),
+    "LCD + DMD 0.3 + reward on the 1-step sample (world-one-step)": list(ONE_STEP_RECIPE),
 }
 REFERENCE = "LCD + reward (RG-LCM)"
 
