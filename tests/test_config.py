@@ -42,13 +42,27 @@ def _flat(config) -> dict:
         ),
     ],
 )
-def test_a_one_step_preset_is_its_base_preset_with_the_one_step_recipe(preset, base, recipe):
+def test_a_one_step_preset_is_its_base_preset_with_the_one_step_recipe(
+    preset, base, recipe, tmp_path, epsilon_teacher_dir
+):
     """The reward on the 1-step sample and DMD at 0.3 (docs/one-step.md), and the switches `rglcd plan` picked."""
-    one_step, plain = (_flat(load_config(name).to_dict()) for name in (preset, base))
+    found = [f"model.teacher={epsilon_teacher_dir}", f"data.source={tmp_path}"]  # the world's need a filled cache
+    one_step, plain = (_flat(load_config(name, found).to_dict()) for name in (preset, base))
     changed = {key: value for key, value in one_step.items() if plain[key] != value}
     output_dir = changed.pop("logging.output_dir")
     assert output_dir.startswith("runs/") and output_dir != plain["logging.output_dir"]
     assert changed == {"reward.target": "sample", "reward.sample_steps": 1, "dmd.weight": 0.3, **recipe}
+
+
+def test_a_config_file_can_start_from_a_preset(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("base: sd15-512\noptim:\n  learning_rate: 2.0e-6\nreward:\n  terms: []\n")
+    mine, preset = load_config(config), load_config("sd15-512")
+    assert (mine.optim.learning_rate, mine.reward.terms, mine.optim.batch_size) == (2e-6, [], preset.optim.batch_size)
+    assert mine.model == preset.model and mine.precision == preset.precision
+    config.write_text("base: sd99\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: base: 'sd99' is not another preset \(sd15-512, "):
+        load_config(config)
 
 
 def test_defaults_follow_the_paper():

@@ -54,7 +54,7 @@ def test_one_step_trains_every_combination_and_reports(tiny_world_cache, tmp_pat
     assert (out / "grid.png").stat().st_size > 0
 
 
-def test_the_world_one_step_preset_is_the_experiments_recipe_student():
-    common = ["logging.output_dir=runs/x", "optim.max_train_steps=600", "seed=0"]
+def test_the_world_one_step_preset_is_the_experiments_recipe_student(tmp_path, epsilon_teacher_dir):
+    common = ["logging.output_dir=runs/x", f"model.teacher={epsilon_teacher_dir}", f"data.source={tmp_path}"]
     recipe = student_runs(OneStepSettings())["LCD+DMD0.3+reward-K1"]
     assert load_config("world", [*common, *recipe]).to_dict() == load_config("world-one-step", common).to_dict()

@@ -285,29 +285,38 @@ def _parse_override(override: str) -> dict:
     return value
 
 
+def _config_data(path_or_preset: str | Path) -> dict:
+    """The sections of a preset or a YAML file; ``base: PRESET`` in it starts from that preset's sections."""
+    path = Path(path_or_preset)
+    if path.suffix not in (".yaml", ".yml") and str(path_or_preset) in presets():
+        text = resources.files("rglcd.presets").joinpath(f"{path_or_preset}.yaml").read_text()
+    elif path.is_file():
+        try:
+            text = read_text(path)
+        except ValueError as error:  # e.g. saved as UTF-16
+            raise ConfigError(f"{error}; save the config as UTF-8") from None
+    else:
+        raise ConfigError(
+            f"config {str(path_or_preset)!r} is neither a YAML file nor a preset ({', '.join(presets())})"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:  # also tags such as !!python/object, which safe_load refuses
+        message = " ".join(str(error).split())
+        raise ConfigError(f"{path_or_preset}: not a YAML config rglcd can read ({message})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path_or_preset}: the config must be a YAML mapping of sections")
+    if "base" in data:  # that preset, with this config's sections laid over it
+        base = data.pop("base")
+        if base not in presets() or base == path_or_preset:
+            raise ConfigError(f"{path_or_preset}: base: {base!r} is not another preset ({', '.join(presets())})")
+        data = _deep_update(_config_data(base), data)
+    return data
+
+
 def load_config(path_or_preset: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A preset name or a YAML file, then ``section.field=value`` overrides; validated."""
-    data: dict = {}
-    if path_or_preset:
-        path = Path(path_or_preset)
-        if path.suffix not in (".yaml", ".yml") and str(path_or_preset) in presets():
-            text = resources.files("rglcd.presets").joinpath(f"{path_or_preset}.yaml").read_text()
-        elif path.is_file():
-            try:
-                text = read_text(path)
-            except ValueError as error:  # e.g. saved as UTF-16
-                raise ConfigError(f"{error}; save the config as UTF-8") from None
-        else:
-            raise ConfigError(
-                f"config {str(path_or_preset)!r} is neither a YAML file nor a preset ({', '.join(presets())})"
-            )
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:  # also tags such as !!python/object, which safe_load refuses
-            message = " ".join(str(error).split())
-            raise ConfigError(f"{path_or_preset}: not a YAML config rglcd can read ({message})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path_or_preset}: the config must be a YAML mapping of sections")
+    data = _config_data(path_or_preset) if path_or_preset else {}
     for override in overrides:
         _deep_update(data, _parse_override(override))
     errors: list[str] = []
