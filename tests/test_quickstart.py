@@ -115,12 +115,16 @@ def test_spread_and_contrast_effects_by_hand():
     assert (effect["r"]["above_zero"], effect["r"]["below_zero"]) == (1, 0)  # seed 0: [0.5, 1.5]; seed 1 spans 0
 
 
-def test_a_world_student_is_reused_continued_or_started_again(tmp_path, monkeypatch):
+def test_a_world_student_is_reused_continued_or_started_again(tmp_path, monkeypatch, epsilon_teacher_dir):
     """The world experiments' students: a finished one is reused; one stopped after a checkpoint continues from it;
     one stopped before its first checkpoint (a config.yaml and logs only) starts again in its folder, where
     `--resume latest` alone would refuse the run it cannot continue."""
     from rglcd.experiments import quickstart
 
+    cache = tmp_path / "cache"  # what the world preset reads: a teacher folder and a data folder
+    (cache / "world" / "data").mkdir(parents=True)
+    (cache / "world" / "teacher").symlink_to(epsilon_teacher_dir)
+    monkeypatch.setenv("RGLCD_CACHE", str(cache))
     calls = []
     monkeypatch.setattr(quickstart, "train", lambda config, **options: calls.append((config, options)) or "trained")
     finished, resumable, early = tmp_path / "finished", tmp_path / "resumable", tmp_path / "early"
